@@ -1,0 +1,48 @@
+# Every target installs what it needs: a project virtualenv from the pinned requirements.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run demo test lint typecheck proto proto-check bench audit migrate clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+# The whole stack on its embedded defaults: embedded Postgres, ledger, local provider, gateway.
+run: $(STAMP)
+	$(PY) -m scripts.devstack
+
+demo: $(STAMP)
+	$(PY) -m scripts.demo
+
+test: $(STAMP) proto-check lint
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+proto: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+proto-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+migrate: $(STAMP)
+	$(PY) -m ledger_service migrate
+
+audit: $(STAMP)
+	$(PY) -m ledger_service audit
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
