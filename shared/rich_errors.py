@@ -1,0 +1,50 @@
+"""Rich gRPC errors: a status code, a message, and a google.rpc.ErrorInfo with a stable reason.
+
+Servers build them with `rich_status`; clients read the reason back with `error_info`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+def rich_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    domain: str,
+    metadata: Mapping[str, str] | None = None,
+) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    proto = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a server attached to a failed call, if any."""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key != DETAILS_KEY:
+            continue
+        proto = status_pb2.Status.FromString(value)
+        for detail in proto.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info
+    return None
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    info = error_info(error)
+    return info.reason if info else None
