@@ -54,8 +54,12 @@ def generate(out: Path) -> None:
 
 
 def same_tree(a: Path, b: Path) -> list[str]:
-    names_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    names_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    names_a = {
+        p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    names_b = {
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     drift = sorted(str(n) for n in names_a ^ names_b)
     drift += sorted(
         str(n) for n in names_a & names_b if not filecmp.cmp(a / n, b / n, shallow=False)

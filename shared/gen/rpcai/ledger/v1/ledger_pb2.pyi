@@ -279,7 +279,10 @@ class SettleRequest(_message.Message):
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
+    estimated_cost_micro_usd: _builtins.int
+    """The provider's cost of the call, for analytics; unset when unknown."""
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     def __init__(
@@ -287,12 +290,15 @@ class SettleRequest(_message.Message):
         *,
         reservation_id: _builtins.str = ...,
         usage: Global___Usage | None = ...,
+        estimated_cost_micro_usd: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "reservation_id", b"reservation_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["estimated_cost_micro_usd"]  # noqa: Y015
+    _WhichOneofArgType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__estimated_cost_micro_usd) -> _WhichOneofReturnType__estimated_cost_micro_usd | None: ...
 
 Global___SettleRequest: _TypeAlias = SettleRequest  # noqa: Y015
 

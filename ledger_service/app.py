@@ -1,0 +1,76 @@
+"""Wires the ledger process together: database, store, domain, gRPC server, sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+from ledger_service.auth import ServiceTokenInterceptor
+from ledger_service.domain.ledger import HoldPolicy, Ledger
+from ledger_service.domain.money import Rates
+from ledger_service.servicer import SERVICE_NAME, LedgerServicer
+from ledger_service.store.postgres import PostgresStore, create_pool
+from ledger_service.sweeper import sweep_forever
+from shared.config import Settings
+from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
+from shared.grpc_server import GrpcApp
+
+log = logging.getLogger(__name__)
+
+
+def build_ledger(store: PostgresStore, settings: Settings) -> Ledger:
+    return Ledger(
+        store,
+        Rates(settings.purchase_user_share_percent, settings.usage_fee_percent),
+        HoldPolicy(settings.reserve_default_ttl_seconds, settings.reserve_max_ttl_seconds),
+    )
+
+
+@dataclass
+class LedgerApp:
+    grpc: GrpcApp
+    pool: asyncpg.Pool
+    ledger: Ledger
+    sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, addr: str) -> int:
+        return await self.grpc.start(addr)
+
+    async def close(self, grace: float = 0) -> None:
+        await self.grpc.stop(grace)
+        await self.aclose_resources()
+
+    async def aclose_resources(self) -> None:
+        if self.sweeper:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
+        await self.pool.close()
+
+
+async def create_app(settings: Settings, database_url: str, run_sweeper: bool = True) -> LedgerApp:
+    token = (
+        settings.ledger_service_token.get_secret_value() if settings.ledger_service_token else ""
+    )
+    if not token:
+        raise SystemExit(
+            "LEDGER_SERVICE_TOKEN is required: the ledger never serves unauthenticated"
+        )
+    pool = await create_pool(database_url, settings.db_pool_min, settings.db_pool_max)
+    ledger = build_ledger(PostgresStore(pool), settings)
+    grpc_app = GrpcApp(
+        [SERVICE_NAME],
+        interceptors=[ServiceTokenInterceptor(token)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
+    app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger)
+    if run_sweeper:
+        app.sweeper = asyncio.create_task(
+            sweep_forever(ledger, settings.sweep_interval_seconds, settings.sweep_batch_size)
+        )
+    return app

@@ -1,0 +1,218 @@
+"""The ledger's tables as typed SQLAlchemy models: the schema's source of truth for Alembic.
+
+Runtime statements live in the PL/pgSQL functions of the migrations (one round trip per ledger
+operation); these models describe the tables those functions work on, and a test checks that
+the migrated database matches them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Platform accounts have fixed ids so the hot path needs no lookup; user accounts start above.
+PLATFORM_ACCOUNTS = {
+    "payments_clearing": 1,  # where purchased tokens come from (the payment provider's side)
+    "purchase_fee": 2,  # the platform's share of every purchase
+    "usage": 3,  # tokens consumed by AI calls
+    "usage_fee": 4,  # the fee on every AI call
+    "refund_receivable": 5,  # refunds of tokens the user had already spent
+    "unbilled_usage": 6,  # usage the balance could not cover (late settles, overruns)
+}
+FIRST_USER_ACCOUNT_ID = 1000
+
+HOLD_STATUSES = ("held", "settled", "released", "expired", "settled_after_expiry")
+PURCHASE_TYPES = ("subscription", "one_time")
+USER_TYPES = ("subscription", "byok", "unknown")
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Account(Base):
+    """One per user (cached balance) plus the platform accounts (balance derived from entries)."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("available >= 0", name="available_nonnegative"),
+        CheckConstraint("reserved >= 0", name="reserved_nonnegative"),
+        CheckConstraint("(user_id IS NULL) <> (code IS NULL)", name="user_or_platform"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger, Identity(start=FIRST_USER_ACCOUNT_ID), primary_key=True
+    )
+    user_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    code: Mapped[str | None] = mapped_column(Text, unique=True)
+    available: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+
+
+class JournalTransaction(Base):
+    """One mutation of the ledger; its entries sum to zero. Records the rates it used."""
+
+    __tablename__ = "journal_transactions"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    user_id: Mapped[str | None] = mapped_column(Text)
+    purchase_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    hold_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    user_share_percent: Mapped[int | None] = mapped_column(SmallInteger)
+    usage_fee_percent: Mapped[int | None] = mapped_column(SmallInteger)
+    created_at: Mapped[datetime] = _now()
+
+
+class JournalEntry(Base):
+    """Append-only (a trigger refuses UPDATE and DELETE). Positive credits the account."""
+
+    __tablename__ = "journal_entries"
+    __table_args__ = (
+        CheckConstraint("amount <> 0", name="amount_nonzero"),
+        Index(None, "account_id"),
+        Index(None, "transaction_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    transaction_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("journal_transactions.id"), nullable=False
+    )
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
+class Hold(Base):
+    """A two-phase reservation: held, then settled, released or expired, exactly once."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint(
+            "status IN ('held', 'settled', 'released', 'expired', 'settled_after_expiry')",
+            name="status_known",
+        ),
+        Index("ix_holds_due", "expires_at", postgresql_where=text("status = 'held'")),
+        Index(None, "account_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), nullable=False)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    usage_fee_percent: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = _now()
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    settle_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    settle_response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    release_response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+
+
+class Purchase(Base):
+    """A credited payment; (source, external_id) is credited at most once."""
+
+    __tablename__ = "purchases"
+    __table_args__ = (
+        UniqueConstraint("source", "external_id"),
+        CheckConstraint("tokens_purchased > 0", name="tokens_positive"),
+        CheckConstraint(
+            "tokens_credited + platform_fee_tokens = tokens_purchased", name="legs_add_up"
+        ),
+        CheckConstraint(
+            "tokens_refunded >= 0 AND tokens_refunded <= tokens_purchased", name="refund_bounded"
+        ),
+        CheckConstraint("purchase_type IN ('subscription', 'one_time')", name="type_known"),
+        Index("ix_purchases_user_newest", "user_id", text("created_at DESC"), text("id DESC")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), nullable=False)
+    purchase_type: Mapped[str] = mapped_column(Text, nullable=False)
+    tokens_purchased: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_credited: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    platform_fee_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_refunded: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("0")
+    )
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    external_id: Mapped[str] = mapped_column(Text, nullable=False)
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    user_share_percent: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
+class UsageRecord(Base):
+    """One AI call, for analytics: subscription calls (from Settle) and BYOK calls."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        CheckConstraint("user_type IN ('subscription', 'byok', 'unknown')", name="type_known"),
+        CheckConstraint(
+            "input_tokens >= 0 AND output_tokens >= 0 AND tokens_charged >= 0",
+            name="counts_nonnegative",
+        ),
+        Index("ix_usage_records_user_time", "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    user_type: Mapped[str] = mapped_column(Text, nullable=False)
+    provider: Mapped[str] = mapped_column(Text, nullable=False)
+    model: Mapped[str] = mapped_column(Text, nullable=False)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_charged: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("0")
+    )
+    estimated_cost_micro_usd: Mapped[int | None] = mapped_column(BigInteger)
+    hold_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    request_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _now()
+
+
+class IdempotencyKey(Base):
+    """The stored original answer (success or failure) of a keyed mutating call."""
+
+    __tablename__ = "idempotency_keys"
+
+    operation: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
