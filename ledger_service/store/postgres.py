@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
@@ -94,23 +95,41 @@ def _raise_if_error(answer: Answer) -> None:
     raise error("no such reservation")
 
 
+# Failures of the connection, not of the request: the caller may retry with the same key.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(method: F) -> F:
+    @wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+
+    return cast(F, wrapper)
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     async def _call(self, sql: str, *args: object) -> Answer:
-        try:
-            answer: Answer = await self.pool.fetchval(sql, *args)
-        except (
-            OSError,
-            asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.CannotConnectNowError,
-            asyncpg.exceptions.TooManyConnectionsError,
-        ) as exc:
-            raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+        answer: Answer = await self.pool.fetchval(sql, *args)
         _raise_if_error(answer)
         return answer
 
+    @_guarded
     async def credit_purchase(
         self,
         key: str,
@@ -137,6 +156,7 @@ class PostgresStore:
             replayed=bool(a.get("replayed", False)),
         )
 
+    @_guarded
     async def reserve(
         self,
         key: str,
@@ -158,6 +178,7 @@ class PostgresStore:
             replayed=bool(a.get("replayed", False)),
         )
 
+    @_guarded
     async def settle(
         self,
         reservation_id: uuid.UUID,
@@ -183,6 +204,7 @@ class PostgresStore:
             replayed=bool(a.get("replayed", False)),
         )
 
+    @_guarded
     async def release(self, reservation_id: uuid.UUID) -> Release:
         a = await self._call("SELECT ledger_release($1)", reservation_id)
         return Release(
@@ -191,6 +213,7 @@ class PostgresStore:
             replayed=bool(a.get("replayed", False)),
         )
 
+    @_guarded
     async def find_purchase(self, ref: PurchaseRef) -> PurchaseSnapshot:
         if ref.purchase_id:
             row = await self.pool.fetchrow(
@@ -214,6 +237,7 @@ class PostgresStore:
             tokens_refunded=row["tokens_refunded"],
         )
 
+    @_guarded
     async def replayed_refund(self, key: str, request_hash: bytes) -> Refund | None:
         row = await self.pool.fetchrow(
             "SELECT request_hash, response FROM idempotency_keys"
@@ -226,6 +250,7 @@ class PostgresStore:
             raise IdempotencyKeyReused("the key was used before with a different request")
         return _refund({**row["response"], "replayed": True})
 
+    @_guarded
     async def refund_purchase(
         self,
         key: str,
@@ -245,6 +270,7 @@ class PostgresStore:
             raise RefundRaced(str(exc)) from exc
         return _refund(a)
 
+    @_guarded
     async def record_usage(
         self,
         key: str,
@@ -261,12 +287,14 @@ class PostgresStore:
         )  # fmt: skip
         return UsageRecorded(usage_id=str(a["usage_id"]), replayed=bool(a.get("replayed", False)))
 
+    @_guarded
     async def balance(self, user_id: str) -> Balance:
         row = await self.pool.fetchrow(
             "SELECT available, reserved FROM accounts WHERE user_id = $1", user_id
         )
         return Balance(row["available"], row["reserved"]) if row else Balance(0, 0)
 
+    @_guarded
     async def user_status(self, user_id: str) -> UserStatus:
         row = await self.pool.fetchrow(
             """
@@ -295,6 +323,7 @@ class PostgresStore:
             balance=Balance(row["available"] or 0, row["reserved"] or 0),
         )
 
+    @_guarded
     async def usage_analytics(
         self, user_id: str, since: datetime, include_history: bool
     ) -> UsageAnalytics:
@@ -358,6 +387,7 @@ class PostgresStore:
                 )
         return UsageAnalytics(summary=summary, breakdown=breakdown, history=history)
 
+    @_guarded
     async def purchase_history(
         self, user_id: str, limit: int, after: tuple[datetime, str] | None
     ) -> PurchasePage:
@@ -396,10 +426,12 @@ class PostgresStore:
         cursor = (records[-1].created_at, records[-1].purchase_id) if more else None
         return PurchasePage(purchases=records, next_cursor=cursor)
 
+    @_guarded
     async def sweep_expired(self, limit: int) -> int:
         count: int = await self.pool.fetchval("SELECT ledger_sweep($1)", limit)
         return count
 
+    @_guarded
     async def now(self) -> datetime:
         # The database clock: the one clock every replica agrees on (holds expire by it too).
         value: datetime = await self.pool.fetchval("SELECT now()")
