@@ -1,0 +1,93 @@
+"""What the simulated model answers: token counts, reply words and test directives.
+
+Token model (shared by both wire formats): a prompt costs ceil(chars / 4) input tokens (system and
+every message, at least 1); each reply word is one output token. Reply words are three letters long
+so a streamed delta (" sun") is four characters: one token under the same chars/4 rule, which keeps
+a client-side estimate of a cut stream equal to what the sim would have reported.
+
+Directives in the user content drive failure paths in tests:
+  [[usage:IN,OUT]]  exact input tokens, OUT reply words (still capped by max_tokens)
+  [[fail:CODE]]     answer with the provider's real error body for that HTTP status
+  [[delay:SECONDS]] sleep before answering
+  [[pace:SECONDS]]  sleep between streamed deltas (lets tests cancel mid-stream)
+  [[malformed]]     200 with a body that does not parse
+  [[cut:N]]         stream N deltas, then drop the connection without the final events
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_REPLY_WORDS = 12
+# Three letters each: a streamed " sun" is four characters, one token by the chars/4 rule.
+_VOCABULARY = "the sun set low and sky was red all day you ask for our new way see how far can run"
+_WORDS = tuple(_VOCABULARY.split())
+_DIRECTIVE = re.compile(r"\[\[([a-z_]+)(?::([^\]]*))?\]\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    input_tokens: int
+    words: list[str]
+    truncated: bool  # the reply hit max_tokens
+    fail: int | None = None
+    delay: float = 0.0
+    pace: float = 0.0
+    malformed: bool = False
+    cut: int | None = None
+
+    @property
+    def deltas(self) -> list[str]:
+        # Like real token streams: every delta after the first carries its leading space.
+        return [w if i == 0 else " " + w for i, w in enumerate(self.words)]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def text_of(content: Any) -> str:
+    """Text of a message `content`: a string, or a list of content blocks / parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def count_tokens(chars: int) -> int:
+    return max(1, -(-chars // 4))
+
+
+def make_plan(prompt_chars: int, user_text: str, max_tokens: int | None) -> Plan:
+    input_tokens = count_tokens(prompt_chars)
+    n_words = DEFAULT_REPLY_WORDS
+    options: dict[str, Any] = {}
+    if "[[" in user_text:  # cheap guard: the regex only runs when a directive may be present
+        for name, arg in _DIRECTIVE.findall(user_text):
+            _apply(name, arg, options)
+        if "usage" in options:
+            input_tokens, n_words = options.pop("usage")
+    limit = n_words if max_tokens is None else max(0, min(n_words, max_tokens))
+    start = input_tokens % len(_WORDS)
+    words = [_WORDS[(start + i) % len(_WORDS)] for i in range(limit)]
+    return Plan(input_tokens=input_tokens, words=words, truncated=limit < n_words, **options)
+
+
+def _apply(name: str, arg: str, options: dict[str, Any]) -> None:
+    try:
+        if name == "usage":
+            in_tokens, out_tokens = (int(v) for v in arg.split(","))
+            options["usage"] = (max(0, in_tokens), max(0, out_tokens))
+        elif name == "fail":
+            options["fail"] = int(arg)
+        elif name in ("delay", "pace"):
+            options[name] = max(0.0, float(arg))
+        elif name == "malformed":
+            options["malformed"] = True
+        elif name == "cut":
+            options["cut"] = max(0, int(arg))
+    except ValueError:
+        pass  # a directive with a bad argument is ignored, like any other text
