@@ -1,0 +1,64 @@
+"""Start the project's services as real processes, the way `make run` does, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+class Service:
+    def __init__(self, proc: subprocess.Popen[str], address: str) -> None:
+        self.proc = proc
+        self.address = address
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start(module: str, env: dict[str, str], timeout: float = 60) -> Service:
+    """Runs `python -m module` and waits for its 'listening on host:port' line."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            match = LISTENING.search(line)
+            if match:
+                return Service(proc, match.group(1))
+        elif proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{module} did not start:\n{''.join(seen)[-4000:]}")
