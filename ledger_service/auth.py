@@ -18,8 +18,8 @@ from shared.rich_errors import rich_status
 DOMAIN = "ledger.rpcai"
 
 
-def _deny(message: str) -> grpc.RpcMethodHandler:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+def _deny(message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort_with_status(
             rich_status(grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED", DOMAIN)
         )
@@ -35,9 +35,11 @@ class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if is_open_method(handler_call_details.method):
             return await continuation(handler_call_details)
         presented = b""

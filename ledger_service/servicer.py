@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -55,16 +55,21 @@ _USER_TYPES = {
 }
 _USER_TYPES_PB = {v: k for k, v in _USER_TYPES.items()}
 
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Turns domain errors into statuses with an ErrorInfo; anything else is INTERNAL."""
 
     @wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         try:
             return await method(self, request, context)
         except errors.LedgerError as exc:
@@ -131,7 +136,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def CreditPurchase(
-        self, request: pb.CreditPurchaseRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreditPurchaseRequest, context: Context
     ) -> pb.CreditPurchaseResponse:
         r = await self.ledger.credit_purchase(
             request.idempotency_key,
@@ -150,9 +155,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
     @rpc
-    async def Reserve(
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveResponse:
+    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         r = await self.ledger.reserve(
             request.idempotency_key, request.user_id, request.estimated_tokens, request.ttl_seconds
         )
@@ -165,9 +168,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
     @rpc
-    async def Settle(
-        self, request: pb.SettleRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SettleResponse:
+    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
         cost = (
             request.estimated_cost_micro_usd
             if request.HasField("estimated_cost_micro_usd")
@@ -187,9 +188,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
     @rpc
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         r = await self.ledger.release(request.reservation_id)
         return pb.ReleaseResponse(
             released_tokens=r.released_tokens, balance=_balance(r.balance), replayed=r.replayed
@@ -197,7 +196,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def RefundPurchase(
-        self, request: pb.RefundPurchaseRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RefundPurchaseRequest, context: Context
     ) -> pb.RefundPurchaseResponse:
         which = request.WhichOneof("purchase")
         if which == "purchase_id":
@@ -222,7 +221,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def RecordUsage(
-        self, request: pb.RecordUsageRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RecordUsageRequest, context: Context
     ) -> pb.RecordUsageResponse:
         cost = (
             request.estimated_cost_micro_usd
@@ -240,13 +239,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def GetBalance(
-        self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetBalanceRequest, context: Context
     ) -> pb.GetBalanceResponse:
         return pb.GetBalanceResponse(balance=_balance(await self.ledger.balance(request.user_id)))
 
     @rpc
     async def GetUserStatus(
-        self, request: pb.GetUserStatusRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetUserStatusRequest, context: Context
     ) -> pb.GetUserStatusResponse:
         s = await self.ledger.user_status(request.user_id)
         return pb.GetUserStatusResponse(
@@ -258,7 +257,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def GetUsageAnalytics(
-        self, request: pb.GetUsageAnalyticsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetUsageAnalyticsRequest, context: Context
     ) -> pb.GetUsageAnalyticsResponse:
         a = await self.ledger.usage_analytics(
             request.user_id, request.days, request.include_history
@@ -285,7 +284,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @rpc
     async def GetPurchaseHistory(
-        self, request: pb.GetPurchaseHistoryRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetPurchaseHistoryRequest, context: Context
     ) -> pb.GetPurchaseHistoryResponse:
         page = await self.ledger.purchase_history(
             request.user_id, request.page_size, decode_page_token(request.page_token)

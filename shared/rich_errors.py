@@ -5,7 +5,8 @@ Servers build them with `rich_status`; clients read the reason back with `error_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -33,8 +34,9 @@ def rich_status(
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo a server attached to a failed call, if any."""
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key != DETAILS_KEY:
+    # aio errors give a Metadata of (key, value) tuples, sync ones a tuple of namedtuples.
+    for key, value in cast("Iterable[tuple[str, str | bytes]]", trailing or ()):
+        if key != DETAILS_KEY or not isinstance(value, bytes):
             continue
         proto = status_pb2.Status.FromString(value)
         for detail in proto.details:

@@ -51,7 +51,7 @@ def ledger_settings(**overrides: object) -> Settings:
 class LedgerHarness:
     app: LedgerApp
     address: str
-    stub: ledger_pb2_grpc.LedgerServiceStub
+    stub: ledger_pb2_grpc.LedgerServiceAsyncStub
     channel: grpc.aio.Channel
     database_url: str
 

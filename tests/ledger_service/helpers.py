@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
@@ -12,7 +13,8 @@ from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.rich_errors import error_reason
 from tests.conftest import AUTH
 
-Stub = ledger_pb2_grpc.LedgerServiceStub
+if TYPE_CHECKING:
+    Stub = ledger_pb2_grpc.LedgerServiceAsyncStub
 
 
 def new_key(prefix: str = "k") -> str:
@@ -84,7 +86,7 @@ async def balance(stub: Stub, user: str) -> pb.Balance:
     return response.balance
 
 
-def failure(exc: BaseException) -> tuple[grpc.StatusCode, str | None]:
+def failure(exc: object) -> tuple[grpc.StatusCode, str | None]:
     assert isinstance(exc, grpc.aio.AioRpcError), exc
     return exc.code(), error_reason(exc)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -59,14 +60,15 @@ async def test_replays_of_every_mutating_call_write_nothing(ledger: LedgerHarnes
     again_refunded = await ledger.stub.RefundPurchase(refund_request, metadata=AUTH)
     again_recorded = await ledger.stub.RecordUsage(usage_request, metadata=AUTH)
 
-    for original, replay in [
+    pairs: list[tuple[Any, Any]] = [
         (bought, again_bought),
         (hold, again_hold),
         (settled, again_settled),
         (released, again_released),
         (refunded, again_refunded),
         (recorded, again_recorded),
-    ]:
+    ]
+    for original, replay in pairs:
         assert not original.replayed
         assert replay.replayed
         replay.replayed = False
