@@ -1,0 +1,136 @@
+"""Anthropic Messages API through the official async SDK."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+from anthropic.types import Message, RawMessageStreamEvent
+
+from gateway_service.providers.base import ANTHROPIC, Completion, CompletionRequest, token_count
+from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
+from gateway_service.providers.stream import ProviderStream, SdkStream
+
+DEFAULT_ANTHROPIC_MODEL = "claude-haiku-4-5"
+
+
+class AnthropicProvider:
+    name = ANTHROPIC
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | None = None,
+        timeout_seconds: float = 60.0,
+        default_model: str = DEFAULT_ANTHROPIC_MODEL,
+    ) -> None:
+        self.default_model = default_model
+        self._has_platform_key = bool(api_key)
+        # One client (one connection pool) per process. The gateway owns retries: max_retries=0.
+        # Without a platform key the client still exists so BYOK calls can share its pool; the
+        # placeholder is never sent (_client_for refuses first).
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key or "unset",
+            base_url=base_url,
+            timeout=timeout_seconds,
+            max_retries=0,
+        )
+
+    def client_for(self, request: CompletionRequest) -> anthropic.AsyncAnthropic:
+        """The SDK client for this call: the caller's key on the shared pool, or the platform's."""
+        if request.api_key:
+            # `with_options` builds a new client over the same httpx client (same pool), and the
+            # key travels as client auth, outside the request options the SDK logs at DEBUG.
+            return self._client.with_options(api_key=request.api_key)
+        if not self._has_platform_key:
+            raise ProviderError(self.name, ProviderErrorKind.AUTH, "no platform API key configured")
+        return self._client
+
+    async def generate(self, request: CompletionRequest) -> Completion:
+        client = self.client_for(request)
+        try:
+            message = await client.messages.create(**_params(request))
+            return _completion(message)
+        except Exception as exc:
+            error = map_sdk_error(self.name, exc)
+            if error is None:
+                raise
+        raise error  # outside the except block: the SDK exception is not chained
+
+    def stream(self, request: CompletionRequest) -> AnthropicStream:
+        return AnthropicStream(self, request)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class AnthropicStream(ProviderStream):
+    def __init__(self, provider: AnthropicProvider, request: CompletionRequest) -> None:
+        super().__init__(provider.name, request)
+        self._provider = provider
+
+    async def _open(self) -> SdkStream:
+        client = self._provider.client_for(self._request)
+        events: anthropic.AsyncStream[RawMessageStreamEvent] = await client.messages.create(
+            **_params(self._request), stream=True
+        )
+        return events
+
+    def _on_event(self, event: RawMessageStreamEvent) -> str | None:
+        if event.type == "content_block_delta":
+            return event.delta.text if event.delta.type == "text_delta" else None
+        if event.type == "message_start":
+            self.model = event.message.model
+            usage = event.message.usage
+            self._input_tokens = _input_total(
+                usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens
+            )
+            self._output_tokens = token_count(usage.output_tokens)
+        elif event.type == "message_delta":
+            # message_delta's usage is cumulative: its output_tokens is the final count.
+            delta_usage = event.usage
+            if delta_usage.input_tokens is not None:
+                self._input_tokens = _input_total(
+                    delta_usage.input_tokens,
+                    delta_usage.cache_creation_input_tokens,
+                    delta_usage.cache_read_input_tokens,
+                )
+            self._output_tokens = token_count(delta_usage.output_tokens)
+            self.stop_reason = event.delta.stop_reason
+            self._final = True
+        return None
+
+
+def _params(request: CompletionRequest) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": request.max_tokens,
+        "messages": [{"role": "user", "content": request.content}],
+    }
+    if request.system_prompt:
+        params["system"] = request.system_prompt
+    return params
+
+
+def _input_total(base: object, cache_write: object, cache_read: object) -> int:
+    # Anthropic counts cached prompt tokens apart from input_tokens; all of them were used.
+    return token_count(base) + token_count(cache_write or 0) + token_count(cache_read or 0)
+
+
+def _completion(message: Message) -> Completion:
+    try:
+        text = "".join(block.text for block in message.content if block.type == "text")
+        usage = message.usage
+        return Completion(
+            text=text,
+            model=message.model,
+            input_tokens=_input_total(
+                usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens
+            ),
+            output_tokens=token_count(usage.output_tokens),
+            stop_reason=message.stop_reason,
+            provider=ANTHROPIC,
+        )
+    except (AttributeError, TypeError) as exc:
+        raise ProviderError(ANTHROPIC, ProviderErrorKind.MALFORMED) from exc
