@@ -1,4 +1,5 @@
-"""Start the project's services as real processes, the way `make run` does, for end-to-end tests."""
+"""Start the project's services as real processes and wait until they listen: for `make run`,
+the benchmarks and the end-to-end tests."""
 
 from __future__ import annotations
 

@@ -78,3 +78,16 @@ def migrate(url: str, revision: str = "head") -> None:
 
 def downgrade(url: str, revision: str) -> None:
     command.downgrade(alembic_config(url), revision)
+
+
+def recreate_database(admin_url: str, name: str) -> str:
+    """Drops and creates `name`; returns its URL. For benchmarks and tests, never production."""
+    conn = psycopg2.connect(plain_url(admin_url))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    return with_database(admin_url, name)

@@ -1,0 +1,147 @@
+"""Ledger benchmark: Reserve+Settle pairs per second through the real gRPC server, and the same
+SQL statements sent straight to Postgres (the baseline), in the same run, on the same database."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import asyncpg
+import grpc
+
+from bench.load import LoadResult, run_load
+from ledger_service.domain.ledger import request_hash
+from ledger_service.store.database import migrate, recreate_database
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
+from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
+
+TOKEN = "bench-service-token"
+USERS = 1000
+HOT_USER = "hot-user"
+ESTIMATE = 100  # holds 125
+Op = Callable[[int], Awaitable[None]]
+Cleanup = Callable[[], Awaitable[None]]
+
+
+def user_for(users: int, worker: int, caller: int, i: int) -> str:
+    return HOT_USER if users == 1 else f"user-{(worker * 7919 + caller * 104729 + i) % users}"
+
+
+async def grpc_pairs(address: str, users: int, worker: int, callers: int) -> tuple[Op, Cleanup]:
+    channel = grpc.aio.insecure_channel(address)
+    stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    counter = [0]
+    usage = pb.Usage(provider="anthropic", model="bench", input_tokens=60, output_tokens=40)
+
+    async def op(caller: int) -> None:
+        counter[0] += 1
+        hold = await stub.Reserve(
+            pb.ReserveRequest(
+                idempotency_key=str(uuid.uuid4()),
+                user_id=user_for(users, worker, caller, counter[0]),
+                estimated_tokens=ESTIMATE,
+            ),
+            metadata=auth,
+        )
+        await stub.Settle(
+            pb.SettleRequest(reservation_id=hold.reservation_id, usage=usage), metadata=auth
+        )
+
+    return op, channel.close
+
+
+async def raw_pairs(url: str, users: int, worker: int, callers: int) -> tuple[Op, Cleanup]:
+    """The same two statements the ledger runs per pair, with no gRPC and no Python domain."""
+    pool = await asyncpg.create_pool(url, min_size=callers, max_size=callers)
+    counter = [0]
+    settle_hash = request_hash(
+        "settle", provider="anthropic", model="bench", input=60, output=40, cost=None
+    )
+
+    async def op(caller: int) -> None:
+        counter[0] += 1
+        user = user_for(users, worker, caller, counter[0])
+        async with pool.acquire() as conn:
+            answer = await conn.fetchval(
+                "SELECT ledger_reserve($1, $2, $3, $4, $5, $6)::text",
+                str(uuid.uuid4()), request_hash("reserve", user=user, estimated=ESTIMATE, ttl=0),
+                user, 125, 300, 25,
+            )  # fmt: skip
+            hold = answer.split('"reservation_id": "', 1)[1].split('"', 1)[0]
+            await conn.fetchval(
+                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)::text",
+                uuid.UUID(hold), settle_hash, 100, 25, 25, "anthropic", "bench", 60, 40, None,
+            )  # fmt: skip
+
+    return op, pool.close
+
+
+async def seed(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for user in [HOT_USER, *(f"user-{i}" for i in range(USERS))]:
+            await conn.execute(
+                "SELECT ledger_credit_purchase("
+                "$1, $2, $3, 'one_time', $4, $5, $6, 80, 'bench', $1)",
+                f"seed-{user}", b"seed", user, 10**12, 8 * 10**11, 2 * 10**11,
+            )  # fmt: skip
+    finally:
+        await conn.close()
+
+
+def prepare_database(admin_url: str) -> str:
+    url = recreate_database(admin_url, "rpcai_bench")
+    migrate(url)
+    asyncio.run(seed(url))
+    return url
+
+
+@dataclass
+class LedgerFigures:
+    name: str
+    grpc: LoadResult
+    raw: LoadResult
+
+
+def measure(address: str, url: str, concurrency: int, seconds: float) -> list[LedgerFigures]:
+    figures = []
+    for name, users in (("1,000 users", USERS), ("one hot user", 1)):
+        raw = run_load(partial(raw_pairs, url, users), concurrency, seconds)
+        via_grpc = run_load(partial(grpc_pairs, address, users), concurrency, seconds)
+        figures.append(LedgerFigures(name, via_grpc, raw))
+    return figures
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    )
+
+
+def render(figures: list[LedgerFigures], concurrency: int) -> str:
+    header = ["scenario", "via gRPC/s", "p50 ms", "p99 ms", "raw PG/s", "p50 ms", "p99 ms", "ratio"]
+    rows = [
+        [
+            f.name,
+            f"{f.grpc.rate:.0f}",
+            f"{f.grpc.percentile(50):.1f}",
+            f"{f.grpc.percentile(99):.1f}",
+            f"{f.raw.rate:.0f}",
+            f"{f.raw.percentile(50):.1f}",
+            f"{f.raw.percentile(99):.1f}",
+            f"{f.grpc.rate / f.raw.rate if f.raw.rate else 0:.2f}",
+        ]
+        for f in figures
+    ]
+    errors = sum(f.grpc.errors + f.raw.errors for f in figures)
+    title = f"Ledger: Reserve+Settle pairs per second, {concurrency} concurrent callers"
+    return f"{title}\n{table(header, rows)}\nerrors: {errors}"
