@@ -8,11 +8,22 @@ import re
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+def _forward(proc: subprocess.Popen[str]) -> None:
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    threading.Thread(target=pump, daemon=True).start()
 
 
 class Service:
@@ -35,8 +46,9 @@ class Service:
         self.proc.wait()
 
 
-def start(module: str, env: dict[str, str], timeout: float = 60) -> Service:
-    """Runs `python -m module` and waits for its 'listening on host:port' line."""
+def start(module: str, env: dict[str, str], timeout: float = 60, echo: bool = False) -> Service:
+    """Runs `python -m module` and waits for its 'listening on host:port' line. With `echo`, the
+    service's output goes on to this process's stdout (for `make run`)."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", module],
@@ -58,6 +70,8 @@ def start(module: str, env: dict[str, str], timeout: float = 60) -> Service:
             seen.append(line)
             match = LISTENING.search(line)
             if match:
+                if echo:
+                    _forward(proc)
                 return Service(proc, match.group(1))
         elif proc.poll() is not None:
             break
