@@ -244,6 +244,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return pb.GetBalanceResponse(balance=_balance(await self.ledger.balance(request.user_id)))
 
     @rpc
+    async def QuoteReserve(
+        self, request: pb.QuoteReserveRequest, context: Context
+    ) -> pb.QuoteReserveResponse:
+        required, balance = await self.ledger.quote_reserve(
+            request.user_id, request.estimated_tokens
+        )
+        return pb.QuoteReserveResponse(
+            required_tokens=required,
+            sufficient=balance.available >= required,
+            balance=_balance(balance),
+        )
+
+    @rpc
     async def GetUserStatus(
         self, request: pb.GetUserStatusRequest, context: Context
     ) -> pb.GetUserStatusResponse:

@@ -294,6 +294,13 @@ class Ledger:
     async def balance(self, user_id: str) -> Balance:
         return await self.store.balance(_id("user_id", user_id))
 
+    async def quote_reserve(self, user_id: str, estimated_tokens: int) -> tuple[int, Balance]:
+        """(what a Reserve of this estimate would hold, the balance now)."""
+        user = _id("user_id", user_id)
+        estimate = _amount("estimated_tokens", estimated_tokens, 1, MAX_TOKENS_PER_CALL)
+        required = money.hold_amount(estimate, self.rates.usage_fee_percent)
+        return required, await self.store.balance(user)
+
     async def user_status(self, user_id: str) -> UserStatus:
         return await self.store.user_status(_id("user_id", user_id))
 

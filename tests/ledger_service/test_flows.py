@@ -251,3 +251,16 @@ async def test_status_analytics_and_history(ledger: LedgerHarness) -> None:
     assert len(seen) == 4
     assert len(set(seen)) == 4
     assert seen[0] == sub.purchase_id  # newest first
+
+
+async def test_quote_reserve_tells_the_hold_without_taking_it(ledger: LedgerHarness) -> None:
+    await credit(ledger.stub, "quin", 200)  # 160
+    quote = await ledger.stub.QuoteReserve(
+        pb.QuoteReserveRequest(user_id="quin", estimated_tokens=128), metadata=AUTH
+    )
+    assert (quote.required_tokens, quote.sufficient) == (160, True)
+    quote = await ledger.stub.QuoteReserve(
+        pb.QuoteReserveRequest(user_id="quin", estimated_tokens=129), metadata=AUTH
+    )
+    assert (quote.required_tokens, quote.sufficient) == (162, False)
+    assert quote.balance.available_tokens == 160

@@ -69,6 +69,11 @@ class LedgerServiceStub:
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceRequest.SerializeToString,
                 response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceResponse.FromString,
                 _registered_method=True)
+        self.QuoteReserve = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/QuoteReserve',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.QuoteReserveRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.QuoteReserveResponse.FromString,
+                _registered_method=True)
         self.GetUserStatus = channel.unary_unary(
                 '/rpcai.ledger.v1.LedgerService/GetUserStatus',
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserStatusRequest.SerializeToString,
@@ -137,6 +142,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuoteReserve(self, request, context):
+        """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
+        Read-only: the money rule stays in one place for callers that only want to ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetUserStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -192,6 +205,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetBalance,
                     request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceRequest.FromString,
                     response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceResponse.SerializeToString,
+            ),
+            'QuoteReserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuoteReserve,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.QuoteReserveRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.QuoteReserveResponse.SerializeToString,
             ),
             'GetUserStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUserStatus,
@@ -398,6 +416,33 @@ class LedgerService:
             '/rpcai.ledger.v1.LedgerService/GetBalance',
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceRequest.SerializeToString,
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuoteReserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/QuoteReserve',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.QuoteReserveRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.QuoteReserveResponse.FromString,
             options,
             channel_credentials,
             insecure,

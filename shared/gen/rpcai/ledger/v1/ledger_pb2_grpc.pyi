@@ -49,6 +49,10 @@ class LedgerServiceStub:
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]
     """Analytics only (BYOK calls): changes no balance."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
+    QuoteReserve: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.QuoteReserveRequest, _ledger_pb2.QuoteReserveResponse]
+    """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
+    Read-only: the money rule stays in one place for callers that only want to ask.
+    """
     GetUserStatus: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetUserStatusRequest, _ledger_pb2.GetUserStatusResponse]
     GetUsageAnalytics: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetUsageAnalyticsRequest, _ledger_pb2.GetUsageAnalyticsResponse]
     GetPurchaseHistory: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseHistoryRequest, _ledger_pb2.GetPurchaseHistoryResponse]
@@ -69,6 +73,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """Analytics only (BYOK calls): changes no balance."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
+    QuoteReserve: _aio.UnaryUnaryMultiCallable[_ledger_pb2.QuoteReserveRequest, _ledger_pb2.QuoteReserveResponse]  # type: ignore[assignment]
+    """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
+    Read-only: the money rule stays in one place for callers that only want to ask.
+    """
     GetUserStatus: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetUserStatusRequest, _ledger_pb2.GetUserStatusResponse]  # type: ignore[assignment]
     GetUsageAnalytics: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetUsageAnalyticsRequest, _ledger_pb2.GetUsageAnalyticsResponse]  # type: ignore[assignment]
     GetPurchaseHistory: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseHistoryRequest, _ledger_pb2.GetPurchaseHistoryResponse]  # type: ignore[assignment]
@@ -128,6 +136,16 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetBalanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetBalanceResponse, _abc.Awaitable[_ledger_pb2.GetBalanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def QuoteReserve(
+        self,
+        request: _ledger_pb2.QuoteReserveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.QuoteReserveResponse, _abc.Awaitable[_ledger_pb2.QuoteReserveResponse]]:
+        """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
+        Read-only: the money rule stays in one place for callers that only want to ask.
+        """
 
     @_abc_1.abstractmethod
     def GetUserStatus(
