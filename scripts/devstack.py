@@ -43,7 +43,7 @@ def main() -> int:
                 base = f"http://{sim.address}"
                 gateway_env |= {
                     "ANTHROPIC_BASE_URL": base,
-                    "OPENAI_BASE_URL": base,
+                    "OPENAI_BASE_URL": f"{base}/v1",
                     "ANTHROPIC_API_KEY": "sim-platform-key",
                     "OPENAI_API_KEY": "sim-platform-key",
                 }

@@ -115,10 +115,15 @@ class TokenUsage(_message.Message):
     REMAINING_BALANCE_FIELD_NUMBER: _builtins.int
     TOKENS_USED_FIELD_NUMBER: _builtins.int
     FEE_TOKENS_FIELD_NUMBER: _builtins.int
+    SETTLEMENT_PENDING_FIELD_NUMBER: _builtins.int
     tokens_charged: _builtins.int
     remaining_balance: _builtins.int
     tokens_used: _builtins.int
     fee_tokens: _builtins.int
+    settlement_pending: _builtins.bool
+    """The ledger was unreachable when the call ended: the charge is queued and will land once it
+    is back (charged and remaining_balance are then not yet known, and read 0 / the pre-call value).
+    """
     def __init__(
         self,
         *,
@@ -126,10 +131,11 @@ class TokenUsage(_message.Message):
         remaining_balance: _builtins.int = ...,
         tokens_used: _builtins.int = ...,
         fee_tokens: _builtins.int = ...,
+        settlement_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fee_tokens", b"fee_tokens", "remaining_balance", b"remaining_balance", "tokens_charged", b"tokens_charged", "tokens_used", b"tokens_used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fee_tokens", b"fee_tokens", "remaining_balance", b"remaining_balance", "settlement_pending", b"settlement_pending", "tokens_charged", b"tokens_charged", "tokens_used", b"tokens_used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,93 @@
+"""Wires the gateway process together: JWT verifier, ledger channel, providers, outbox, server."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gateway_service.auth import JwtVerifier
+from gateway_service.core import Gateway
+from gateway_service.interceptor import JwtInterceptor
+from gateway_service.ledger_client import LedgerClient
+from gateway_service.outbox import Outbox
+from gateway_service.providers import Providers, build_providers
+from gateway_service.servicer import SERVICE_NAME, GatewayServicer
+from shared.config import Settings
+from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
+from shared.grpc_server import GrpcApp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayApp:
+    grpc: GrpcApp
+    gateway: Gateway
+    verifier: JwtVerifier
+    ledger: LedgerClient
+    providers: Providers
+    outbox: Outbox
+
+    async def start(self, addr: str) -> int:
+        await self.outbox.start()
+        return await self.grpc.start(addr)
+
+    async def close(self, grace: float = 0) -> None:
+        await self.grpc.stop(grace)
+        await self.aclose_resources(grace)
+
+    async def aclose_resources(self, grace: float = 5) -> None:
+        await self.gateway.wait_background()
+        if not await self.outbox.drain(grace):
+            log.warning("outbox: %d ledger writes kept for the next start", self.outbox.pending)
+        await self.outbox.close()
+        await self.providers.aclose()
+        await self.verifier.aclose()
+        await self.ledger.close()
+
+
+def _secret(value: object) -> str | None:
+    getter = getattr(value, "get_secret_value", None)
+    return getter() if getter else None
+
+
+def create_app(settings: Settings) -> GatewayApp:
+    token = _secret(settings.ledger_service_token)
+    if not token:
+        raise SystemExit("LEDGER_SERVICE_TOKEN is required to reach the ledger")
+    if not settings.jwt_secret and not settings.jwt_jwks_url:
+        raise SystemExit("JWT_SECRET or JWT_JWKS_URL is required")
+    verifier = JwtVerifier.from_settings(settings)
+    ledger = LedgerClient(settings.ledger_addr, token, settings.ledger_timeout_seconds)
+    providers = build_providers(
+        anthropic_api_key=_secret(settings.anthropic_api_key),
+        openai_api_key=_secret(settings.openai_api_key),
+        anthropic_base_url=settings.anthropic_base_url,
+        openai_base_url=settings.openai_base_url,
+        timeout_seconds=settings.provider_timeout_seconds,
+    )
+
+    async def send(method: str, payload: bytes) -> None:
+        if method == "RecordUsage":
+            await ledger.record_usage(lpb.RecordUsageRequest.FromString(payload))
+        elif method == "Settle":
+            await ledger.settle(lpb.SettleRequest.FromString(payload))
+        elif method == "Release":
+            await ledger.release(lpb.ReleaseRequest.FromString(payload))
+        else:
+            raise ValueError(f"unknown outbox method {method}")
+
+    outbox = Outbox(send, settings.data_dir / "gateway-outbox.jsonl")
+    gateway = Gateway(
+        ledger,
+        providers,
+        outbox,
+        default_max_tokens=settings.default_max_tokens,
+        max_prompt_chars=settings.max_prompt_chars,
+        # A hold outlives the slowest provider call, then the sweeper takes it back.
+        hold_ttl_seconds=int(settings.provider_timeout_seconds) + 60,
+    )
+    grpc_app = GrpcApp([SERVICE_NAME], interceptors=[JwtInterceptor(verifier)])
+    gateway_pb2_grpc.add_AiGatewayServicer_to_server(GatewayServicer(gateway), grpc_app.server)
+    return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox)

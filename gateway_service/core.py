@@ -1,0 +1,497 @@
+"""The gateway's use cases, shared by the gRPC servicer and the HTTP edge: who is calling, what
+they may do, and metering every AI call through the ledger. Knows no transport.
+
+Subscription call: Reserve (estimated input + max output) -> provider call with the platform key
+-> Settle with the provider's usage. A provider failure or a cancelled call releases the hold
+(or, for a stream that already produced output, settles what was consumed); no hold outlives
+its call. BYOK call: the caller's key, no balance touched, usage recorded for analytics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gateway_service.auth import Identity
+from gateway_service.errors import Failure, GatewayError, invalid
+from gateway_service.ledger_client import LedgerClient
+from gateway_service.outbox import Outbox
+from gateway_service.pricing import estimate_cost_micro_usd
+from gateway_service.providers import Providers
+from gateway_service.providers.base import (
+    Completion,
+    CompletionRequest,
+    StreamEnd,
+    TextDelta,
+    Usage,
+    estimate_input_tokens,
+)
+from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_OUTPUT_TOKENS = 128_000
+MAX_KEY_CHARS = 200
+RESPONSE_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    content: str
+    system_prompt: str = ""
+    provider: str = ""
+    model: str = ""
+    max_tokens: int = 0
+    api_key: str = ""
+    idempotency_key: str = ""
+
+    def __repr__(self) -> str:  # never show the caller's key or prompt in a log line
+        return f"GenerateRequest(provider={self.provider!r}, model={self.model!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    tokens_charged: int
+    remaining_balance: int
+    tokens_used: int
+    fee_tokens: int
+    settlement_pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInfo:
+    tokens_used: int
+    estimated_cost_micro_usd: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    text: str
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    stop_reason: str
+    token_usage: TokenUsage | None = None
+    usage_info: UsageInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+
+
+StreamEvent = Delta | GenerateResult
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    can_make_request: bool
+    reason: str
+    user_type: int
+    required_tokens: int
+    available_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class UserStatus:
+    user_type: int
+    has_subscription: bool
+    has_purchases: bool
+    available_tokens: int
+    reserved_tokens: int
+    subscription_tier: str | None
+    quota: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    provider_name: str
+    request: CompletionRequest
+    byok: bool
+    user_id: str | None
+
+
+_PROVIDER_FAILURES = {
+    ProviderErrorKind.RATE_LIMITED: (Failure.RATE_LIMITED, "PROVIDER_RATE_LIMITED"),
+    ProviderErrorKind.UNAVAILABLE: (Failure.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    ProviderErrorKind.TIMEOUT: (Failure.TIMEOUT, "PROVIDER_TIMEOUT"),
+    ProviderErrorKind.INVALID_REQUEST: (Failure.INVALID_ARGUMENT, "PROVIDER_REJECTED_REQUEST"),
+    ProviderErrorKind.MALFORMED: (Failure.UNAVAILABLE, "PROVIDER_MALFORMED_RESPONSE"),
+}
+
+
+def provider_failure(exc: ProviderError, byok: bool) -> GatewayError:
+    if exc.kind is ProviderErrorKind.AUTH:
+        if byok:
+            return GatewayError(
+                Failure.PERMISSION_DENIED, "PROVIDER_KEY_REFUSED", "the provider refused your key"
+            )
+        # The platform's own key was refused: our misconfiguration, not the caller's fault.
+        log.error("provider %s refused the platform key", exc.provider)
+        return GatewayError(Failure.UNAVAILABLE, "PROVIDER_UNAVAILABLE", "provider unavailable")
+    failure, reason = _PROVIDER_FAILURES[exc.kind]
+    return GatewayError(failure, reason, str(exc), retry_after=exc.retry_after)
+
+
+class Gateway:
+    def __init__(
+        self,
+        ledger: LedgerClient,
+        providers: Providers,
+        outbox: Outbox,
+        default_max_tokens: int,
+        max_prompt_chars: int,
+        hold_ttl_seconds: int,
+    ) -> None:
+        self.ledger = ledger
+        self.providers = providers
+        self.outbox = outbox
+        self.default_max_tokens = default_max_tokens
+        self.max_prompt_chars = max_prompt_chars
+        self.hold_ttl_seconds = hold_ttl_seconds
+        # Answers of keyed calls, so a retried GenerateText gets its answer without a second
+        # provider call. The ledger guarantees the money side even when this cache misses.
+        self._answers: OrderedDict[tuple[str, str], GenerateResult] = OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ---- planning -------------------------------------------------------------------------
+
+    def _plan(self, caller: Identity | None, req: GenerateRequest) -> _Plan:
+        if not req.content.strip():
+            raise invalid("content", "must not be empty")
+        if len(req.content) + len(req.system_prompt) > self.max_prompt_chars:
+            raise invalid("content", f"prompt exceeds {self.max_prompt_chars} characters")
+        if req.max_tokens < 0 or req.max_tokens > MAX_OUTPUT_TOKENS:
+            raise invalid("max_tokens", f"must be within 0..{MAX_OUTPUT_TOKENS}")
+        if len(req.idempotency_key) > MAX_KEY_CHARS or not req.idempotency_key.isprintable():
+            raise invalid("idempotency_key", f"at most {MAX_KEY_CHARS} printable characters")
+        byok = bool(req.api_key)
+        if not byok and caller is None:
+            raise GatewayError(
+                Failure.UNAUTHENTICATED,
+                "AUTHENTICATION_REQUIRED",
+                "sign in (authorization: Bearer <JWT>) or bring your own provider API key",
+            )
+        try:
+            provider, model = self.providers.resolve(req.provider, req.model)
+        except ProviderError as exc:
+            raise invalid("provider", str(exc).split(": ", 1)[-1]) from None
+        request = CompletionRequest(
+            content=req.content,
+            model=model,
+            max_tokens=req.max_tokens or self.default_max_tokens,
+            system_prompt=req.system_prompt,
+            api_key=req.api_key or None,
+        )
+        return _Plan(provider.name, request, byok, caller.user_id if caller else None)
+
+    def _estimate(self, plan: _Plan) -> int:
+        return estimate_input_tokens(plan.request) + plan.request.max_tokens
+
+    def _reserve_key(self, plan: _Plan, req: GenerateRequest) -> str:
+        if req.idempotency_key:
+            return f"generate:{plan.user_id}:{req.idempotency_key}"
+        return f"generate:{uuid.uuid4()}"
+
+    # ---- unary ----------------------------------------------------------------------------
+
+    async def generate(self, caller: Identity | None, req: GenerateRequest) -> GenerateResult:
+        plan = self._plan(caller, req)
+        provider = self.providers.get(plan.provider_name)
+        if plan.byok:
+            try:
+                completion = await provider.generate(plan.request)
+            except ProviderError as exc:
+                raise provider_failure(exc, byok=True) from None
+            usage = Usage(completion.input_tokens, completion.output_tokens, estimated=False)
+            info = await self._record_byok(plan, completion.model, usage)
+            return _result(completion, usage_info=info)
+
+        assert plan.user_id is not None
+        cache_key = (plan.user_id, req.idempotency_key)
+        if req.idempotency_key and (cached := self._answers.get(cache_key)):
+            return cached
+        hold = await self._reserve(plan, req)
+        if hold.replayed:
+            if cached := self._answers.get(cache_key):
+                return cached
+            raise GatewayError(
+                Failure.CONFLICT,
+                "DUPLICATE_REQUEST",
+                "this idempotency key was already used for a call; it was not charged again",
+            )
+        try:
+            completion = await provider.generate(plan.request)
+        except BaseException as exc:
+            # Failed, timed out or cancelled: nothing to charge. Release even when cancelled.
+            await self._shielded(self._release(hold.reservation_id))
+            if isinstance(exc, ProviderError):
+                raise provider_failure(exc, byok=False) from None
+            raise
+        usage = Usage(completion.input_tokens, completion.output_tokens, estimated=False)
+        settled = await self._shielded(
+            self._settle(hold, plan.provider_name, completion.model, usage)
+        )
+        result = _result(completion, token_usage=settled)
+        if req.idempotency_key:
+            self._remember(cache_key, result)
+        return result
+
+    # ---- streaming ------------------------------------------------------------------------
+
+    async def stream(
+        self, caller: Identity | None, req: GenerateRequest
+    ) -> AsyncGenerator[StreamEvent]:
+        """Deltas, then one GenerateResult. Closing the iterator early (the caller went away)
+        stops the provider stream and charges what was consumed; no hold is left behind."""
+        plan = self._plan(caller, req)
+        provider = self.providers.get(plan.provider_name)
+        hold: lpb.ReserveResponse | None = None
+        if not plan.byok:
+            hold = await self._reserve(plan, req)
+            if hold.replayed:
+                raise GatewayError(
+                    Failure.CONFLICT,
+                    "DUPLICATE_REQUEST",
+                    "this idempotency key was already used for a call; it was not charged again",
+                )
+        stream = provider.stream(plan.request)
+        parts: list[str] = []
+        end: StreamEnd | None = None
+        finished = False
+        try:
+            try:
+                async for item in stream:
+                    if isinstance(item, TextDelta):
+                        parts.append(item.text)
+                        yield Delta(item.text)
+                    else:
+                        end = item
+            except ProviderError as exc:
+                raise provider_failure(exc, byok=plan.byok) from None
+            assert end is not None
+            usage = stream.usage
+            if hold is None:
+                info = await self._record_byok(plan, end.model, usage)
+                finished = True
+                yield _stream_result(plan, end, "".join(parts), usage_info=info)
+            else:
+                settled = await self._shielded(
+                    self._settle(hold, plan.provider_name, end.model, usage)
+                )
+                finished = True
+                yield _stream_result(plan, end, "".join(parts), token_usage=settled)
+        finally:
+            await stream.aclose()
+            if not finished:
+                # Failed, cut or abandoned mid-way: charge (or record) what was consumed.
+                consumed = stream.usage
+                if hold is not None:
+                    await self._shielded(self._finish(hold, plan, consumed))
+                elif consumed.total:
+                    await self._shielded(self._record_byok(plan, plan.request.model, consumed))
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    async def user_status(self, caller: Identity) -> UserStatus:
+        s = await self.ledger.user_status(caller.user_id)
+        return UserStatus(
+            user_type=s.user_type,
+            has_subscription=s.has_subscription,
+            has_purchases=s.has_purchases,
+            available_tokens=s.balance.available_tokens,
+            reserved_tokens=s.balance.reserved_tokens,
+            subscription_tier=caller.tier,
+            quota=caller.quota,
+        )
+
+    async def eligibility(
+        self, caller: Identity | None, estimated_tokens: int, has_api_key: bool
+    ) -> Eligibility:
+        if estimated_tokens < 0 or estimated_tokens > 10**9:
+            raise invalid("estimated_tokens", "must be within 0..1000000000")
+        if has_api_key:
+            return Eligibility(True, "", lpb.USER_TYPE_BYOK, 0, 0)
+        if caller is None:
+            return Eligibility(
+                False, "sign in or bring your own API key", lpb.USER_TYPE_UNKNOWN, 0, 0
+            )
+        status, quote = await asyncio.gather(
+            self.ledger.user_status(caller.user_id),
+            self.ledger.quote(caller.user_id, max(1, estimated_tokens)),
+        )
+        ok = quote.sufficient
+        return Eligibility(
+            ok,
+            "" if ok else "insufficient balance",
+            status.user_type,
+            quote.required_tokens,
+            quote.balance.available_tokens,
+        )
+
+    async def usage_analytics(
+        self, caller: Identity, days: int, include_history: bool
+    ) -> lpb.GetUsageAnalyticsResponse:
+        return await self.ledger.usage_analytics(caller.user_id, days, include_history)
+
+    async def purchase_history(
+        self, caller: Identity, page_size: int, page_token: str
+    ) -> lpb.GetPurchaseHistoryResponse:
+        return await self.ledger.purchase_history(caller.user_id, page_size, page_token)
+
+    # ---- metering -------------------------------------------------------------------------
+
+    async def _reserve(self, plan: _Plan, req: GenerateRequest) -> lpb.ReserveResponse:
+        assert plan.user_id is not None
+        return await self.ledger.reserve(
+            lpb.ReserveRequest(
+                idempotency_key=self._reserve_key(plan, req),
+                user_id=plan.user_id,
+                estimated_tokens=self._estimate(plan),
+                ttl_seconds=self.hold_ttl_seconds,
+            )
+        )
+
+    async def _release(self, reservation_id: str) -> None:
+        try:
+            await self.ledger.release(lpb.ReleaseRequest(reservation_id=reservation_id))
+        except GatewayError as exc:
+            if exc.failure is not Failure.UNAVAILABLE:
+                raise
+            # The ledger is away: the release arrives later; the hold's TTL is the backstop.
+            await self.outbox.submit(
+                "Release", lpb.ReleaseRequest(reservation_id=reservation_id).SerializeToString()
+            )
+
+    async def _settle(
+        self, hold: lpb.ReserveResponse, provider: str, model: str, usage: Usage
+    ) -> TokenUsage:
+        request = lpb.SettleRequest(
+            reservation_id=hold.reservation_id,
+            usage=lpb.Usage(
+                provider=provider,
+                model=model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+            ),
+        )
+        cost = estimate_cost_micro_usd(provider, model, usage.input_tokens, usage.output_tokens)
+        if cost is not None:
+            request.estimated_cost_micro_usd = cost
+        try:
+            s = await self.ledger.settle(request)
+        except GatewayError as exc:
+            if exc.failure is not Failure.UNAVAILABLE:
+                raise
+            # The provider already answered: the charge must still land. Settle is idempotent
+            # by reservation, so the outbox retries it until the ledger takes it.
+            await self.outbox.submit("Settle", request.SerializeToString())
+            return TokenUsage(
+                tokens_charged=0,
+                remaining_balance=hold.balance.available_tokens,
+                tokens_used=usage.total,
+                fee_tokens=0,
+                settlement_pending=True,
+            )
+        return TokenUsage(
+            tokens_charged=s.tokens_charged,
+            remaining_balance=s.balance.available_tokens,
+            tokens_used=s.tokens_used,
+            fee_tokens=s.fee_tokens,
+        )
+
+    async def _finish(self, hold: lpb.ReserveResponse, plan: _Plan, consumed: Usage) -> None:
+        if consumed.total == 0:
+            await self._release(hold.reservation_id)
+        else:
+            await self._settle(hold, plan.provider_name, plan.request.model, consumed)
+
+    async def _record_byok(self, plan: _Plan, model: str, usage: Usage) -> UsageInfo:
+        cost = estimate_cost_micro_usd(
+            plan.provider_name, model, usage.input_tokens, usage.output_tokens
+        )
+        info = UsageInfo(tokens_used=usage.total, estimated_cost_micro_usd=cost)
+        if plan.user_id is None:
+            return info  # a public caller: nothing is recorded
+        request = lpb.RecordUsageRequest(
+            idempotency_key=f"byok:{uuid.uuid4()}",
+            user_id=plan.user_id,
+            user_type=lpb.USER_TYPE_BYOK,
+            usage=lpb.Usage(
+                provider=plan.provider_name,
+                model=model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+            ),
+        )
+        if cost is not None:
+            request.estimated_cost_micro_usd = cost
+        try:
+            await self.ledger.record_usage(request)
+        except GatewayError as exc:
+            if exc.failure is not Failure.UNAVAILABLE:
+                log.error("usage record refused: %s", exc.reason)
+                return info
+            await self.outbox.submit("RecordUsage", request.SerializeToString())
+        return info
+
+    async def _shielded(self, work: Awaitable[T]) -> T:
+        """Runs `work` to the end even if the caller is cancelled meanwhile: a hold must be
+        settled or released whatever happens to the call that made it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    def _remember(self, key: tuple[str, str], result: GenerateResult) -> None:
+        self._answers[key] = result
+        if len(self._answers) > RESPONSE_CACHE_SIZE:
+            self._answers.popitem(last=False)
+
+    async def wait_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _result(
+    completion: Completion,
+    token_usage: TokenUsage | None = None,
+    usage_info: UsageInfo | None = None,
+) -> GenerateResult:
+    return GenerateResult(
+        text=completion.text,
+        provider=completion.provider,
+        model=completion.model,
+        input_tokens=completion.input_tokens,
+        output_tokens=completion.output_tokens,
+        stop_reason=completion.stop_reason or "",
+        token_usage=token_usage,
+        usage_info=usage_info,
+    )
+
+
+def _stream_result(
+    plan: _Plan,
+    end: StreamEnd,
+    text: str,
+    token_usage: TokenUsage | None = None,
+    usage_info: UsageInfo | None = None,
+) -> GenerateResult:
+    return GenerateResult(
+        text=text,
+        provider=plan.provider_name,
+        model=end.model,
+        input_tokens=end.input_tokens,
+        output_tokens=end.output_tokens,
+        stop_reason=end.stop_reason or "",
+        token_usage=token_usage,
+        usage_info=usage_info,
+    )

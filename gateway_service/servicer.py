@@ -1,0 +1,243 @@
+"""gRPC face of the gateway: proto in, core call, proto out; GatewayErrors become rich statuses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from gateway_service.auth import Identity
+from gateway_service.core import Gateway, GenerateRequest, GenerateResult, TokenUsage, UsageInfo
+from gateway_service.errors import Failure, GatewayError
+from gateway_service.interceptor import DOMAIN, current_identity
+from shared.gen.rpcai.gateway.v1 import gateway_pb2 as pb
+from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
+from shared.rich_errors import rich_status
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AiGateway"].full_name
+
+GRPC_CODES = {
+    Failure.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Failure.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Failure.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Failure.INSUFFICIENT_BALANCE: grpc.StatusCode.FAILED_PRECONDITION,
+    Failure.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Failure.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Failure.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Failure.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Failure.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Failure.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+async def abort(context: Context, exc: GatewayError) -> None:
+    metadata = dict(exc.metadata)
+    if exc.retry_after is not None:
+        metadata["retry_after_seconds"] = f"{exc.retry_after:.0f}"
+    await context.abort_with_status(
+        rich_status(GRPC_CODES[exc.failure], exc.message, exc.reason, DOMAIN, metadata)
+    )
+
+
+def unary(
+    method: Callable[[Any, Req, Context], Awaitable[Resp]],
+) -> Callable[[Any, Req, Context], Awaitable[Resp]]:
+    @wraps(method)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        try:
+            return await method(self, request, context)
+        except GatewayError as exc:
+            await abort(context, exc)
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def signed_in() -> Identity:
+    identity = current_identity()
+    if identity is None:
+        raise GatewayError(
+            Failure.UNAUTHENTICATED,
+            "AUTHENTICATION_REQUIRED",
+            "sign in: authorization: Bearer <JWT>",
+        )
+    return identity
+
+
+def generate_request(request: pb.GenerateTextRequest) -> GenerateRequest:
+    return GenerateRequest(
+        content=request.content,
+        system_prompt=request.system_prompt,
+        provider=request.provider,
+        model=request.model,
+        max_tokens=request.max_tokens,
+        api_key=request.api_key,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def _token_usage(t: TokenUsage | None) -> pb.TokenUsage | None:
+    if t is None:
+        return None
+    return pb.TokenUsage(
+        tokens_charged=t.tokens_charged,
+        remaining_balance=t.remaining_balance,
+        tokens_used=t.tokens_used,
+        fee_tokens=t.fee_tokens,
+        settlement_pending=t.settlement_pending,
+    )
+
+
+def _usage_info(u: UsageInfo | None) -> pb.UsageInfo | None:
+    if u is None:
+        return None
+    info = pb.UsageInfo(tokens_used=u.tokens_used)
+    if u.estimated_cost_micro_usd is not None:
+        info.estimated_cost_micro_usd = u.estimated_cost_micro_usd
+    return info
+
+
+def _usage(r: GenerateResult) -> pb.Usage:
+    return pb.Usage(input_tokens=r.input_tokens, output_tokens=r.output_tokens)
+
+
+class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    @unary
+    async def GenerateText(
+        self, request: pb.GenerateTextRequest, context: Context
+    ) -> pb.GenerateTextResponse:
+        r = await self.gateway.generate(current_identity(), generate_request(request))
+        return pb.GenerateTextResponse(
+            text=r.text,
+            provider=r.provider,
+            model=r.model,
+            usage=_usage(r),
+            token_usage=_token_usage(r.token_usage),
+            usage_info=_usage_info(r.usage_info),
+            stop_reason=r.stop_reason,
+        )
+
+    async def StreamText(
+        self, request: pb.GenerateTextRequest, context: Context
+    ) -> AsyncIterator[pb.StreamTextResponse]:
+        events = self.gateway.stream(current_identity(), generate_request(request))
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, GenerateResult):
+                        yield pb.StreamTextResponse(
+                            done=True,
+                            provider=event.provider,
+                            model=event.model,
+                            usage=_usage(event),
+                            token_usage=_token_usage(event.token_usage),
+                            usage_info=_usage_info(event.usage_info),
+                            stop_reason=event.stop_reason,
+                        )
+                    else:
+                        yield pb.StreamTextResponse(delta=event.text)
+        except GatewayError as exc:
+            await abort(context, exc)
+
+    @unary
+    async def GetUserStatus(
+        self, request: pb.GetUserStatusRequest, context: Context
+    ) -> pb.GetUserStatusResponse:
+        s = await self.gateway.user_status(signed_in())
+        response = pb.GetUserStatusResponse(
+            user_type=pb.UserType.ValueType(s.user_type),  # the two enums share their numbers
+            has_subscription=s.has_subscription,
+            has_purchases=s.has_purchases,
+            available_tokens=s.available_tokens,
+            reserved_tokens=s.reserved_tokens,
+            subscription_tier=s.subscription_tier or "",
+        )
+        if s.quota is not None:
+            response.quota = s.quota
+        return response
+
+    @unary
+    async def CheckRequestEligibility(
+        self, request: pb.CheckRequestEligibilityRequest, context: Context
+    ) -> pb.CheckRequestEligibilityResponse:
+        e = await self.gateway.eligibility(
+            current_identity(), request.estimated_tokens, request.has_api_key
+        )
+        return pb.CheckRequestEligibilityResponse(
+            can_make_request=e.can_make_request,
+            reason=e.reason,
+            user_type=pb.UserType.ValueType(e.user_type),
+            required_tokens=e.required_tokens,
+            available_tokens=e.available_tokens,
+        )
+
+    @unary
+    async def GetUsageAnalytics(
+        self, request: pb.GetUsageAnalyticsRequest, context: Context
+    ) -> pb.GetUsageAnalyticsResponse:
+        a = await self.gateway.usage_analytics(signed_in(), request.days, request.include_history)
+        response = pb.GetUsageAnalyticsResponse()
+        response.summary.CopyFrom(_summary(a.summary))
+        for b in a.breakdown:
+            response.breakdown.add(provider=b.provider, model=b.model, summary=_summary(b.summary))
+        for h in a.history:
+            record = response.history.add(
+                usage_id=h.usage_id,
+                user_type=pb.UserType.ValueType(h.user_type),
+                provider=h.usage.provider,
+                model=h.usage.model,
+                input_tokens=h.usage.input_tokens,
+                output_tokens=h.usage.output_tokens,
+                tokens_charged=h.tokens_charged,
+                created_at=h.created_at,
+            )
+            if h.HasField("estimated_cost_micro_usd"):
+                record.estimated_cost_micro_usd = h.estimated_cost_micro_usd
+        return response
+
+    @unary
+    async def GetPurchaseHistory(
+        self, request: pb.GetPurchaseHistoryRequest, context: Context
+    ) -> pb.GetPurchaseHistoryResponse:
+        page = await self.gateway.purchase_history(
+            signed_in(), request.page_size, request.page_token
+        )
+        response = pb.GetPurchaseHistoryResponse(next_page_token=page.next_page_token)
+        for p in page.purchases:
+            response.purchases.add(
+                purchase_id=p.purchase_id,
+                purchase_type=_PURCHASE_TYPES.get(p.purchase_type, "unknown"),
+                tokens_purchased=p.tokens_purchased,
+                tokens_credited=p.tokens_credited,
+                platform_fee_tokens=p.platform_fee_tokens,
+                tokens_refunded=p.tokens_refunded,
+                created_at=p.created_at,
+            )
+        return response
+
+
+_PURCHASE_TYPES = {1: "subscription", 2: "one_time"}
+
+
+def _summary(s: Any) -> pb.UsageSummary:
+    return pb.UsageSummary(
+        total_requests=s.total_requests,
+        total_tokens=s.total_tokens,
+        tokens_charged=s.tokens_charged,
+        estimated_total_cost_micro_usd=s.estimated_total_cost_micro_usd,
+        unknown_cost_requests=s.unknown_cost_requests,
+    )
