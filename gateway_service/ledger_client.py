@@ -69,6 +69,9 @@ class LedgerClient:
                 ("grpc.service_config", _SERVICE_CONFIG),
                 ("grpc.enable_retries", 1),
                 ("grpc.keepalive_time_ms", 30_000),
+                # Find a restarted ledger within seconds, not the default minutes of backoff.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
             ],
         )
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
