@@ -8,6 +8,7 @@ from aiohttp import web
 
 from provider_sim.common import (
     API_KEYS,
+    SLOT,
     STATS,
     bearer_key,
     json_response,
@@ -16,6 +17,7 @@ from provider_sim.common import (
     random_id,
     sse,
     stream_events,
+    text_event,
 )
 from provider_sim.script import Plan, make_plan, text_of
 
@@ -52,6 +54,12 @@ def error_response(
     if status == 429:
         headers = {**headers, "retry-after": "1"}
     return json_response(body, status, headers)
+
+
+_TEXT_DELTA = text_event(
+    "content_block_delta",
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": SLOT}},
+)
 
 
 def _usage(plan: Plan, output_tokens: int) -> dict[str, Any]:
@@ -161,13 +169,7 @@ async def _stream(
         ),
         sse("ping", {"type": "ping"}),
     ]
-    deltas = [
-        sse(
-            "content_block_delta",
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}},
-        )
-        for d in plan.deltas
-    ]
+    deltas = [_TEXT_DELTA(d) for d in plan.deltas]
     tail = [
         sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
         sse(

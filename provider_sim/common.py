@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-_ALPHABET = string.ascii_letters + string.digits
 JSON_TYPE = "application/json"
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
-    "Connection": "keep-alive",
 }
 
 
@@ -35,13 +32,24 @@ STATS: web.AppKey[SimStats] = web.AppKey("provider_sim_stats", SimStats)
 API_KEYS: web.AppKey[frozenset[str] | None] = web.AppKey("provider_sim_api_keys")
 
 
+# One encoder for the process: json.dumps(..., separators=...) would build a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+SLOT = "\u0000slot\u0000"  # placeholder text in templates rendered once, filled per delta
+
+
+def encode_json(payload: object) -> bytes:
+    return _encode(payload).encode()
+
+
 def random_id(prefix: str, length: int) -> str:
-    return prefix + "".join(random.choices(_ALPHABET, k=length))
+    # Opaque ids of the providers' shape (prefix + fixed length); hex keeps them cheap to make.
+    return prefix + format(random.getrandbits(4 * length), f"0{length}x")
 
 
 def json_response(payload: object, status: int, headers: dict[str, str]) -> web.Response:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return web.Response(body=body, status=status, headers=headers, content_type=JSON_TYPE)
+    return web.Response(
+        body=encode_json(payload), status=status, headers=headers, content_type=JSON_TYPE
+    )
 
 
 def malformed_json_response(headers: dict[str, str]) -> web.Response:
@@ -56,6 +64,12 @@ def bearer_key(request: web.Request) -> str | None:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
+class _SseResponse(web.StreamResponse):
+    # Hold the headers back until the first body write, so an unpaced stream leaves in a
+    # single send (headers, events and the last chunk), as a JSON answer does.
+    _send_headers_immediately = False
+
+
 async def stream_events(
     request: web.Request,
     headers: dict[str, str],
@@ -67,7 +81,7 @@ async def stream_events(
 ) -> web.StreamResponse:
     """Send an SSE body: head events, deltas (paced if asked), tail events, or drop after `cut`."""
     stats = request.app[STATS]
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    response = _SseResponse(status=200, headers={**SSE_HEADERS, **headers})
     await response.prepare(request)
     delta_list = list(deltas)
     if cut is not None:
@@ -75,8 +89,10 @@ async def stream_events(
     try:
         if pace <= 0:
             # One write for the whole body: the cheap path benchmarks take.
-            body = b"".join([*head, *delta_list, *(() if cut is not None else tail)])
-            await response.write(body)
+            if cut is None:
+                await response.write_eof(b"".join([*head, *delta_list, *tail]))
+            else:
+                await response.write(b"".join([*head, *delta_list]))
         else:
             await response.write(b"".join(head))
             for chunk in delta_list:
@@ -111,7 +127,16 @@ async def pause(request: web.Request, seconds: float) -> None:
 
 
 def sse(event: str | None, payload: object) -> bytes:
-    data = json.dumps(payload, separators=(",", ":"))
+    data = _encode(payload)
     if event is None:
         return f"data: {data}\n\n".encode()
     return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+def text_event(event: str | None, payload: object) -> Callable[[str], bytes]:
+    """An SSE event rendered once around SLOT; calling it fills in one delta's text.
+
+    Streams send one event per word: encoding only the word keeps a stream's cost near a JSON
+    answer's."""
+    head, tail = sse(event, payload).split(encode_json(SLOT), 1)
+    return lambda text: head + encode_json(text) + tail

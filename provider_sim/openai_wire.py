@@ -9,6 +9,7 @@ from aiohttp import web
 
 from provider_sim.common import (
     API_KEYS,
+    SLOT,
     STATS,
     bearer_key,
     json_response,
@@ -17,6 +18,7 @@ from provider_sim.common import (
     random_id,
     sse,
     stream_events,
+    text_event,
 )
 from provider_sim.script import Plan, make_plan, text_of
 
@@ -193,7 +195,9 @@ async def _stream(
         return sse(None, {**chunk_base, "choices": [choice]})
 
     head = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    deltas = [chunk({"content": d}) for d in plan.deltas]
+    content = {"index": 0, "delta": {"content": SLOT}, "logprobs": None, "finish_reason": None}
+    content_delta = text_event(None, {**chunk_base, "choices": [content]})
+    deltas = [content_delta(d) for d in plan.deltas]
     tail = [chunk({}, finish_reason)]
     if include_usage:
         tail.append(sse(None, {**chunk_base, "choices": [], "usage": _usage(plan)}))

@@ -82,7 +82,9 @@ def _apply(name: str, arg: str, options: dict[str, Any]) -> None:
             in_tokens, out_tokens = (int(v) for v in arg.split(","))
             options["usage"] = (max(0, in_tokens), max(0, out_tokens))
         elif name == "fail":
-            options["fail"] = int(arg)
+            status = int(arg)
+            if 400 <= status <= 599:
+                options["fail"] = status
         elif name in ("delay", "pace"):
             options[name] = max(0.0, float(arg))
         elif name == "malformed":

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from provider_sim.script import DEFAULT_REPLY_WORDS, make_plan
 from tests.gateway_service.conftest import BYOK_KEY, PLATFORM_KEY, Sim
 
 ANTHROPIC_HEADERS = {"x-api-key": PLATFORM_KEY, "anthropic-version": "2023-06-01"}
@@ -280,3 +281,23 @@ async def test_module_entry_point_serves(http: aiohttp.ClientSession) -> None:
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+
+
+def test_plan_directives() -> None:
+    plan = make_plan(100, "x [[usage:7,3]] [[cut:2]] [[pace:0.5]] [[fail:429]]", max_tokens=None)
+    assert (plan.input_tokens, len(plan.words), plan.cut, plan.pace, plan.fail) == (
+        7,
+        3,
+        2,
+        0.5,
+        429,
+    )
+    # Every streamed delta is four characters at most: one token by the chars/4 rule.
+    assert all(len(delta) <= 4 for delta in plan.deltas)
+
+
+def test_plan_ignores_bad_directives() -> None:
+    plan = make_plan(10, "[[usage:x,1]] [[fail:200]] [[cut:-]] [[delay:soon]] [[nope]]", None)
+    assert plan == make_plan(10, "", None)
+    assert (plan.input_tokens, len(plan.words)) == (3, DEFAULT_REPLY_WORDS)
+    assert plan.fail is None

@@ -4,6 +4,7 @@ failure directive, cut and cancelled streams, BYOK keys."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
@@ -213,12 +214,12 @@ async def test_cancel_mid_stream_closes_http_stream(
     two_received = asyncio.Event()
 
     async def consume() -> None:
-        async with stream:
-            async for item in stream:
-                assert isinstance(item, TextDelta)
-                received.append(item.text)
-                if len(received) == 2:
-                    two_received.set()
+        # No `async with` here: cancellation alone must close the HTTP stream.
+        async for item in stream:
+            assert isinstance(item, TextDelta)
+            received.append(item.text)
+            if len(received) == 2:
+                two_received.set()
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(two_received.wait(), timeout=5)
@@ -229,6 +230,19 @@ async def test_cancel_mid_stream_closes_http_stream(
     await eventually(lambda: sim.stats.client_disconnects == disconnects + 1, within=2)
     expected_input = 20 if name == ANTHROPIC else math.ceil(len(content) / 4)
     assert stream.usage == Usage(expected_input, len(received), estimated=True)
+
+
+@pytest.mark.parametrize("name", BOTH)
+async def test_cancel_before_first_byte(providers: Providers, sim: Sim, name: str) -> None:
+    disconnects = sim.stats.client_disconnects
+    stream = providers.get(name).stream(request(name, "think first [[delay:5]]"))
+    task = asyncio.create_task(drain(stream))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: sim.stats.client_disconnects == disconnects + 1, within=2)
+    assert stream.usage == Usage(0, 0, estimated=False)
 
 
 @pytest.mark.parametrize("name", BOTH)
@@ -257,6 +271,11 @@ async def test_byok_shares_pool_and_never_leaks_key(
     caplog.set_level(logging.DEBUG)
     completion = await provider.generate(byok)
     assert completion.output_tokens == 5
+    # The per-call clients are garbage; collecting them must leave the shared pool open.
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not provider.client_for(request(name, "x")).is_closed()
+    assert (await provider.generate(request(name, "platform again"))).output_tokens > 0
 
     wrong_key = "sk-caller-wrong-key-abcdefgh"
     with pytest.raises(ProviderError) as caught:
