@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import ledger_bench
+from bench import gateway_bench, ledger_bench
 from ledger_service.store.database import plain_url, start_embedded, with_database
 from shared import processes
 
@@ -42,11 +42,39 @@ def main() -> int:
             "DB_POOL_MAX": "32",
         },
     )
+    started = [ledger]
     try:
         figures = ledger_bench.measure(ledger.address, url, concurrency, seconds)
-        print(ledger_bench.render(figures, concurrency), flush=True)
+        print(ledger_bench.render(figures, concurrency), "", sep="\n", flush=True)
+
+        sim = processes.start("provider_sim", {"PROVIDER_SIM_ADDR": "127.0.0.1:0"})
+        started.append(sim)
+        provider_url = f"http://{sim.address}"
+        gateway = processes.start(
+            "gateway_service",
+            {
+                "GATEWAY_ADDR": "127.0.0.1:0",
+                "LEDGER_ADDR": ledger.address,
+                "LEDGER_SERVICE_TOKEN": ledger_bench.TOKEN,
+                "JWT_SECRET": gateway_bench.JWT_SECRET,
+                "JWT_ISSUER": "",
+                "JWT_AUDIENCE": "",
+                "ANTHROPIC_BASE_URL": provider_url,
+                "ANTHROPIC_API_KEY": "bench-key",
+                "OPENAI_BASE_URL": f"{provider_url}/v1",
+                "OPENAI_API_KEY": "bench-key",
+                "LOG_LEVEL": "WARNING",
+                "DATA_DIR": ".data/bench",
+            },
+        )
+        started.append(gateway)
+        result = gateway_bench.measure(
+            gateway.address, provider_url, ledger_bench.USERS, concurrency, seconds
+        )
+        print(gateway_bench.render(result, concurrency), flush=True)
     finally:
-        ledger.stop()
+        for service in reversed(started):
+            service.stop()
     return 0
 
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import wraps
@@ -125,8 +126,8 @@ def decode_page_token(token: str) -> tuple[datetime, str] | None:
         return None
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return datetime.fromisoformat(data["t"]), str(data["id"])
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        return datetime.fromisoformat(data["t"]), str(uuid.UUID(data["id"]))
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
         raise errors.InvalidArgument("page_token", "is not a token this server issued") from None
 
 
@@ -206,7 +207,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 source=request.external.source, external_id=request.external.external_id
             )
         else:
-            ref = PurchaseRef()
+            ref = PurchaseRef()  # neither: the domain refuses it
         r = await self.ledger.refund_purchase(
             request.idempotency_key, ref, request.tokens_to_refund
         )

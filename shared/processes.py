@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on (\S+:\d+)")
+LISTENING = re.compile(r"listening on (?:\w+://)?(\S+:\d+)")
 
 
 def _forward(proc: subprocess.Popen[str]) -> None:

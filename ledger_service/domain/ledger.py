@@ -221,7 +221,7 @@ class Ledger:
         self, idempotency_key: str, ref: PurchaseRef, tokens_to_refund: int
     ) -> Refund:
         key = _id("idempotency_key", idempotency_key)
-        if ref.purchase_id:
+        if ref.purchase_id is not None:
             ref = PurchaseRef(purchase_id=str(_uuid("purchase_id", ref.purchase_id)))
         elif ref.source is not None or ref.external_id is not None:
             ref = PurchaseRef(

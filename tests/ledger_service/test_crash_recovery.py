@@ -9,9 +9,9 @@ import contextlib
 import grpc
 
 from ledger_service.audit import run_audit
+from shared import processes
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
-from shared import processes
 from tests.conftest import AUTH, SERVICE_TOKEN
 
 USERS = 20

@@ -116,7 +116,12 @@ async def test_migrations_go_down_to_base_and_back_up(empty_database: str) -> No
     assert up.version == head_revision()
     assert up.tables == {*LEDGER_TABLES, "alembic_version"}
     assert up.functions == LEDGER_FUNCTIONS
-    assert up.triggers == {"journal_entries_append_only", "journal_transactions_append_only"}
+    assert up.triggers == {
+        "journal_entries_append_only",
+        "journal_transactions_append_only",
+        "journal_entries_no_truncate",
+        "journal_transactions_no_truncate",
+    }
     assert up.platform == PLATFORM_ACCOUNTS
 
     downgrade(empty_database, "base")
@@ -225,11 +230,6 @@ async def test_journal_accepts_appends(journaled: asyncpg.Connection) -> None:
     assert await journaled.fetchval("SELECT count(*) FROM journal_entries") == count + 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the append-only triggers are row-level BEFORE UPDATE OR DELETE; TRUNCATE fires no "
-    "row trigger, so `TRUNCATE journal_entries` erases the journal",
-)
 async def test_journal_refuses_truncate(database_url: str) -> None:
     conn = await _journal_one_purchase(database_url)
     try:
