@@ -10,6 +10,7 @@ its call. BYOK call: the caller's key, no balance touched, usage recorded for an
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -40,6 +41,9 @@ T = TypeVar("T")
 MAX_OUTPUT_TOKENS = 128_000
 MAX_KEY_CHARS = 200
 RESPONSE_CACHE_SIZE = 10_000
+# A keyed call whose earlier attempts failed (hold released or expired) may be retried; each
+# retry reserves under a key derived from the failed hold, so concurrent retries converge.
+MAX_KEYED_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,13 @@ class _Plan:
     byok: bool
     user_id: str | None
 
+    @property
+    def fingerprint(self) -> str:
+        """What the call is, for telling a retry from a different request under the same key."""
+        r = self.request
+        parts = [self.provider_name, r.model, str(r.max_tokens), r.system_prompt, r.content]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
 
 _PROVIDER_FAILURES = {
     ProviderErrorKind.RATE_LIMITED: (Failure.RATE_LIMITED, "PROVIDER_RATE_LIMITED"),
@@ -159,7 +170,7 @@ class Gateway:
         self.hold_ttl_seconds = hold_ttl_seconds
         # Answers of keyed calls, so a retried GenerateText gets its answer without a second
         # provider call. The ledger guarantees the money side even when this cache misses.
-        self._answers: OrderedDict[tuple[str, str], GenerateResult] = OrderedDict()
+        self._answers: OrderedDict[tuple[str, str], tuple[str, GenerateResult]] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---- planning -------------------------------------------------------------------------
@@ -217,17 +228,14 @@ class Gateway:
 
         assert plan.user_id is not None
         cache_key = (plan.user_id, req.idempotency_key)
-        if req.idempotency_key and (cached := self._answers.get(cache_key)):
+        if req.idempotency_key and (cached := self._cached(cache_key, plan)):
             return cached
         hold = await self._reserve(plan, req)
         if hold.replayed:
-            if cached := self._answers.get(cache_key):
+            # Settled by an earlier attempt (or still running): answer it, never charge again.
+            if cached := self._cached(cache_key, plan):
                 return cached
-            raise GatewayError(
-                Failure.CONFLICT,
-                "DUPLICATE_REQUEST",
-                "this idempotency key was already used for a call; it was not charged again",
-            )
+            raise _duplicate(hold)
         try:
             completion = await provider.generate(plan.request)
         except BaseException as exc:
@@ -242,7 +250,7 @@ class Gateway:
         )
         result = _result(completion, token_usage=settled)
         if req.idempotency_key:
-            self._remember(cache_key, result)
+            self._remember(cache_key, plan.fingerprint, result)
         return result
 
     # ---- streaming ------------------------------------------------------------------------
@@ -258,15 +266,12 @@ class Gateway:
         if not plan.byok:
             hold = await self._reserve(plan, req)
             if hold.replayed:
-                raise GatewayError(
-                    Failure.CONFLICT,
-                    "DUPLICATE_REQUEST",
-                    "this idempotency key was already used for a call; it was not charged again",
-                )
+                raise _duplicate(hold)
         stream = provider.stream(plan.request)
         parts: list[str] = []
         end: StreamEnd | None = None
         finished = False
+        failed = False
         try:
             try:
                 async for item in stream:
@@ -276,6 +281,7 @@ class Gateway:
                     else:
                         end = item
             except ProviderError as exc:
+                failed = True
                 raise provider_failure(exc, byok=plan.byok) from None
             assert end is not None
             usage = stream.usage
@@ -292,8 +298,11 @@ class Gateway:
         finally:
             await stream.aclose()
             if not finished:
-                # Failed, cut or abandoned mid-way: charge (or record) what was consumed.
+                # Cut or abandoned mid-way: charge (or record) what was consumed. A provider
+                # failure before any text delivered nothing: like a failed unary call, free.
                 consumed = stream.usage
+                if failed and not parts:
+                    consumed = Usage(0, 0, estimated=True)
                 if hold is not None:
                     await self._shielded(self._finish(hold, plan, consumed))
                 elif consumed.total:
@@ -351,13 +360,23 @@ class Gateway:
 
     async def _reserve(self, plan: _Plan, req: GenerateRequest) -> lpb.ReserveResponse:
         assert plan.user_id is not None
-        return await self.ledger.reserve(
-            lpb.ReserveRequest(
-                idempotency_key=self._reserve_key(plan, req),
-                user_id=plan.user_id,
-                estimated_tokens=self._estimate(plan),
-                ttl_seconds=self.hold_ttl_seconds,
+        key = self._reserve_key(plan, req)
+        for _ in range(MAX_KEYED_ATTEMPTS):
+            hold = await self.ledger.reserve(
+                lpb.ReserveRequest(
+                    idempotency_key=key,
+                    user_id=plan.user_id,
+                    estimated_tokens=self._estimate(plan),
+                    ttl_seconds=self.hold_ttl_seconds,
+                    request_fingerprint=plan.fingerprint,
+                )
             )
+            if not (hold.replayed and hold.status in ("released", "expired")):
+                return hold
+            # The earlier attempt failed and cost nothing: this retry is a new attempt.
+            key = f"{key}:after:{hold.reservation_id}"
+        raise GatewayError(
+            Failure.CONFLICT, "TOO_MANY_ATTEMPTS", "this idempotency key failed too many times"
         )
 
     async def _release(self, reservation_id: str) -> None:
@@ -451,14 +470,41 @@ class Gateway:
         task.add_done_callback(self._background.discard)
         return await asyncio.shield(task)
 
-    def _remember(self, key: tuple[str, str], result: GenerateResult) -> None:
-        self._answers[key] = result
+    def _cached(self, key: tuple[str, str], plan: _Plan) -> GenerateResult | None:
+        entry = self._answers.get(key)
+        if entry is None:
+            return None
+        fingerprint, result = entry
+        if fingerprint != plan.fingerprint:
+            raise GatewayError(
+                Failure.CONFLICT,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this idempotency key was used for a different request",
+            )
+        return result
+
+    def _remember(self, key: tuple[str, str], fingerprint: str, result: GenerateResult) -> None:
+        self._answers[key] = (fingerprint, result)
         if len(self._answers) > RESPONSE_CACHE_SIZE:
             self._answers.popitem(last=False)
 
     async def wait_background(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _duplicate(hold: lpb.ReserveResponse) -> GatewayError:
+    if hold.status == "held":
+        return GatewayError(
+            Failure.CONFLICT,
+            "REQUEST_IN_PROGRESS",
+            "a call with this idempotency key is still running; retry later for its answer",
+        )
+    return GatewayError(
+        Failure.CONFLICT,
+        "DUPLICATE_REQUEST",
+        "this idempotency key was already used for a call; it was not charged again",
+    )
 
 
 def _result(

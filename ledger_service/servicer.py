@@ -158,7 +158,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     @rpc
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         r = await self.ledger.reserve(
-            request.idempotency_key, request.user_id, request.estimated_tokens, request.ttl_seconds
+            request.idempotency_key,
+            request.user_id,
+            request.estimated_tokens,
+            request.ttl_seconds,
+            request.request_fingerprint,
         )
         return pb.ReserveResponse(
             reservation_id=r.reservation_id,
@@ -166,6 +170,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             expires_at=_ts(r.expires_at),
             balance=_balance(r.balance),
             replayed=r.replayed,
+            status=r.status if r.replayed else "",
         )
 
     @rpc

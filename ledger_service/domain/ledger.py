@@ -181,7 +181,12 @@ class Ledger:
         )
 
     async def reserve(
-        self, idempotency_key: str, user_id: str, estimated_tokens: int, ttl_seconds: int
+        self,
+        idempotency_key: str,
+        user_id: str,
+        estimated_tokens: int,
+        ttl_seconds: int,
+        fingerprint: str = "",
     ) -> Reservation:
         key = _id("idempotency_key", idempotency_key)
         user = _id("user_id", user_id)
@@ -190,7 +195,11 @@ class Ledger:
         _amount("ttl_seconds", ttl, 1, self.holds.max_ttl_seconds)
         fee_percent = self.rates.usage_fee_percent
         amount = money.hold_amount(estimate, fee_percent)
-        digest = request_hash("reserve", user=user, estimated=estimate, ttl=ttl_seconds)
+        if len(fingerprint) > MAX_ID_CHARS:
+            raise InvalidArgument("request_fingerprint", f"at most {MAX_ID_CHARS} characters")
+        digest = request_hash(
+            "reserve", user=user, estimated=estimate, ttl=ttl_seconds, fingerprint=fingerprint
+        )
         return await self.store.reserve(key, digest, user, amount, ttl, fee_percent)
 
     async def settle(

@@ -52,6 +52,7 @@ class Reservation:
     expires_at: datetime
     balance: Balance
     replayed: bool = False
+    status: str = "held"
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,6 +187,7 @@ class PostgresStore:
             expires_at=datetime.fromtimestamp(int(a["expires_at_us"]) / 1_000_000, UTC),
             balance=_balance(a),
             replayed=bool(a.get("replayed", False)),
+            status=str(a.get("status", "held")),
         )
 
     @_guarded

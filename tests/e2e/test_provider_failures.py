@@ -131,14 +131,6 @@ async def test_malformed_stream_leaves_no_hold_and_charges_at_most_the_hold(
     await assert_audit_ok(sim_stack.ledger)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a stream that fails before delivering any text is charged the prompt estimate "
-        "(core.Gateway.stream's finally settles stream.usage, which counts the prompt once the "
-        "provider answered 200); the unary path releases the same failure for free"
-    ),
-)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("directive", ["[[malformed]]", "[[cut:0]]"])
 async def test_stream_failing_before_any_text_charges_nothing(

@@ -218,11 +218,16 @@ class ReserveRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
     estimated_tokens: _builtins.int
     ttl_seconds: _builtins.int
     """How long the hold lives before the sweeper voids it; 0 means the server default."""
+    request_fingerprint: _builtins.str
+    """The caller's digest of what the hold is for (e.g. the prompt). Part of the idempotency check:
+    the same key with another fingerprint is IDEMPOTENCY_KEY_REUSED.
+    """
     def __init__(
         self,
         *,
@@ -230,10 +235,11 @@ class ReserveRequest(_message.Message):
         user_id: _builtins.str = ...,
         estimated_tokens: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
+        request_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,10 +254,15 @@ class ReserveResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     reserved_tokens: _builtins.int
     """estimated + ceil(estimated * usage_fee%)."""
     replayed: _builtins.bool
+    status: _builtins.str
+    """On a replay: what became of the hold since ("held", "settled", "released", "expired",
+    "settled_after_expiry"), so a caller can tell an in-flight or finished call from a failed one.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -264,10 +275,11 @@ class ReserveResponse(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         balance: Global___Balance | None = ...,
         replayed: _builtins.bool = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
