@@ -432,10 +432,15 @@ class RefundPurchaseRequest(_message.Message):
     PURCHASE_ID_FIELD_NUMBER: _builtins.int
     EXTERNAL_FIELD_NUMBER: _builtins.int
     TOKENS_TO_REFUND_FIELD_NUMBER: _builtins.int
+    CUMULATIVE_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     purchase_id: _builtins.str
     tokens_to_refund: _builtins.int
     """Purchased tokens to refund; 0 refunds everything not yet refunded."""
+    cumulative: _builtins.bool
+    """When set, tokens_to_refund is the purchase's cumulative refunded total to reach (payment
+    providers report refunds that way); only the difference is refunded, never less than zero.
+    """
     @_builtins.property
     def external(self) -> Global___PurchaseRef: ...
     def __init__(
@@ -445,10 +450,11 @@ class RefundPurchaseRequest(_message.Message):
         purchase_id: _builtins.str = ...,
         external: Global___PurchaseRef | None = ...,
         tokens_to_refund: _builtins.int = ...,
+        cumulative: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["external", b"external", "purchase", b"purchase", "purchase_id", b"purchase_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["external", b"external", "idempotency_key", b"idempotency_key", "purchase", b"purchase", "purchase_id", b"purchase_id", "tokens_to_refund", b"tokens_to_refund"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cumulative", b"cumulative", "external", b"external", "idempotency_key", b"idempotency_key", "purchase", b"purchase", "purchase_id", b"purchase_id", "tokens_to_refund", b"tokens_to_refund"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_purchase: _TypeAlias = _typing.Literal["purchase_id", "external"]  # noqa: Y015
     _WhichOneofArgType_purchase: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
@@ -934,3 +940,333 @@ class GetPurchaseHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPurchaseHistoryResponse: _TypeAlias = GetPurchaseHistoryResponse  # noqa: Y015
+
+@_typing.final
+class Subscription(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    RENEWS_AT_FIELD_NUMBER: _builtins.int
+    ENDS_AT_FIELD_NUMBER: _builtins.int
+    PROVIDER_UPDATED_AT_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The payment provider, e.g. "lemonsqueezy", and its id for the subscription."""
+    external_id: _builtins.str
+    user_id: _builtins.str
+    variant_id: _builtins.str
+    """The provider's product variant: the server maps it to tokens per renewal."""
+    status: _builtins.str
+    """The provider's status: "active", "on_trial", "past_due", "paused", "cancelled", "expired"..."""
+    @_builtins.property
+    def renews_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ends_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def provider_updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the provider last changed it: orders out-of-order deliveries."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        external_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        variant_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        renews_at: _timestamp_pb2.Timestamp | None = ...,
+        ends_at: _timestamp_pb2.Timestamp | None = ...,
+        provider_updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "provider_updated_at", b"provider_updated_at", "renews_at", b"renews_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "external_id", b"external_id", "provider_updated_at", b"provider_updated_at", "renews_at", b"renews_at", "source", b"source", "status", b"status", "user_id", b"user_id", "variant_id", b"variant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class UpsertSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscription(self) -> Global___Subscription: ...
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpsertSubscriptionRequest: _TypeAlias = UpsertSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class UpsertSubscriptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    applied: _builtins.bool
+    """False when the stored state was as new or newer (a duplicate or stale event)."""
+    @_builtins.property
+    def subscription(self) -> Global___Subscription: ...
+    def __init__(
+        self,
+        *,
+        applied: _builtins.bool = ...,
+        subscription: Global___Subscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpsertSubscriptionResponse: _TypeAlias = UpsertSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class GetSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    external_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        external_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_id", b"external_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSubscriptionRequest: _TypeAlias = GetSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class GetSubscriptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscription(self) -> Global___Subscription: ...
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSubscriptionResponse: _TypeAlias = GetSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RAW_BODY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    RESOLVED_AT_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    dead_letter_id: _builtins.str
+    source: _builtins.str
+    event_name: _builtins.str
+    subject: _builtins.str
+    """What the event is about (e.g. "subscription:123"), to find the letters a later event unblocks."""
+    reason: _builtins.str
+    raw_body: _builtins.bytes
+    resolution: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolved_at(self) -> _timestamp_pb2.Timestamp:
+        """Set once an operator (or a later event) applied it."""
+
+    def __init__(
+        self,
+        *,
+        dead_letter_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        event_name: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        raw_body: _builtins.bytes = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        resolved_at: _timestamp_pb2.Timestamp | None = ...,
+        resolution: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "resolved_at", b"resolved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dead_letter_id", b"dead_letter_id", "event_name", b"event_name", "raw_body", b"raw_body", "reason", b"reason", "resolution", b"resolution", "resolved_at", b"resolved_at", "source", b"source", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class RecordDeadLetterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RAW_BODY_FIELD_NUMBER: _builtins.int
+    DEDUPE_KEY_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    event_name: _builtins.str
+    subject: _builtins.str
+    reason: _builtins.str
+    raw_body: _builtins.bytes
+    dedupe_key: _builtins.str
+    """The same event parked twice is stored once (e.g. sha256 of the raw body)."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        event_name: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        raw_body: _builtins.bytes = ...,
+        dedupe_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dedupe_key", b"dedupe_key", "event_name", b"event_name", "raw_body", b"raw_body", "reason", b"reason", "source", b"source", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordDeadLetterRequest: _TypeAlias = RecordDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class RecordDeadLetterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    dead_letter_id: _builtins.str
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        dead_letter_id: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_id", b"dead_letter_id", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordDeadLetterResponse: _TypeAlias = RecordDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    INCLUDE_RESOLVED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    subject: _builtins.str
+    """Empty: any subject."""
+    include_resolved: _builtins.bool
+    page_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        include_resolved: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_resolved", b"include_resolved", "page_size", b"page_size", "source", b"source", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class ResolveDeadLetterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    dead_letter_id: _builtins.str
+    resolution: _builtins.str
+    def __init__(
+        self,
+        *,
+        dead_letter_id: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_id", b"dead_letter_id", "resolution", b"resolution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDeadLetterRequest: _TypeAlias = ResolveDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class ResolveDeadLetterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letter(self) -> Global___DeadLetter: ...
+    def __init__(
+        self,
+        *,
+        dead_letter: Global___DeadLetter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDeadLetterResponse: _TypeAlias = ResolveDeadLetterResponse  # noqa: Y015

@@ -89,6 +89,31 @@ class LedgerServiceStub:
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPurchaseHistoryRequest.SerializeToString,
                 response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPurchaseHistoryResponse.FromString,
                 _registered_method=True)
+        self.UpsertSubscription = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/UpsertSubscription',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.UpsertSubscriptionRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.UpsertSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.GetSubscription = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/GetSubscription',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetSubscriptionRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.RecordDeadLetter = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/RecordDeadLetter',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordDeadLetterRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/ListDeadLetters',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.ResolveDeadLetter = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/ResolveDeadLetter',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -168,6 +193,39 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertSubscription(self, request, context):
+        """Payment-provider subscription state (from webhooks). Out-of-order events are safe: a state
+        older than the stored one (by provider_updated_at) changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSubscription(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordDeadLetter(self, request, context):
+        """Webhook events that could not be applied, kept with their raw body for an operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveDeadLetter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +283,31 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetPurchaseHistory,
                     request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPurchaseHistoryRequest.FromString,
                     response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPurchaseHistoryResponse.SerializeToString,
+            ),
+            'UpsertSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertSubscription,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.UpsertSubscriptionRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.UpsertSubscriptionResponse.SerializeToString,
+            ),
+            'GetSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSubscription,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetSubscriptionRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetSubscriptionResponse.SerializeToString,
+            ),
+            'RecordDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordDeadLetter,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordDeadLetterRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordDeadLetterResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'ResolveDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveDeadLetter,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +607,141 @@ class LedgerService:
             '/rpcai.ledger.v1.LedgerService/GetPurchaseHistory',
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPurchaseHistoryRequest.SerializeToString,
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPurchaseHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/UpsertSubscription',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.UpsertSubscriptionRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.UpsertSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/GetSubscription',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetSubscriptionRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/RecordDeadLetter',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordDeadLetterRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/ListDeadLetters',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ListDeadLettersRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/ResolveDeadLetter',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterResponse.FromString,
             options,
             channel_credentials,
             insecure,

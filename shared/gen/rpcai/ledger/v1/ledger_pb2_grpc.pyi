@@ -56,6 +56,15 @@ class LedgerServiceStub:
     GetUserStatus: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetUserStatusRequest, _ledger_pb2.GetUserStatusResponse]
     GetUsageAnalytics: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetUsageAnalyticsRequest, _ledger_pb2.GetUsageAnalyticsResponse]
     GetPurchaseHistory: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseHistoryRequest, _ledger_pb2.GetPurchaseHistoryResponse]
+    UpsertSubscription: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.UpsertSubscriptionRequest, _ledger_pb2.UpsertSubscriptionResponse]
+    """Payment-provider subscription state (from webhooks). Out-of-order events are safe: a state
+    older than the stored one (by provider_updated_at) changes nothing.
+    """
+    GetSubscription: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSubscriptionRequest, _ledger_pb2.GetSubscriptionResponse]
+    RecordDeadLetter: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordDeadLetterRequest, _ledger_pb2.RecordDeadLetterResponse]
+    """Webhook events that could not be applied, kept with their raw body for an operator."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListDeadLettersRequest, _ledger_pb2.ListDeadLettersResponse]
+    ResolveDeadLetter: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ResolveDeadLetterRequest, _ledger_pb2.ResolveDeadLetterResponse]
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -80,6 +89,15 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     GetUserStatus: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetUserStatusRequest, _ledger_pb2.GetUserStatusResponse]  # type: ignore[assignment]
     GetUsageAnalytics: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetUsageAnalyticsRequest, _ledger_pb2.GetUsageAnalyticsResponse]  # type: ignore[assignment]
     GetPurchaseHistory: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseHistoryRequest, _ledger_pb2.GetPurchaseHistoryResponse]  # type: ignore[assignment]
+    UpsertSubscription: _aio.UnaryUnaryMultiCallable[_ledger_pb2.UpsertSubscriptionRequest, _ledger_pb2.UpsertSubscriptionResponse]  # type: ignore[assignment]
+    """Payment-provider subscription state (from webhooks). Out-of-order events are safe: a state
+    older than the stored one (by provider_updated_at) changes nothing.
+    """
+    GetSubscription: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSubscriptionRequest, _ledger_pb2.GetSubscriptionResponse]  # type: ignore[assignment]
+    RecordDeadLetter: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordDeadLetterRequest, _ledger_pb2.RecordDeadLetterResponse]  # type: ignore[assignment]
+    """Webhook events that could not be applied, kept with their raw body for an operator."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListDeadLettersRequest, _ledger_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    ResolveDeadLetter: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ResolveDeadLetterRequest, _ledger_pb2.ResolveDeadLetterResponse]  # type: ignore[assignment]
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -167,5 +185,44 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetPurchaseHistoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetPurchaseHistoryResponse, _abc.Awaitable[_ledger_pb2.GetPurchaseHistoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpsertSubscription(
+        self,
+        request: _ledger_pb2.UpsertSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.UpsertSubscriptionResponse, _abc.Awaitable[_ledger_pb2.UpsertSubscriptionResponse]]:
+        """Payment-provider subscription state (from webhooks). Out-of-order events are safe: a state
+        older than the stored one (by provider_updated_at) changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSubscription(
+        self,
+        request: _ledger_pb2.GetSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetSubscriptionResponse, _abc.Awaitable[_ledger_pb2.GetSubscriptionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RecordDeadLetter(
+        self,
+        request: _ledger_pb2.RecordDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.RecordDeadLetterResponse, _abc.Awaitable[_ledger_pb2.RecordDeadLetterResponse]]:
+        """Webhook events that could not be applied, kept with their raw body for an operator."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _ledger_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListDeadLettersResponse, _abc.Awaitable[_ledger_pb2.ListDeadLettersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResolveDeadLetter(
+        self,
+        request: _ledger_pb2.ResolveDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ResolveDeadLetterResponse, _abc.Awaitable[_ledger_pb2.ResolveDeadLetterResponse]]: ...
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
