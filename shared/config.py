@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=30, ge=0)
     jwt_tier_claim: str = "tier"
     jwt_quota_claim: str = "quota"
+
+    # --- gateway: LemonSqueezy webhooks
+    lemonsqueezy_webhook_secret: SecretStr | None = None
+    # Server-side catalog: variant id -> tokens per purchase (or per renewal), as JSON, e.g.
+    # {"123456": 1000, "654321": {"tokens": 5000, "subscription": true}}. Never from the buyer.
+    lemonsqueezy_variant_tokens: str = "{}"
+    # Test-mode events: "ignore" them, or "credit" them to a separate test ledger (user ids
+    # prefixed "test-mode:"), never to live balances.
+    lemonsqueezy_test_mode: Literal["ignore", "credit"] = "ignore"
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod
