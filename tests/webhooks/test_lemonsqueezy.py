@@ -1,0 +1,192 @@
+"""LemonSqueezy deliveries end to end: signed bodies over HTTP, applied to a real ledger."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ledger_service.audit import run_audit
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
+from tests.conftest import AUTH
+from tests.ledger_service.helpers import balance, reserve, settle, table_counts
+from tests.webhooks.conftest import Hooks, start_hooks
+from tests.webhooks.payloads import SUBSCRIPTION_VARIANT, encode, invoice, order, sign, subscription
+
+
+async def _counts(hooks: Hooks) -> dict[str, int]:
+    conn = await hooks.ledger.db()
+    try:
+        return await table_counts(conn)
+    finally:
+        await conn.close()
+
+
+async def _status(hooks: Hooks, user: str) -> lpb.GetUserStatusResponse:
+    reply: lpb.GetUserStatusResponse = await hooks.ledger.stub.GetUserStatus(
+        lpb.GetUserStatusRequest(user_id=user), metadata=AUTH
+    )
+    return reply
+
+
+async def test_order_created_credits_800_of_1000(hooks: Hooks) -> None:
+    status, body = await hooks.deliver(order("order_created", 1, "ada"))
+    assert (status, body["status"]) == (200, "applied")
+    b = await balance(hooks.ledger.stub, "ada")
+    assert (b.available_tokens, b.reserved_tokens) == (800, 0)
+
+
+async def test_the_same_delivery_20_times_credits_once(hooks: Hooks) -> None:
+    payload = order("order_created", 2, "bea")
+    concurrent = await asyncio.gather(*(hooks.deliver(payload) for _ in range(20)))
+    in_sequence = [await hooks.deliver(payload) for _ in range(20)]
+    statuses = [s for s, _ in concurrent + in_sequence]
+    outcomes = [b["status"] for _, b in concurrent + in_sequence]
+    assert statuses == [200] * 40
+    assert outcomes.count("applied") == 1
+    assert outcomes.count("duplicate") == 39
+    assert (await balance(hooks.ledger.stub, "bea")).available_tokens == 800
+    assert (await run_audit(hooks.ledger.database_url)).ok
+
+
+async def test_bad_signatures_are_refused_and_change_nothing(hooks: Hooks) -> None:
+    genuine = encode(order("order_created", 3, "cy"))
+    other = encode(order("order_created", 4, "cy"))
+    before = await _counts(hooks)
+    tampered = genuine.replace(b'"cy"', b'"eve"')
+    cases = {
+        "tampered body": (tampered, sign(genuine)),
+        "wrong secret": (genuine, sign(genuine, "not-the-secret")),
+        "missing header": (genuine, ""),
+        "another event's signature": (genuine, sign(other)),
+        "garbage": (genuine, "zz"),
+    }
+    for name, (body, signature) in cases.items():
+        status, reply = await hooks.deliver(body, signature=signature)
+        assert status == 401, name
+        assert reply["error"]["reason"] == "INVALID_SIGNATURE", name
+    assert await _counts(hooks) == before
+
+
+async def test_refund_after_the_tokens_were_partly_spent(hooks: Hooks) -> None:
+    await hooks.deliver(order("order_created", 5, "dee"))  # 800
+    hold = await reserve(hooks.ledger.stub, "dee", 400)
+    await settle(hooks.ledger.stub, hold.reservation_id, 300, 100)  # 500 charged, 300 left
+    status, body = await hooks.deliver(
+        order("order_refunded", 5, "dee", total=999, refunded_amount=999)
+    )
+    assert (status, body["status"]) == (200, "applied")
+    assert (await balance(hooks.ledger.stub, "dee")).available_tokens == 0
+    report = await run_audit(hooks.ledger.database_url)
+    assert report.ok
+    assert report.platform_balances["refund_receivable"] == -500
+    # Delivered again: nothing more.
+    status, body = await hooks.deliver(
+        order("order_refunded", 5, "dee", total=999, refunded_amount=999)
+    )
+    assert (status, body["status"]) == (200, "duplicate")
+
+
+async def test_partial_refunds_arrive_in_any_order(hooks: Hooks) -> None:
+    await hooks.deliver(order("order_created", 6, "eli", total=1000))  # 800
+    full = order("order_refunded", 6, "eli", total=1000, refunded_amount=1000)
+    half = order("order_refunded", 6, "eli", total=1000, refunded_amount=500)
+    assert (await hooks.deliver(full))[1]["status"] == "applied"
+    await hooks.deliver(half)  # older news: the cumulative target is already passed
+    assert (await balance(hooks.ledger.stub, "eli")).available_tokens == 0
+    assert (await run_audit(hooks.ledger.database_url)).ok
+
+
+async def test_subscription_lifecycle_and_renewals(hooks: Hooks) -> None:
+    await hooks.deliver(subscription("subscription_created", 70, "fay"))
+    assert (await _status(hooks, "fay")).has_subscription
+    # The subscription's own order is acknowledged; its invoices carry the tokens.
+    status, body = await hooks.deliver(order("order_created", 700, "fay", SUBSCRIPTION_VARIANT))
+    assert (status, body["status"]) == (200, "ignored")
+    await hooks.deliver(invoice(7001, 70, "fay", "initial"))
+    await hooks.deliver(invoice(7002, 70, "fay", "renewal"))
+    await hooks.deliver(invoice(7002, 70, "fay", "renewal"))  # a retry
+    assert (await balance(hooks.ledger.stub, "fay")).available_tokens == 2 * 4000
+
+    newer = "2026-11-26T09:00:00.000000Z"
+    await hooks.deliver(
+        subscription("subscription_cancelled", 70, "fay", "cancelled", updated_at=newer,
+                     ends_at="2026-12-25T09:00:00.000000Z")
+    )  # fmt: skip
+    assert (await _status(hooks, "fay")).has_subscription  # paid until ends_at
+    later = "2026-12-26T09:00:00.000000Z"
+    await hooks.deliver(
+        subscription("subscription_expired", 70, "fay", "expired", updated_at=later,
+                     ends_at="2026-11-01T09:00:00.000000Z")
+    )  # fmt: skip
+    assert not (await _status(hooks, "fay")).has_subscription
+    # A stale update arriving late changes nothing.
+    status, body = await hooks.deliver(subscription("subscription_updated", 70, "fay", "active"))
+    assert (status, body["status"]) == (200, "duplicate")
+    assert not (await _status(hooks, "fay")).has_subscription
+
+
+async def test_an_invoice_before_its_subscription_waits_then_applies(hooks: Hooks) -> None:
+    status, body = await hooks.deliver(invoice(8001, 80, "gil", "initial"))
+    assert (status, body["status"]) == (200, "dead_letter")
+    assert (await balance(hooks.ledger.stub, "gil")).available_tokens == 0
+    await hooks.deliver(subscription("subscription_created", 80, "gil"))
+    assert (await balance(hooks.ledger.stub, "gil")).available_tokens == 4000
+
+
+async def test_unknown_variant_is_parked_and_replayed_after_the_fix(hooks: Hooks) -> None:
+    payload = order("order_created", 9, "hal", variant_id=999)
+    status, body = await hooks.deliver(payload)
+    assert (status, body["status"]) == (200, "dead_letter")
+    assert "unknown variant" in body["detail"]
+    letters = await hooks.ledger.stub.ListDeadLetters(
+        lpb.ListDeadLettersRequest(source="lemonsqueezy"), metadata=AUTH
+    )
+    [letter] = letters.dead_letters
+    assert letter.raw_body == encode(payload)
+    assert (await balance(hooks.ledger.stub, "hal")).available_tokens == 0
+
+    # The operator adds the variant and replays.
+    fixed = '{"111": 1000, "999": 2000}'
+    runner, processor, client, _ = await start_hooks(hooks.ledger, catalog=fixed)
+    try:
+        outcome = await processor.replay(letter)
+    finally:
+        await runner.cleanup()
+        await client.close()
+    assert str(outcome.status) == "applied"
+    assert (await balance(hooks.ledger.stub, "hal")).available_tokens == 1600
+    pending = await hooks.ledger.stub.ListDeadLetters(
+        lpb.ListDeadLettersRequest(source="lemonsqueezy"), metadata=AUTH
+    )
+    assert not pending.dead_letters
+
+
+async def test_missing_user_id_is_a_dead_letter(hooks: Hooks) -> None:
+    status, body = await hooks.deliver(order("order_created", 10, None))
+    assert (status, body["status"]) == (200, "dead_letter")
+
+
+async def test_test_mode_is_kept_apart(hooks: Hooks) -> None:
+    status, body = await hooks.deliver(order("order_created", 11, "ivy", test_mode=True))
+    assert (status, body["status"]) == (200, "ignored")
+    runner, processor, client, _ = await start_hooks(hooks.ledger, test_mode="credit")
+    try:
+        outcome = await processor.handle(encode(order("order_created", 11, "ivy", test_mode=True)))
+    finally:
+        await runner.cleanup()
+        await client.close()
+    assert str(outcome.status) == "applied"
+    assert (await balance(hooks.ledger.stub, "ivy")).available_tokens == 0  # live: untouched
+    assert (await balance(hooks.ledger.stub, "test-mode:ivy")).available_tokens == 800
+
+
+async def test_other_events_are_acknowledged_and_ignored(hooks: Hooks) -> None:
+    payload = order("license_key_created", 12, "jay")
+    status, body = await hooks.deliver(payload)
+    assert (status, body["status"]) == (200, "ignored")
+
+
+async def test_ledger_outage_answers_503_so_the_provider_retries(hooks: Hooks) -> None:
+    await hooks.ledger.app.grpc.server.stop(0)
+    status, body = await hooks.deliver(order("order_created", 13, "kim"))
+    assert status == 503
+    assert body["error"]["reason"] == "LEDGER_UNAVAILABLE"
