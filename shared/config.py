@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     jwt_tier_claim: str = "tier"
     jwt_quota_claim: str = "quota"
 
+    # --- gateway: HTTP edge (served on http_addr beside the gRPC API)
+    # Browser origins allowed to call it (CORS), comma-separated, e.g.
+    # "chrome-extension://abcdefgh,https://app.example.com"; `*` in an entry matches any run of
+    # characters ("vscode-webview://*"). Empty: no cross-origin browser calls.
+    http_cors_origins: Annotated[list[str], NoDecode] = []
+    # Largest request body; a larger one is refused with 413 before it is parsed.
+    http_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+
     # --- gateway: LemonSqueezy webhooks
     lemonsqueezy_webhook_secret: SecretStr | None = None
     # Server-side catalog: variant id -> tokens per purchase (or per renewal), as JSON, e.g.
@@ -67,7 +75,7 @@ class Settings(BaseSettings):
     # prefixed "test-mode:"), never to live balances.
     lemonsqueezy_test_mode: Literal["ignore", "credit"] = "ignore"
 
-    @field_validator("jwt_algorithms", mode="before")
+    @field_validator("jwt_algorithms", "http_cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # `JWT_ALGORITHMS=RS256,ES256` reads better in an environment than a JSON list.
