@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from gateway_service.app import create_app
+from shared import eventloop
 from shared.config import Settings
 from shared.grpc_server import run_until_signal
 from shared.logging_setup import configure_logging
@@ -31,7 +31,7 @@ async def serve(settings: Settings) -> None:
 def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    eventloop.run(serve(settings))
     return 0
 
 

@@ -10,6 +10,7 @@ import sys
 from ledger_service.app import create_app
 from ledger_service.audit import run_audit
 from ledger_service.store.database import migrate, resolve_database_url
+from shared import eventloop
 from shared.config import Settings
 from shared.grpc_server import run_until_signal
 from shared.logging_setup import configure_logging
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         print("migrations applied")
         return 0
-    asyncio.run(serve(settings, url))
+    eventloop.run(serve(settings, url))
     return 0
 
 

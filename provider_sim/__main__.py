@@ -10,6 +10,7 @@ import os
 import signal
 
 from provider_sim.server import start_provider_sim
+from shared import eventloop
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -34,4 +35,4 @@ async def _main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_main())
+    eventloop.run(_main())
