@@ -75,6 +75,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_PURCHASE_NOT_FOUND: _ErrorReason.ValueType  # 5
     ERROR_REASON_RESERVATION_NOT_HELD: _ErrorReason.ValueType  # 6
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 7
+    ERROR_REASON_SUBSCRIPTION_NOT_FOUND: _ErrorReason.ValueType  # 8
+    ERROR_REASON_DEAD_LETTER_NOT_FOUND: _ErrorReason.ValueType  # 9
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` strings of google.rpc.ErrorInfo (ErrorInfo.reason is the name without the prefix)."""
@@ -87,6 +89,8 @@ ERROR_REASON_RESERVATION_NOT_FOUND: ErrorReason.ValueType  # 4
 ERROR_REASON_PURCHASE_NOT_FOUND: ErrorReason.ValueType  # 5
 ERROR_REASON_RESERVATION_NOT_HELD: ErrorReason.ValueType  # 6
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 7
+ERROR_REASON_SUBSCRIPTION_NOT_FOUND: ErrorReason.ValueType  # 8
+ERROR_REASON_DEAD_LETTER_NOT_FOUND: ErrorReason.ValueType  # 9
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
