@@ -108,13 +108,12 @@ def _raise_if_error(answer: Answer) -> None:
 
 # Failures of the connection, not of the request: the caller may retry with the same key.
 _UNAVAILABLE = (
-    OSError,
+    OSError,  # refused, reset, unreachable
     TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.InterfaceError,  # the connection closed under us
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, restart, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
 )
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
