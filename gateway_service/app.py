@@ -1,12 +1,15 @@
-"""Wires the gateway process together: JWT verifier, ledger channel, providers, outbox, server."""
+"""Wires the gateway process together: JWT verifier, ledger channel, providers, outbox, and the
+two servers over the one core: gRPC and the HTTP edge."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 from gateway_service.auth import JwtVerifier
 from gateway_service.core import Gateway
+from gateway_service.http import HttpServer, create_http_app
 from gateway_service.interceptor import JwtInterceptor
 from gateway_service.ledger_client import LedgerClient
 from gateway_service.outbox import Outbox
@@ -28,13 +31,20 @@ class GatewayApp:
     ledger: LedgerClient
     providers: Providers
     outbox: Outbox
+    http: HttpServer
 
     async def start(self, addr: str) -> int:
+        """Starts the outbox and the gRPC server; returns the gRPC port."""
         await self.outbox.start()
         return await self.grpc.start(addr)
 
+    async def start_http(self, addr: str) -> int:
+        """Starts the HTTP edge (after `start`); returns its port."""
+        return await self.http.start(addr)
+
     async def close(self, grace: float = 0) -> None:
-        await self.grpc.stop(grace)
+        # Both servers drain at once: in-flight calls get `grace` seconds on either transport.
+        await asyncio.gather(self.grpc.stop(grace), self.http.stop(grace))
         await self.aclose_resources(grace)
 
     async def aclose_resources(self, grace: float = 5) -> None:
@@ -90,4 +100,5 @@ def create_app(settings: Settings) -> GatewayApp:
     )
     grpc_app = GrpcApp([SERVICE_NAME], interceptors=[JwtInterceptor(verifier)])
     gateway_pb2_grpc.add_AiGatewayServicer_to_server(GatewayServicer(gateway), grpc_app.server)
-    return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox)
+    http = HttpServer(create_http_app(gateway, verifier, settings))
+    return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox, http)

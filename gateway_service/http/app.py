@@ -1,0 +1,95 @@
+"""The HTTP edge as an aiohttp Application, and the server that runs it beside the gRPC one.
+
+    app = create_http_app(gateway, verifier, settings, extra_routes=[web.post(path, handler)])
+    server = HttpServer(app); port = await server.start("127.0.0.1:0"); await server.stop(grace)
+
+Other routes (the LemonSqueezy webhook) join through `extra_routes`, or through
+`app.router.add_routes(...)` on the returned Application before the server starts. They get the
+same body limit, CORS and JSON errors for anything they raise, but no JWT check: the API's
+handlers authenticate themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from gateway_service.auth import JwtVerifier
+from gateway_service.core import Gateway
+from gateway_service.http.cors import CorsPolicy
+from gateway_service.http.errors import error_middleware
+from gateway_service.http.handlers import routes
+from gateway_service.http.state import GATEWAY, STATE, VERIFIER, EdgeState
+from shared.config import Settings
+
+log = logging.getLogger(__name__)
+
+# After the grace period, handlers still running get this long to finish their cancellation.
+CANCEL_SECONDS = 1.0
+
+
+def create_http_app(
+    gateway: Gateway,
+    verifier: JwtVerifier,
+    settings: Settings,
+    extra_routes: Iterable[web.AbstractRouteDef] = (),
+) -> web.Application:
+    cors = CorsPolicy(settings.http_cors_origins)
+    state = EdgeState()
+    app = web.Application(
+        client_max_size=settings.http_max_body_bytes,
+        # Outermost first: count the request, answer CORS preflights, turn errors into JSON.
+        middlewares=[state.middleware(), cors.middleware(), error_middleware],
+    )
+    app[GATEWAY] = gateway
+    app[VERIFIER] = verifier
+    app[STATE] = state
+    app.router.add_routes(routes)
+    app.router.add_routes(list(extra_routes))
+    app.on_response_prepare.append(cors.on_response_prepare)
+    return app
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":8080" means every interface
+
+
+class HttpServer:
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, addr: str) -> int:
+        """Listens on `addr` (HOST:PORT, port 0 picks one); returns the port."""
+        host, port = split_addr(addr)
+        runner = web.AppRunner(self.app, shutdown_timeout=CANCEL_SECONDS)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Stops listening and reports not ready, lets requests in flight (streams included)
+        finish within `grace` seconds, then cancels the rest: a cancelled call releases or
+        settles its hold like a client that left."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        state = self.app[STATE]
+        state.draining = True
+        for site in list(runner.sites):
+            await site.stop()
+        if not await state.wait_idle(grace):
+            log.warning("http: cancelling %d request(s) still running", state.in_flight)
+        await runner.cleanup()

@@ -1,0 +1,174 @@
+"""How a refusal looks over HTTP: one table from the core's `Failure` to an HTTP status, and one
+JSON body for every error, `{"error": {"code": <status>, "message", "reason"[, "field"]}}`.
+
+Messages come from GatewayError / AuthError, which never quote a token or a key; nothing here
+adds a request value to a message, only field names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from gateway_service.auth import AuthError
+from gateway_service.errors import Failure, GatewayError
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS: Mapping[Failure, int] = {
+    Failure.INVALID_ARGUMENT: 400,
+    Failure.UNAUTHENTICATED: 401,
+    Failure.INSUFFICIENT_BALANCE: 402,
+    Failure.PERMISSION_DENIED: 403,
+    Failure.NOT_FOUND: 404,
+    Failure.CONFLICT: 409,
+    Failure.RATE_LIMITED: 429,
+    Failure.INTERNAL: 500,
+    Failure.UNAVAILABLE: 503,
+    Failure.TIMEOUT: 504,
+}
+
+# Refusals that are HTTP's own (no core Failure behind them): status -> reason.
+HTTP_REASONS: Mapping[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "AUTHENTICATION_REQUIRED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "BODY_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    500: "INTERNAL",
+}
+
+# The core names fields as the gRPC API does; the HTTP API spells them in camelCase.
+CAMEL_FIELDS: Mapping[str, str] = {
+    "system_prompt": "systemPrompt",
+    "max_tokens": "maxTokens",
+    "api_key": "apiKey",
+    "idempotency_key": "idempotencyKey",
+    "estimated_tokens": "estimatedTokens",
+    "has_api_key": "hasApiKey",
+}
+
+# Without a hint from upstream, a rate-limited caller is told to wait this long.
+DEFAULT_RETRY_AFTER_SECONDS = 1
+
+
+class HttpRefusal(Exception):
+    """A refusal that is HTTP's own, with no core Failure behind it (415, 403 for an origin)."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or HTTP_REASONS.get(status, "ERROR")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(status: int, message: str, reason: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": status, "message": message, "reason": reason}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+def error_response(
+    status: int,
+    message: str,
+    reason: str | None = None,
+    *,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = error_body(status, message, reason or HTTP_REASONS.get(status, "ERROR"), field)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _camel(exc: GatewayError) -> tuple[str, str | None]:
+    """The error's message and field, with the field spelled as the HTTP API spells it."""
+    field = exc.metadata.get("field")
+    if field is None:
+        return exc.message, None
+    camel = CAMEL_FIELDS.get(field, field)
+    message = exc.message
+    if message.startswith(f"{field}:"):
+        message = camel + message[len(field) :]
+    return message, camel
+
+
+def retry_after(exc: GatewayError) -> str | None:
+    """The Retry-After header value (whole seconds) a refusal should carry, if any."""
+    if exc.retry_after is not None:
+        return str(max(1, math.ceil(exc.retry_after)))
+    if exc.failure is Failure.RATE_LIMITED:
+        return str(DEFAULT_RETRY_AFTER_SECONDS)
+    return None
+
+
+def gateway_error(exc: GatewayError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and headers for a core refusal (also used for an SSE `error` event)."""
+    status = HTTP_STATUS[exc.failure]
+    message, field = _camel(exc)
+    headers: dict[str, str] = {}
+    if (wait := retry_after(exc)) is not None:
+        headers[hdrs.RETRY_AFTER] = wait
+    if status == 401:
+        headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
+    return status, error_body(status, message, exc.reason, field), headers
+
+
+def gateway_error_response(exc: GatewayError) -> web.Response:
+    status, body, headers = gateway_error(exc)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def auth_error_response(exc: AuthError) -> web.Response:
+    return error_response(
+        401,
+        str(exc),
+        exc.reason,
+        headers={hdrs.WWW_AUTHENTICATE: 'Bearer error="invalid_token"'},
+    )
+
+
+def _http_exception_response(request: web.Request, exc: web.HTTPException) -> web.Response:
+    status = exc.status
+    headers: dict[str, str] = {}
+    if isinstance(exc, web.HTTPNotFound):
+        message = f"no such endpoint: {request.method} {request.path[:200]}"
+    elif isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed here; use {allowed}"
+        headers[hdrs.ALLOW] = allowed
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+        message = f"request body exceeds {request.client_max_size} bytes"
+    else:
+        message = exc.reason
+    return error_response(status, message, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal becomes the JSON error body: core refusals, bad tokens, aiohttp's own
+    (404 unknown route, 405, 413) and, without details, anything unexpected (500)."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return gateway_error_response(exc)
+    except AuthError as exc:
+        return auth_error_response(exc)
+    except HttpRefusal as exc:
+        return error_response(exc.status, exc.message, exc.reason)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_exception_response(request, exc)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal error", "INTERNAL")

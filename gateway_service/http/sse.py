@@ -1,0 +1,69 @@
+"""Server-Sent Events for a streamed generation.
+
+    event: delta   data: {"text": "..."}        one per chunk of text
+    event: usage   data: {provider, model, stopReason, usage, tokenUsage, usageInfo}
+    event: done    data: {}
+    event: error   data: {"error": {code, message, reason}}   instead of usage/done on a failure
+
+A refusal before the first event (bad input, insufficient balance, a provider that refuses at
+once) is an ordinary JSON error with its HTTP status: nothing has been streamed yet. The core's
+generator is always closed, so an abandoned stream is settled for what was consumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from gateway_service.core import GenerateResult, StreamEvent
+from gateway_service.errors import GatewayError
+from gateway_service.http import views
+from gateway_service.http.errors import gateway_error, gateway_error_response
+
+HEADERS = {
+    hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+    hdrs.CACHE_CONTROL: "no-cache",
+    "X-Accel-Buffering": "no",  # proxies such as nginx must not buffer the stream
+}
+
+
+def encode(event: str, data: Mapping[str, Any]) -> bytes:
+    # json.dumps never emits a raw newline, so one `data:` line carries the whole payload.
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+class SseStream:
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def run(self, events: AsyncGenerator[StreamEvent]) -> web.StreamResponse:
+        async with contextlib.aclosing(events):
+            try:
+                event = await anext(events)
+            except GatewayError as exc:
+                return gateway_error_response(exc)
+            response = self.response = web.StreamResponse(headers=HEADERS)
+            await response.prepare(self.request)
+            try:
+                while True:
+                    if isinstance(event, GenerateResult):
+                        await response.write(encode("usage", views.stream_usage(event)))
+                        await response.write(encode("done", {}))
+                        break
+                    await response.write(encode("delta", {"text": event.text}))
+                    event = await anext(events)
+            except GatewayError as exc:
+                _, body, _ = gateway_error(exc)
+                with contextlib.suppress(ConnectionResetError):
+                    await response.write(encode("error", body))
+            except ConnectionResetError:
+                return response  # the client left; closing `events` settles what was consumed
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response

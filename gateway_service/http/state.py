@@ -1,0 +1,52 @@
+"""What the HTTP handlers share through the aiohttp Application: the core, the JWT verifier, and
+the edge's own state (requests in flight, draining for a graceful shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway_service.auth import JwtVerifier
+from gateway_service.core import Gateway
+from gateway_service.http.errors import Handler
+
+
+class EdgeState:
+    """Counts requests in flight so a shutdown can wait for them; `draining` makes /readyz
+    answer 503 so load balancers stop sending traffic first."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def middleware(self) -> Middleware:
+        state = self
+
+        @web.middleware
+        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+            state.in_flight += 1
+            state._idle.clear()
+            try:
+                return await handler(request)
+            finally:
+                state.in_flight -= 1
+                if state.in_flight == 0:
+                    state._idle.set()
+
+        return track
+
+    async def wait_idle(self, within: float) -> bool:
+        """True once no request is in flight, False if some still are after `within` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within)
+        return self._idle.is_set()
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+VERIFIER = web.AppKey("verifier", JwtVerifier)
+STATE = web.AppKey("edge_state", EdgeState)
