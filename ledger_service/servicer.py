@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,8 +19,10 @@ from ledger_service.domain import errors
 from ledger_service.domain.ledger import Ledger, RefundRaced
 from ledger_service.domain.types import (
     Balance,
+    DeadLetter,
     PurchaseRef,
     PurchaseType,
+    Subscription,
     Usage,
     UsageSummary,
     UserType,
@@ -41,6 +43,8 @@ _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.ReservationNotFound: grpc.StatusCode.NOT_FOUND,
     errors.PurchaseNotFound: grpc.StatusCode.NOT_FOUND,
     errors.ReservationNotHeld: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SubscriptionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.DeadLetterNotFound: grpc.StatusCode.NOT_FOUND,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -95,6 +99,51 @@ def _ts(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# What both a Timestamp and a Python datetime can hold: 0001-01-01 .. 9999-12-31T23:59:59Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def _moment(ts: Timestamp, field: str) -> datetime:
+    """A request's Timestamp as an aware datetime (to the microsecond, as Postgres keeps it)."""
+    if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
+        raise errors.InvalidArgument(field, "is not a valid timestamp")
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _subscription_pb(s: Subscription) -> pb.Subscription:
+    message = pb.Subscription(
+        source=s.source,
+        external_id=s.external_id,
+        user_id=s.user_id,
+        variant_id=s.variant_id,
+        status=s.status,
+        provider_updated_at=_ts(s.provider_updated_at),
+    )
+    if s.renews_at is not None:
+        message.renews_at.CopyFrom(_ts(s.renews_at))
+    if s.ends_at is not None:
+        message.ends_at.CopyFrom(_ts(s.ends_at))
+    return message
+
+
+def _dead_letter_pb(d: DeadLetter) -> pb.DeadLetter:
+    message = pb.DeadLetter(
+        dead_letter_id=d.dead_letter_id,
+        source=d.source,
+        event_name=d.event_name,
+        subject=d.subject,
+        reason=d.reason,
+        raw_body=d.raw_body,
+        created_at=_ts(d.created_at),
+        resolution=d.resolution or "",
+    )
+    if d.resolved_at is not None:
+        message.resolved_at.CopyFrom(_ts(d.resolved_at))
+    return message
 
 
 def _usage(request_usage: pb.Usage, present: bool) -> Usage | None:
@@ -214,7 +263,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         else:
             ref = PurchaseRef()  # neither: the domain refuses it
         r = await self.ledger.refund_purchase(
-            request.idempotency_key, ref, request.tokens_to_refund
+            request.idempotency_key, ref, request.tokens_to_refund, request.cumulative
         )
         return pb.RefundPurchaseResponse(
             tokens_debited=r.tokens_debited,
@@ -324,3 +373,65 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 created_at=_ts(p.created_at),
             )
         return response
+
+    @rpc
+    async def UpsertSubscription(
+        self, request: pb.UpsertSubscriptionRequest, context: Context
+    ) -> pb.UpsertSubscriptionResponse:
+        if not request.HasField("subscription"):
+            raise errors.InvalidArgument("subscription", "is required")
+        s = request.subscription
+        r = await self.ledger.upsert_subscription(
+            s.source,
+            s.external_id,
+            s.user_id,
+            s.variant_id,
+            s.status,
+            _moment(s.renews_at, "subscription.renews_at") if s.HasField("renews_at") else None,
+            _moment(s.ends_at, "subscription.ends_at") if s.HasField("ends_at") else None,
+            (
+                _moment(s.provider_updated_at, "subscription.provider_updated_at")
+                if s.HasField("provider_updated_at")
+                else None
+            ),
+        )
+        return pb.UpsertSubscriptionResponse(
+            applied=r.applied, subscription=_subscription_pb(r.subscription)
+        )
+
+    @rpc
+    async def GetSubscription(
+        self, request: pb.GetSubscriptionRequest, context: Context
+    ) -> pb.GetSubscriptionResponse:
+        s = await self.ledger.subscription(request.source, request.external_id)
+        return pb.GetSubscriptionResponse(subscription=_subscription_pb(s))
+
+    @rpc
+    async def RecordDeadLetter(
+        self, request: pb.RecordDeadLetterRequest, context: Context
+    ) -> pb.RecordDeadLetterResponse:
+        r = await self.ledger.record_dead_letter(
+            request.source,
+            request.event_name,
+            request.subject,
+            request.reason,
+            request.raw_body,
+            request.dedupe_key,
+        )
+        return pb.RecordDeadLetterResponse(dead_letter_id=r.dead_letter_id, replayed=r.replayed)
+
+    @rpc
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Context
+    ) -> pb.ListDeadLettersResponse:
+        letters = await self.ledger.dead_letters(
+            request.source, request.subject, request.include_resolved, request.page_size
+        )
+        return pb.ListDeadLettersResponse(dead_letters=[_dead_letter_pb(d) for d in letters])
+
+    @rpc
+    async def ResolveDeadLetter(
+        self, request: pb.ResolveDeadLetterRequest, context: Context
+    ) -> pb.ResolveDeadLetterResponse:
+        d = await self.ledger.resolve_dead_letter(request.dead_letter_id, request.resolution)
+        return pb.ResolveDeadLetterResponse(dead_letter=_dead_letter_pb(d))

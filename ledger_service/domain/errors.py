@@ -43,6 +43,14 @@ class ReservationNotHeld(LedgerError):
     reason = "RESERVATION_NOT_HELD"
 
 
+class SubscriptionNotFound(LedgerError):
+    reason = "SUBSCRIPTION_NOT_FOUND"
+
+
+class DeadLetterNotFound(LedgerError):
+    reason = "DEAD_LETTER_NOT_FOUND"
+
+
 class Unavailable(LedgerError):
     """The database could not be reached or failed; the caller may retry with the same key."""
 

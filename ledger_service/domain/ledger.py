@@ -9,13 +9,15 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from ledger_service.domain import money
 from ledger_service.domain.errors import InvalidArgument
 from ledger_service.domain.types import (
     Balance,
+    DeadLetter,
+    DeadLetterRecorded,
     PurchaseCredited,
     PurchasePage,
     PurchaseRef,
@@ -25,6 +27,8 @@ from ledger_service.domain.types import (
     Release,
     Reservation,
     Settlement,
+    Subscription,
+    SubscriptionUpsert,
     Usage,
     UsageAnalytics,
     UsageRecorded,
@@ -41,6 +45,15 @@ MAX_ANALYTICS_DAYS = 366
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 20
 DEFAULT_ANALYTICS_DAYS = 30
+# Free text kept for people (dead-letter reasons, resolutions): one line, bounded.
+MAX_NOTE_CHARS = 4096
+# A webhook body kept as a dead letter; the table refuses larger ones too.
+MAX_RAW_BODY_BYTES = 1024 * 1024
+# Raw bodies in one ListDeadLetters page (at least one letter): the page must fit the 4 MiB that
+# gRPC clients accept by default.
+MAX_DEAD_LETTER_PAGE_BYTES = 3 * 1024 * 1024
+# A timestamp at or before the epoch is a zero value sent by mistake, not a provider's time.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Refunds are rare; two racing on one purchase retry a few times, then give up loudly.
 REFUND_ATTEMPTS = 5
 
@@ -128,6 +141,30 @@ class LedgerStore(Protocol):
     async def sweep_expired(self, limit: int) -> int: ...
 
     async def now(self) -> datetime: ...
+
+    async def upsert_subscription(self, subscription: Subscription) -> SubscriptionUpsert: ...
+
+    async def get_subscription(self, source: str, external_id: str) -> Subscription:
+        """Raises SubscriptionNotFound."""
+        ...
+
+    async def record_dead_letter(
+        self,
+        source: str,
+        event_name: str,
+        subject: str,
+        reason: str,
+        raw_body: bytes,
+        dedupe_key: str,
+    ) -> DeadLetterRecorded: ...
+
+    async def list_dead_letters(
+        self, source: str, subject: str, include_resolved: bool, limit: int, max_body_bytes: int
+    ) -> list[DeadLetter]: ...
+
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID, resolution: str) -> DeadLetter:
+        """Raises DeadLetterNotFound."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +264,15 @@ class Ledger:
         return await self.store.release(_uuid("reservation_id", reservation_id))
 
     async def refund_purchase(
-        self, idempotency_key: str, ref: PurchaseRef, tokens_to_refund: int
+        self,
+        idempotency_key: str,
+        ref: PurchaseRef,
+        tokens_to_refund: int,
+        cumulative: bool = False,
     ) -> Refund:
+        """Refunds `tokens_to_refund` purchased tokens (0: all not yet refunded), or, when
+        `cumulative`, whatever brings the purchase's refunded total up to `tokens_to_refund`
+        (a total already reached or passed refunds nothing: never a negative refund)."""
         key = _id("idempotency_key", idempotency_key)
         if ref.purchase_id is not None:
             ref = PurchaseRef(purchase_id=str(_uuid("purchase_id", ref.purchase_id)))
@@ -240,13 +284,16 @@ class Ledger:
         else:
             raise InvalidArgument("purchase", "name a purchase_id or an external (source, id)")
         requested = _amount("tokens_to_refund", tokens_to_refund, 0, MAX_TOKENS_PER_PURCHASE)
-        digest = request_hash(
-            "refund_purchase",
-            purchase_id=ref.purchase_id,
-            source=ref.source,
-            external_id=ref.external_id,
-            tokens=requested,
-        )
+        fields: dict[str, object] = {
+            "purchase_id": ref.purchase_id,
+            "source": ref.source,
+            "external_id": ref.external_id,
+            "tokens": requested,
+        }
+        if cumulative:
+            # Only when set, so that keys stored before the flag existed still replay.
+            fields["cumulative"] = True
+        digest = request_hash("refund_purchase", **fields)
         for _ in range(REFUND_ATTEMPTS):
             # A replay must answer the original even after the purchase changed since.
             replay = await self.store.replayed_refund(key, digest)
@@ -254,7 +301,17 @@ class Ledger:
                 return replay
             purchase = await self.store.find_purchase(ref)
             remaining = purchase.tokens_purchased - purchase.tokens_refunded
-            tokens = remaining if requested == 0 else requested
+            if cumulative:
+                if requested > purchase.tokens_purchased:
+                    raise InvalidArgument(
+                        "tokens_to_refund",
+                        f"exceeds the {purchase.tokens_purchased} tokens purchased",
+                    )
+                # From this snapshot; if another refund moves the total first, the store
+                # answers RefundRaced and the next attempt recomputes from the new total.
+                tokens = max(0, requested - purchase.tokens_refunded)
+            else:
+                tokens = remaining if requested == 0 else requested
             if tokens > remaining:
                 raise InvalidArgument(
                     "tokens_to_refund", f"exceeds the {remaining} tokens not yet refunded"
@@ -332,15 +389,102 @@ class Ledger:
         """Expires due holds; returns how many. Safe to run from any number of replicas."""
         return await self.store.sweep_expired(batch)
 
+    async def upsert_subscription(
+        self,
+        source: str,
+        external_id: str,
+        user_id: str,
+        variant_id: str,
+        status: str,
+        renews_at: datetime | None,
+        ends_at: datetime | None,
+        provider_updated_at: datetime | None,
+    ) -> SubscriptionUpsert:
+        """Stores the provider's state unless the stored one is as new or newer (by the
+        provider's updated_at): stale and duplicate deliveries change nothing."""
+        if provider_updated_at is None:
+            raise InvalidArgument("subscription.provider_updated_at", "is required")
+        subscription = Subscription(
+            source=_id("subscription.source", source),
+            external_id=_id("subscription.external_id", external_id),
+            user_id=_id("subscription.user_id", user_id),
+            variant_id=_optional_id("subscription.variant_id", variant_id),
+            status=_id("subscription.status", status),
+            renews_at=_optional_moment("subscription.renews_at", renews_at),
+            ends_at=_optional_moment("subscription.ends_at", ends_at),
+            provider_updated_at=_moment("subscription.provider_updated_at", provider_updated_at),
+        )
+        return await self.store.upsert_subscription(subscription)
 
-def _id(field: str, value: str) -> str:
+    async def subscription(self, source: str, external_id: str) -> Subscription:
+        return await self.store.get_subscription(
+            _id("source", source), _id("external_id", external_id)
+        )
+
+    async def record_dead_letter(
+        self,
+        source: str,
+        event_name: str,
+        subject: str,
+        reason: str,
+        raw_body: bytes,
+        dedupe_key: str,
+    ) -> DeadLetterRecorded:
+        """Parks an event that could not be applied; the same dedupe_key is stored once (the
+        first letter stays as it was; later copies answer its id with `replayed`)."""
+        src = _id("source", source)
+        event = _id("event_name", event_name)
+        about = _optional_id("subject", subject)
+        why = _id("reason", reason, MAX_NOTE_CHARS)
+        if len(raw_body) > MAX_RAW_BODY_BYTES:
+            raise InvalidArgument("raw_body", f"must be at most {MAX_RAW_BODY_BYTES} bytes")
+        key = _id("dedupe_key", dedupe_key)
+        return await self.store.record_dead_letter(src, event, about, why, raw_body, key)
+
+    async def dead_letters(
+        self, source: str, subject: str, include_resolved: bool, page_size: int
+    ) -> list[DeadLetter]:
+        """Oldest first; a page stops early rather than carry more than
+        MAX_DEAD_LETTER_PAGE_BYTES of raw bodies."""
+        src = _id("source", source)
+        about = _optional_id("subject", subject)
+        size = _amount("page_size", page_size or DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        return await self.store.list_dead_letters(
+            src, about, include_resolved, size, MAX_DEAD_LETTER_PAGE_BYTES
+        )
+
+    async def resolve_dead_letter(self, dead_letter_id: str, resolution: str) -> DeadLetter:
+        """Resolves once; resolving again answers the stored resolution unchanged."""
+        letter = _uuid("dead_letter_id", dead_letter_id)
+        note = _id("resolution", resolution, MAX_NOTE_CHARS)
+        return await self.store.resolve_dead_letter(letter, note)
+
+
+def _id(field: str, value: str, max_chars: int = MAX_ID_CHARS) -> str:
     if not value or not value.strip():
         raise InvalidArgument(field, "must not be empty")
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidArgument(field, f"must be at most {MAX_ID_CHARS} characters")
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"must be at most {max_chars} characters")
     if not value.isprintable():
         raise InvalidArgument(field, "must not contain control characters")
     return value
+
+
+def _optional_id(field: str, value: str) -> str:
+    """Empty means absent; anything else follows the rules of an id."""
+    return _id(field, value) if value else ""
+
+
+def _moment(field: str, value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise InvalidArgument(field, "must carry a time zone")
+    if value <= EPOCH:
+        raise InvalidArgument(field, "must be after 1970-01-01T00:00:00Z")
+    return value
+
+
+def _optional_moment(field: str, value: datetime | None) -> datetime | None:
+    return None if value is None else _moment(field, value)
 
 
 def _amount(field: str, value: int, low: int, high: int) -> int:

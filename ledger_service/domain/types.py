@@ -164,3 +164,43 @@ class PurchaseRecord:
 class PurchasePage:
     purchases: list[PurchaseRecord]
     next_cursor: tuple[datetime, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A payment provider's subscription, as its latest applied webhook described it."""
+
+    source: str
+    external_id: str
+    user_id: str
+    variant_id: str
+    status: str
+    renews_at: datetime | None
+    ends_at: datetime | None
+    provider_updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionUpsert:
+    # False: the stored state was as new or newer (a duplicate or stale delivery).
+    applied: bool
+    subscription: Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecorded:
+    dead_letter_id: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    dead_letter_id: str
+    source: str
+    event_name: str
+    subject: str
+    reason: str
+    raw_body: bytes
+    created_at: datetime
+    resolved_at: datetime | None
+    resolution: str | None

@@ -216,3 +216,64 @@ class IdempotencyKey(Base):
     request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
+
+
+# The ledger refuses larger webhook bodies (domain.ledger.MAX_RAW_BODY_BYTES); so does the table.
+DEAD_LETTER_MAX_RAW_BODY_BYTES = 1024 * 1024
+
+
+class Subscription(Base):
+    """A payment provider's subscription as its webhooks last described it. A state older than
+    the stored one (by provider_updated_at) is never applied: deliveries come out of order."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        CheckConstraint("status <> ''", name="status_not_empty"),
+        Index(None, "user_id"),
+    )
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    external_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    variant_id: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    renews_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ends_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    provider_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = _now()
+    # When the ledger last applied a state (not the provider's clock).
+    updated_at: Mapped[datetime] = _now()
+
+
+class DeadLetter(Base):
+    """A webhook event that could not be applied, with its raw body, until someone resolves it.
+    The same event parked twice is stored once: (source, dedupe_key) is unique."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        UniqueConstraint("source", "dedupe_key"),
+        CheckConstraint(
+            f"octet_length(raw_body) <= {DEAD_LETTER_MAX_RAW_BODY_BYTES}", name="raw_body_bounded"
+        ),
+        CheckConstraint("(resolved_at IS NULL) = (resolution IS NULL)", name="resolved_with_note"),
+        Index("ix_dead_letters_source_time", "source", "created_at", "id"),
+        Index(
+            "ix_dead_letters_open_subject",
+            "source",
+            "subject",
+            "created_at",
+            "id",
+            postgresql_where=text("resolved_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    event_name: Mapped[str] = mapped_column(Text, nullable=False)
+    subject: Mapped[str] = mapped_column(Text, nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    raw_body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    dedupe_key: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resolution: Mapped[str | None] = mapped_column(Text)

@@ -1,8 +1,8 @@
 """The ledger's store on Postgres, through asyncpg.
 
-Every mutation is one call of a SQL function (see migrations/versions/0002): one round trip,
-one transaction. Reads are single statements. This module turns their jsonb answers into domain
-results and domain errors; it holds no money rule of its own.
+Every mutation is one call of a SQL function (see migrations/versions/0002 and 0005): one round
+trip, one transaction. Reads are single statements. This module turns their answers (jsonb, or
+rows) into domain results and domain errors; it holds no money rule of its own.
 """
 
 from __future__ import annotations
@@ -17,17 +17,21 @@ from typing import Any, TypeVar, cast
 import asyncpg
 
 from ledger_service.domain.errors import (
+    DeadLetterNotFound,
     IdempotencyKeyReused,
     InsufficientBalance,
     LedgerError,
     PurchaseNotFound,
     ReservationNotFound,
     ReservationNotHeld,
+    SubscriptionNotFound,
     Unavailable,
 )
 from ledger_service.domain.ledger import RefundRaced
 from ledger_service.domain.types import (
     Balance,
+    DeadLetter,
+    DeadLetterRecorded,
     PurchaseCredited,
     PurchasePage,
     PurchaseRecord,
@@ -38,6 +42,8 @@ from ledger_service.domain.types import (
     Release,
     Reservation,
     Settlement,
+    Subscription,
+    SubscriptionUpsert,
     Usage,
     UsageAnalytics,
     UsageBreakdown,
@@ -311,9 +317,13 @@ class PostgresStore:
             """
             SELECT a.available, a.reserved,
                    EXISTS (SELECT 1 FROM purchases p WHERE p.user_id = $1) AS has_purchases,
-                   EXISTS (SELECT 1 FROM purchases p
-                            WHERE p.user_id = $1 AND p.purchase_type = 'subscription'
-                              AND p.tokens_refunded < p.tokens_purchased) AS has_subscription,
+                   EXISTS (SELECT 1 FROM subscriptions s
+                            WHERE s.user_id = $1
+                              AND (s.status IN ('active', 'on_trial', 'past_due')
+                                   OR (s.status = 'cancelled' AND s.ends_at > now())))
+                     AS has_subscription,
+                   EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = $1)
+                     AS had_subscription,
                    EXISTS (SELECT 1 FROM usage_records u
                             WHERE u.user_id = $1 AND u.user_type = 'byok') AS has_byok
               FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.user_id = $1
@@ -321,7 +331,7 @@ class PostgresStore:
             user_id,
         )
         assert row is not None
-        if row["has_purchases"]:
+        if row["has_purchases"] or row["had_subscription"]:
             user_type = UserType.SUBSCRIPTION
         elif row["has_byok"]:
             user_type = UserType.BYOK
@@ -448,6 +458,84 @@ class PostgresStore:
         value: datetime = await self.pool.fetchval("SELECT now()")
         return value
 
+    @_guarded
+    async def upsert_subscription(self, subscription: Subscription) -> SubscriptionUpsert:
+        s = subscription
+        row = await self.pool.fetchrow(
+            "SELECT r.applied, (r.subscription).*"
+            " FROM ledger_upsert_subscription($1, $2, $3, $4, $5, $6, $7, $8) AS r",
+            s.source, s.external_id, s.user_id, s.variant_id, s.status, s.renews_at, s.ends_at,
+            s.provider_updated_at,
+        )  # fmt: skip
+        assert row is not None
+        return SubscriptionUpsert(applied=row["applied"], subscription=_subscription(row))
+
+    @_guarded
+    async def get_subscription(self, source: str, external_id: str) -> Subscription:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM subscriptions WHERE source = $1 AND external_id = $2",
+            source,
+            external_id,
+        )
+        if row is None:
+            raise SubscriptionNotFound("no such subscription")
+        return _subscription(row)
+
+    @_guarded
+    async def record_dead_letter(
+        self,
+        source: str,
+        event_name: str,
+        subject: str,
+        reason: str,
+        raw_body: bytes,
+        dedupe_key: str,
+    ) -> DeadLetterRecorded:
+        row = await self.pool.fetchrow(
+            "SELECT dead_letter_id, replayed"
+            " FROM ledger_record_dead_letter($1, $2, $3, $4, $5, $6)",
+            source, event_name, subject, reason, raw_body, dedupe_key,
+        )  # fmt: skip
+        assert row is not None
+        return DeadLetterRecorded(str(row["dead_letter_id"]), replayed=row["replayed"])
+
+    @_guarded
+    async def list_dead_letters(
+        self, source: str, subject: str, include_resolved: bool, limit: int, max_body_bytes: int
+    ) -> list[DeadLetter]:
+        # Fixed fragments only (no input in the text), so each variant can use its index: the
+        # partial index of open letters needs `resolved_at IS NULL` spelled out in the query.
+        where = "source = $1"
+        args: list[object] = [source, limit, max_body_bytes]
+        if subject:
+            where += " AND subject = $4"
+            args.append(subject)
+        if not include_resolved:
+            where += " AND resolved_at IS NULL"
+        rows = await self.pool.fetch(
+            f"""
+            SELECT * FROM (
+              SELECT page.*, row_number() OVER w AS n, sum(size) OVER w AS running
+                FROM (SELECT *, octet_length(raw_body) AS size FROM dead_letters
+                       WHERE {where} ORDER BY created_at, id LIMIT $2) AS page
+              WINDOW w AS (ORDER BY created_at, id ROWS UNBOUNDED PRECEDING)
+            ) AS sized
+             WHERE n = 1 OR running <= $3
+             ORDER BY created_at, id
+            """,
+            *args,
+        )
+        return [_dead_letter(r) for r in rows]
+
+    @_guarded
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID, resolution: str) -> DeadLetter:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM ledger_resolve_dead_letter($1, $2)", dead_letter_id, resolution
+        )
+        if row is None:
+            raise DeadLetterNotFound("no such dead letter")
+        return _dead_letter(row)
+
 
 def _refund(a: Answer) -> Refund:
     return Refund(
@@ -457,4 +545,31 @@ def _refund(a: Answer) -> Refund:
         platform_fee_reversed=int(a["platform_fee_reversed"]),
         balance=_balance(a),
         replayed=bool(a.get("replayed", False)),
+    )
+
+
+def _subscription(row: asyncpg.Record) -> Subscription:
+    return Subscription(
+        source=row["source"],
+        external_id=row["external_id"],
+        user_id=row["user_id"],
+        variant_id=row["variant_id"],
+        status=row["status"],
+        renews_at=row["renews_at"],
+        ends_at=row["ends_at"],
+        provider_updated_at=row["provider_updated_at"],
+    )
+
+
+def _dead_letter(row: asyncpg.Record) -> DeadLetter:
+    return DeadLetter(
+        dead_letter_id=str(row["id"]),
+        source=row["source"],
+        event_name=row["event_name"],
+        subject=row["subject"],
+        reason=row["reason"],
+        raw_body=bytes(row["raw_body"]),
+        created_at=row["created_at"],
+        resolved_at=row["resolved_at"],
+        resolution=row["resolution"],
     )

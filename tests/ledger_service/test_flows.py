@@ -212,7 +212,9 @@ async def test_status_analytics_and_history(ledger: LedgerHarness) -> None:
     )
     status = await ledger.stub.GetUserStatus(pb.GetUserStatusRequest(user_id="kim"), metadata=AUTH)
     assert status.user_type == pb.USER_TYPE_SUBSCRIPTION
-    assert status.has_subscription
+    # A purchase is not a subscription: has_subscription follows the subscription's state
+    # (UpsertSubscription), see test_subscriptions.py.
+    assert not status.has_subscription
     assert status.has_purchases
     assert status.balance.available_tokens == 80 + 80 + 81 + 400
 

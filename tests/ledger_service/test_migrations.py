@@ -28,6 +28,8 @@ LEDGER_TABLES = {
     "purchases",
     "usage_records",
     "idempotency_keys",
+    "subscriptions",
+    "dead_letters",
 }
 LEDGER_FUNCTIONS = {
     "ledger_refuse_change",
@@ -41,6 +43,9 @@ LEDGER_FUNCTIONS = {
     "ledger_sweep",
     "ledger_refund_purchase",
     "ledger_record_usage",
+    "ledger_upsert_subscription",
+    "ledger_record_dead_letter",
+    "ledger_resolve_dead_letter",
 }
 
 
