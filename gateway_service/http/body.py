@@ -15,18 +15,19 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from gateway_service.errors import Failure, GatewayError
-from gateway_service.http.errors import HttpRefusal
+from gateway_service.http.errors import HttpRefusal, InvalidInput
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 _MAX_NAME_ECHO = 64  # longest field name repeated back in an error message
 
 
-def bad(field: str, problem: str) -> GatewayError:
-    return GatewayError(
-        Failure.INVALID_ARGUMENT, "INVALID_ARGUMENT", f"{field}: {problem}", {"field": field}
-    )
+def bad(field: str, problem: str) -> InvalidInput:
+    return InvalidInput(field, f"{field}: {problem}")
+
+
+def not_json(problem: str) -> InvalidInput:
+    return InvalidInput(None, problem, "INVALID_JSON")
 
 
 def _echo(name: str) -> str:
@@ -51,29 +52,19 @@ async def read_object(request: web.Request, fields: frozenset[str]) -> dict[str,
         raise HttpRefusal(415, "send the body as Content-Type: application/json")
     raw = await request.read()
     if not raw.strip():
-        raise GatewayError(
-            Failure.INVALID_ARGUMENT, "INVALID_JSON", "the body must be a JSON object"
-        )
+        raise not_json("the body must be a JSON object")
     try:
         text = raw.decode("utf-8")
         data = json.loads(text, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
-        raise GatewayError(
-            Failure.INVALID_ARGUMENT, "INVALID_JSON", "the body is not UTF-8"
-        ) from None
+        raise not_json("the body is not UTF-8") from None
     except json.JSONDecodeError as exc:
         # The decoder's message names a position, never the content.
-        raise GatewayError(
-            Failure.INVALID_ARGUMENT, "INVALID_JSON", f"the body is not valid JSON: {exc.msg}"
-        ) from None
+        raise not_json(f"the body is not valid JSON: {exc.msg}") from None
     except RecursionError:
-        raise GatewayError(
-            Failure.INVALID_ARGUMENT, "INVALID_JSON", "the body is nested too deeply"
-        ) from None
+        raise not_json("the body is nested too deeply") from None
     if not isinstance(data, dict):
-        raise GatewayError(
-            Failure.INVALID_ARGUMENT, "INVALID_JSON", "the body must be a JSON object"
-        )
+        raise not_json("the body must be a JSON object")
     for key in data:
         if key not in fields:
             raise bad(_echo(key), f"unknown field (known: {', '.join(sorted(fields))})")

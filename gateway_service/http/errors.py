@@ -90,11 +90,20 @@ def error_response(
     return web.json_response(body, status=status, headers=headers)
 
 
+class InvalidInput(GatewayError):
+    """Bad input found by the edge itself: its field is already spelled as the client sent it."""
+
+    def __init__(self, field: str | None, message: str, reason: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(
+            Failure.INVALID_ARGUMENT, reason, message, {"field": field} if field else None
+        )
+
+
 def _camel(exc: GatewayError) -> tuple[str, str | None]:
     """The error's message and field, with the field spelled as the HTTP API spells it."""
     field = exc.metadata.get("field")
-    if field is None:
-        return exc.message, None
+    if field is None or isinstance(exc, InvalidInput):
+        return exc.message, field
     camel = CAMEL_FIELDS.get(field, field)
     message = exc.message
     if message.startswith(f"{field}:"):

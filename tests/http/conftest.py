@@ -116,7 +116,7 @@ class Edge:
                 body = json.loads(raw)
             reply = Reply(response.status, response.headers, body)
         template = documented or path
-        if template in OPENAPI["paths"] and reply.body is not None:
+        if method.lower() in OPENAPI["paths"].get(template, {}) and reply.body is not None:
             check_response(template, method, reply.status, reply.body)
         elif reply.status >= 400:
             check_component("Error", reply.body)
