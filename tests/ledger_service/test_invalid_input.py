@@ -20,6 +20,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -39,7 +40,11 @@ TABLES = (
     "purchases",
     "usage_records",
     "idempotency_keys",
+    "subscriptions",
+    "dead_letters",
 )
+UPDATED_AT = Timestamp(seconds=1_767_225_600)  # 2026-01-01: the seeded subscription's
+MAX_RAW_BODY_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Seeded:
     external_id: str
     open_hold: str
     settled_hold: str
+    subscription_id: str
+    dead_letter_id: str
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +105,22 @@ async def seeded(pg_admin_url: str) -> AsyncIterator[Seeded]:
             ),
             metadata=AUTH,
         )
+        subscription_id = "sub-seed"
+        await stub.UpsertSubscription(
+            pb.UpsertSubscriptionRequest(subscription=_subscription(user, subscription_id)),
+            metadata=AUTH,
+        )
+        parked = await stub.RecordDeadLetter(
+            pb.RecordDeadLetterRequest(
+                source="test",
+                event_name="order_created",
+                subject="order:seed",
+                reason="unknown variant",
+                raw_body=b"{}",
+                dedupe_key="seed-letter",
+            ),
+            metadata=AUTH,
+        )
         yield Seeded(
             app=app,
             channel=channel,
@@ -109,12 +132,27 @@ async def seeded(pg_admin_url: str) -> AsyncIterator[Seeded]:
             external_id=external_id,
             open_hold=held.reservation_id,
             settled_hold=done.reservation_id,
+            subscription_id=subscription_id,
+            dead_letter_id=parked.dead_letter_id,
         )
     finally:
         await conn.close()
         await channel.close()
         await app.close()
         pg.drop_database(pg_admin_url, url)
+
+
+def _subscription(user: str, external_id: str) -> pb.Subscription:
+    return pb.Subscription(
+        source="test",
+        external_id=external_id,
+        user_id=user,
+        variant_id="v-1",
+        status="active",
+        renews_at=Timestamp(seconds=UPDATED_AT.seconds + 30 * 86400),
+        ends_at=Timestamp(seconds=UPDATED_AT.seconds + 30 * 86400),
+        provider_updated_at=UPDATED_AT,
+    )
 
 
 def _usage(input_tokens: int = 40, output_tokens: int = 60) -> pb.Usage:
@@ -184,6 +222,36 @@ def base_request(rpc: str, s: Seeded) -> Message:
             user_id=s.user, days=30, include_history=True
         ),
         "GetPurchaseHistory": lambda: pb.GetPurchaseHistoryRequest(user_id=s.user, page_size=10),
+        # Newer than the seeded state: valid, it would apply (and change the row).
+        "UpsertSubscription": lambda: pb.UpsertSubscriptionRequest(
+            subscription=pb.Subscription(
+                source="test",
+                external_id=s.subscription_id,
+                user_id=s.user,
+                variant_id="v-1",
+                status="cancelled",
+                renews_at=Timestamp(seconds=UPDATED_AT.seconds + 3600),
+                ends_at=Timestamp(seconds=UPDATED_AT.seconds + 3600),
+                provider_updated_at=Timestamp(seconds=UPDATED_AT.seconds + 60),
+            )
+        ),
+        "GetSubscription": lambda: pb.GetSubscriptionRequest(
+            source="test", external_id=s.subscription_id
+        ),
+        "RecordDeadLetter": lambda: pb.RecordDeadLetterRequest(
+            source="test",
+            event_name="order_created",
+            subject="order:1",
+            reason="unknown variant",
+            raw_body=b'{"meta": {}}',
+            dedupe_key=_key(),
+        ),
+        "ListDeadLetters": lambda: pb.ListDeadLettersRequest(
+            source="test", subject="order:seed", include_resolved=True, page_size=10
+        ),
+        "ResolveDeadLetter": lambda: pb.ResolveDeadLetterRequest(
+            dead_letter_id=s.dead_letter_id, resolution="applied"
+        ),
     }
     return requests[rpc]()
 
@@ -250,12 +318,56 @@ ID_FIELDS = [
     ("GetUserStatus", "user_id"),
     ("GetUsageAnalytics", "user_id"),
     ("GetPurchaseHistory", "user_id"),
+    ("UpsertSubscription", "subscription.source"),
+    ("UpsertSubscription", "subscription.external_id"),
+    ("UpsertSubscription", "subscription.user_id"),
+    ("UpsertSubscription", "subscription.status"),
+    ("GetSubscription", "source"),
+    ("GetSubscription", "external_id"),
+    ("RecordDeadLetter", "source"),
+    ("RecordDeadLetter", "event_name"),
+    ("RecordDeadLetter", "dedupe_key"),
+    ("ListDeadLetters", "source"),
 ]
 
 
 @pytest.mark.parametrize(("kind", "value"), list(BAD_IDS.items()), ids=list(BAD_IDS))
 @pytest.mark.parametrize(("rpc", "field"), ID_FIELDS, ids=[f"{r}.{f}" for r, f in ID_FIELDS])
 async def test_bad_id(seeded: Seeded, rpc: str, field: str, kind: str, value: str) -> None:
+    request = base_request(rpc, seeded)
+    set_field(request, field, value)
+    await expect_invalid(seeded, rpc, request, field)
+
+
+# Optional ids: empty means absent, anything else follows the rules of an id.
+OPTIONAL_ID_FIELDS = [
+    ("UpsertSubscription", "subscription.variant_id"),
+    ("RecordDeadLetter", "subject"),
+    ("ListDeadLetters", "subject"),
+]
+BAD_OPTIONAL_IDS = {k: v for k, v in BAD_IDS.items() if k != "empty"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"), list(BAD_OPTIONAL_IDS.items()), ids=list(BAD_OPTIONAL_IDS)
+)
+@pytest.mark.parametrize(
+    ("rpc", "field"), OPTIONAL_ID_FIELDS, ids=[f"{r}.{f}" for r, f in OPTIONAL_ID_FIELDS]
+)
+async def test_bad_optional_id(seeded: Seeded, rpc: str, field: str, kind: str, value: str) -> None:
+    request = base_request(rpc, seeded)
+    set_field(request, field, value)
+    await expect_invalid(seeded, rpc, request, field)
+
+
+# Free text for people (reasons, resolutions): required, one printable line, up to 4096.
+BAD_NOTES = {**{k: v for k, v in BAD_IDS.items() if k != "too-long"}, "too-long": "n" * 4097}
+NOTE_FIELDS = [("RecordDeadLetter", "reason"), ("ResolveDeadLetter", "resolution")]
+
+
+@pytest.mark.parametrize(("kind", "value"), list(BAD_NOTES.items()), ids=list(BAD_NOTES))
+@pytest.mark.parametrize(("rpc", "field"), NOTE_FIELDS, ids=[f"{r}.{f}" for r, f in NOTE_FIELDS])
+async def test_bad_note(seeded: Seeded, rpc: str, field: str, kind: str, value: str) -> None:
     request = base_request(rpc, seeded)
     set_field(request, field, value)
     await expect_invalid(seeded, rpc, request, field)
@@ -320,6 +432,28 @@ FIELD_CASES: list[tuple[str, str, object, str]] = [
     ("GetPurchaseHistory", "page_size", -1, "page_size"),
     ("GetPurchaseHistory", "page_size", 101, "page_size"),
     ("GetPurchaseHistory", "page_size", 2**31 - 1, "page_size"),
+    ("ListDeadLetters", "page_size", -1, "page_size"),
+    ("ListDeadLetters", "page_size", 101, "page_size"),
+    ("ListDeadLetters", "page_size", 2**31 - 1, "page_size"),
+    ("RecordDeadLetter", "raw_body", b"x" * (MAX_RAW_BODY_BYTES + 1), "raw_body"),
+    ("ResolveDeadLetter", "dead_letter_id", "", "dead_letter_id"),
+    ("ResolveDeadLetter", "dead_letter_id", "not-a-uuid", "dead_letter_id"),
+    ("ResolveDeadLetter", "dead_letter_id", "\x00", "dead_letter_id"),
+    # Timestamps: beyond what a Timestamp may hold, nanos out of range, or at/before the epoch.
+    *(
+        ("UpsertSubscription", f"subscription.{name}.{part}", value, f"subscription.{name}")
+        for name in ("provider_updated_at", "renews_at", "ends_at")
+        for part, value in (
+            ("seconds", 2**62),
+            ("seconds", 253_402_300_800),  # 10000-01-01
+            ("seconds", -(2**62)),
+            ("seconds", -62_135_596_801),  # before 0001-01-01
+            ("seconds", 0),  # the epoch: a zero value sent by mistake
+            ("seconds", -1),
+            ("nanos", -1),
+            ("nanos", 1_000_000_000),
+        )
+    ),
 ]
 
 
@@ -341,6 +475,29 @@ async def test_missing_usage(seeded: Seeded, rpc: str) -> None:
     await expect_invalid(seeded, rpc, request, "usage")
 
 
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("subscription", "subscription"),
+        ("subscription.provider_updated_at", "subscription.provider_updated_at"),
+    ],
+)
+async def test_missing_subscription_parts(seeded: Seeded, path: str, field: str) -> None:
+    request = base_request("UpsertSubscription", seeded)
+    *parents, leaf = path.split(".")
+    target: Any = request
+    for part in parents:
+        target = getattr(target, part)
+    target.ClearField(leaf)
+    await expect_invalid(seeded, "UpsertSubscription", request, field)
+
+
+async def test_an_empty_subscription_names_a_field(seeded: Seeded) -> None:
+    request = pb.UpsertSubscriptionRequest(subscription=pb.Subscription())
+    assert request.HasField("subscription")
+    await expect_invalid(seeded, "UpsertSubscription", request, "subscription.provider_updated_at")
+
+
 async def test_refund_without_a_purchase_reference(seeded: Seeded) -> None:
     request = pb.RefundPurchaseRequest(idempotency_key=_key(), tokens_to_refund=10)
     assert request.WhichOneof("purchase") is None
@@ -351,6 +508,15 @@ async def test_refund_with_an_empty_purchase_id_names_purchase_id(seeded: Seeded
     request = pb.RefundPurchaseRequest(idempotency_key=_key(), purchase_id="", tokens_to_refund=1)
     assert request.WhichOneof("purchase") == "purchase_id"
     await expect_invalid(seeded, "RefundPurchase", request, "purchase_id")
+
+
+@pytest.mark.parametrize("rpc", ["RefundPurchase", "RefundByExternal"])
+@pytest.mark.parametrize("total", [1001, 10**12, 10**12 + 1])
+async def test_a_cumulative_total_beyond_the_purchase(seeded: Seeded, rpc: str, total: int) -> None:
+    request = base_request(rpc, seeded)
+    set_field(request, "cumulative", True)
+    set_field(request, "tokens_to_refund", total)
+    await expect_invalid(seeded, rpc, request, "tokens_to_refund")
 
 
 async def test_tokens_to_refund_beyond_what_remains_after_a_partial_refund(
@@ -418,6 +584,8 @@ async def test_every_base_request_of_the_reads_is_valid(seeded: Seeded) -> None:
         "GetUserStatus",
         "GetUsageAnalytics",
         "GetPurchaseHistory",
+        "GetSubscription",
+        "ListDeadLetters",
     )
     for rpc in reads:
         await method(seeded.stub, rpc)(base_request(rpc, seeded), metadata=AUTH, timeout=TIMEOUT)
@@ -425,6 +593,40 @@ async def test_every_base_request_of_the_reads_is_valid(seeded: Seeded) -> None:
         pb.GetPurchaseHistoryRequest(user_id=seeded.user, page_size=1), metadata=AUTH
     )
     assert [p.purchase_id for p in history.purchases] == [seeded.purchase_id]
+    found = await seeded.stub.GetSubscription(
+        base_request("GetSubscription", seeded), metadata=AUTH
+    )
+    assert found.subscription == _subscription(seeded.user, seeded.subscription_id)
+    letters = await seeded.stub.ListDeadLetters(
+        base_request("ListDeadLetters", seeded), metadata=AUTH
+    )
+    assert [d.dead_letter_id for d in letters.dead_letters] == [seeded.dead_letter_id]
+
+
+async def test_every_base_request_of_the_new_mutations_is_valid(seeded: Seeded) -> None:
+    """Unbroken, they succeed (pointed at rows of their own, so that the seed stays as it is)."""
+    upsert = base_request("UpsertSubscription", seeded)
+    assert isinstance(upsert, pb.UpsertSubscriptionRequest)
+    upsert.subscription.external_id = f"sub-{uuid.uuid4()}"
+    upserted = await seeded.stub.UpsertSubscription(upsert, metadata=AUTH, timeout=TIMEOUT)
+    assert upserted.applied
+    assert upserted.subscription == upsert.subscription
+    parked = await seeded.stub.RecordDeadLetter(
+        base_request("RecordDeadLetter", seeded), metadata=AUTH, timeout=TIMEOUT
+    )
+    assert not parked.replayed
+    resolve = base_request("ResolveDeadLetter", seeded)
+    assert isinstance(resolve, pb.ResolveDeadLetterRequest)
+    resolve.dead_letter_id = parked.dead_letter_id
+    resolved = await seeded.stub.ResolveDeadLetter(resolve, metadata=AUTH, timeout=TIMEOUT)
+    assert resolved.dead_letter.resolution == "applied"
+    cumulative = base_request("RefundPurchase", seeded)
+    assert isinstance(cumulative, pb.RefundPurchaseRequest)
+    cumulative.cumulative = True
+    cumulative.tokens_to_refund = 0  # a total of zero: refunds nothing, changes no balance
+    before = await seeded.stub.GetBalance(pb.GetBalanceRequest(user_id=seeded.user), metadata=AUTH)
+    refund = await seeded.stub.RefundPurchase(cumulative, metadata=AUTH, timeout=TIMEOUT)
+    assert (refund.tokens_refunded, refund.balance) == (0, before.balance)
 
 
 # --- unknown references ------------------------------------------------------------------------
@@ -463,6 +665,21 @@ async def test_refund_of_an_unknown_external_payment_is_not_found(seeded: Seeded
     await _expect_not_found(seeded, "RefundPurchase", request, "PURCHASE_NOT_FOUND")
 
 
+@pytest.mark.parametrize(
+    ("source", "external_id"), [("test", "no-such"), ("other-provider", "sub-seed")]
+)
+async def test_an_unknown_subscription_is_not_found(
+    seeded: Seeded, source: str, external_id: str
+) -> None:
+    request = pb.GetSubscriptionRequest(source=source, external_id=external_id)
+    await _expect_not_found(seeded, "GetSubscription", request, "SUBSCRIPTION_NOT_FOUND")
+
+
+async def test_resolving_an_unknown_dead_letter_is_not_found(seeded: Seeded) -> None:
+    request = pb.ResolveDeadLetterRequest(dead_letter_id=str(uuid.uuid4()), resolution="applied")
+    await _expect_not_found(seeded, "ResolveDeadLetter", request, "DEAD_LETTER_NOT_FOUND")
+
+
 # --- authentication ----------------------------------------------------------------------------
 
 RPCS = [
@@ -477,6 +694,11 @@ RPCS = [
     "GetUserStatus",
     "GetUsageAnalytics",
     "GetPurchaseHistory",
+    "UpsertSubscription",
+    "GetSubscription",
+    "RecordDeadLetter",
+    "ListDeadLetters",
+    "ResolveDeadLetter",
 ]
 
 
@@ -484,7 +706,10 @@ def test_every_rpc_of_the_service_is_covered() -> None:
     """A method added to the service without cases here fails this test."""
     service = pb.DESCRIPTOR.services_by_name["LedgerService"]
     assert set(RPCS) == set(service.methods_by_name)
-    assert {rpc for rpc, _ in ID_FIELDS} | {"Settle", "Release"} >= set(RPCS) - {"RefundPurchase"}
+    # Methods keyed by a UUID only (their cases are in FIELD_CASES).
+    by_uuid = {"Settle", "Release", "ResolveDeadLetter"}
+    assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - {"RefundPurchase"}
+    assert by_uuid <= {rpc for rpc, *_ in FIELD_CASES}
 
 
 BAD_CREDENTIALS: dict[str, tuple[tuple[str, str], ...]] = {
