@@ -26,7 +26,7 @@ from shared.config import Settings
 
 log = logging.getLogger(__name__)
 
-# After the grace period, handlers still running get this long to finish their cancellation.
+# After the grace period, cancelled handlers get this long to answer before connections close.
 CANCEL_SECONDS = 1.0
 
 
@@ -92,4 +92,6 @@ class HttpServer:
             await site.stop()
         if not await state.wait_idle(grace):
             log.warning("http: cancelling %d request(s) still running", state.in_flight)
+            await state.cancel_calls()
+            await state.wait_idle(CANCEL_SECONDS)
         await runner.cleanup()

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
-from gateway_service.http.errors import Handler, error_response
+from gateway_service.http.errors import error_response
 
 ALLOWED_HEADERS = "Authorization, Content-Type"
 EXPOSED_HEADERS = "Retry-After"

@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from gateway_service.errors import Failure, GatewayError
+from gateway_service.http.state import STATE
+
 T = TypeVar("T")
 
 POLL_SECONDS = 0.1
@@ -29,16 +32,26 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def shutting_down() -> GatewayError:
+    return GatewayError(
+        Failure.UNAVAILABLE, "SHUTTING_DOWN", "the gateway is shutting down; retry the call"
+    )
+
+
 async def until_disconnected(
     request: web.Request, work: Coroutine[Any, Any, T], poll: float = POLL_SECONDS
 ) -> T:
     """Runs `work` to its end, or cancels it (and waits for its cleanup) once the client has
-    disconnected, raising ClientGone. A cancelled caller (server shutdown) cancels it too."""
+    disconnected, raising ClientGone. A shutdown past its grace cancels the work (a
+    GatewayError SHUTTING_DOWN for the caller); a cancelled handler cancels it too."""
     task = asyncio.create_task(work)
+    request.app[STATE].add_call(task)
     try:
         while True:
             done, _ = await asyncio.wait((task,), timeout=poll)
             if done:
+                if task.cancelled():
+                    raise shutting_down()
                 return task.result()
             if client_gone(request):
                 break

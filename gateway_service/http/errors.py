@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from gateway_service.auth import AuthError
 from gateway_service.errors import Failure, GatewayError
+from gateway_service.http.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,6 @@ class HttpRefusal(Exception):
         self.status = status
         self.message = message
         self.reason = reason or HTTP_REASONS.get(status, "ERROR")
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_body(status: int, message: str, reason: str, field: str | None = None) -> dict[str, Any]:
@@ -174,6 +173,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return auth_error_response(exc)
     except HttpRefusal as exc:
         return error_response(exc.status, exc.message, exc.reason)
+    except ClientGone:
+        return web.Response(status=CLIENT_CLOSED_REQUEST)  # nobody reads it: for the access log
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway_service.core import GenerateRequest
+from gateway_service.errors import GatewayError
 from gateway_service.http import body, views
 from gateway_service.http.auth import caller, signed_in
 from gateway_service.http.disconnect import ClientGone, until_disconnected
@@ -59,10 +60,10 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     events = request.app[GATEWAY].stream(identity, req)
     try:
         return await until_disconnected(request, sse.run(events))
-    except ClientGone:
+    except (ClientGone, GatewayError):
         if sse.response is None:
             raise
-        return sse.response
+        return sse.response  # already streamed, and ended with an error event if need be
 
 
 @routes.get("/v1/me/status")

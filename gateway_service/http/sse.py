@@ -4,6 +4,7 @@
     event: usage   data: {provider, model, stopReason, usage, tokenUsage, usageInfo}
     event: done    data: {}
     event: error   data: {"error": {code, message, reason}}   instead of usage/done on a failure
+                                                              (or a shutdown past its grace)
 
 A refusal before the first event (bad input, insufficient balance, a provider that refuses at
 once) is an ordinary JSON error with its HTTP status: nothing has been streamed yet. The core's
@@ -12,6 +13,7 @@ generator is always closed, so an abandoned stream is settled for what was consu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
@@ -22,7 +24,7 @@ from aiohttp import hdrs, web
 from gateway_service.core import GenerateResult, StreamEvent
 from gateway_service.errors import GatewayError
 from gateway_service.http import views
-from gateway_service.http.errors import gateway_error, gateway_error_response
+from gateway_service.http.errors import error_body, gateway_error, gateway_error_response
 
 HEADERS = {
     hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
@@ -64,6 +66,14 @@ class SseStream:
                     await response.write(encode("error", body))
             except ConnectionResetError:
                 return response  # the client left; closing `events` settles what was consumed
+            except asyncio.CancelledError:
+                # The server is shutting down past its grace (or the client left): say so if
+                # anyone still listens; closing `events` settles what was consumed.
+                body = error_body(503, "the gateway is shutting down; retry", "SHUTTING_DOWN")
+                with contextlib.suppress(ConnectionResetError):
+                    await response.write(encode("error", body))
+                    await response.write_eof()
+                raise
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response

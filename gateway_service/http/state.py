@@ -5,24 +5,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway_service.auth import JwtVerifier
 from gateway_service.core import Gateway
-from gateway_service.http.errors import Handler
 
 
 class EdgeState:
     """Counts requests in flight so a shutdown can wait for them; `draining` makes /readyz
-    answer 503 so load balancers stop sending traffic first."""
+    answer 503 so load balancers stop sending traffic first. Metered calls register their
+    task, so a shutdown past its grace can cancel them while their client still listens (a
+    stream is told why, a hold is settled or released) before the connections close."""
 
     def __init__(self) -> None:
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._calls: set[asyncio.Task[Any]] = set()
+
+    def add_call(self, task: asyncio.Task[Any]) -> None:
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def cancel_calls(self) -> None:
+        calls = list(self._calls)
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.wait(calls)
 
     def middleware(self) -> Middleware:
         state = self
