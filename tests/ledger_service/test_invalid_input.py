@@ -594,11 +594,12 @@ async def test_every_base_request_of_the_reads_is_valid(seeded: Seeded) -> None:
     )
     assert [p.purchase_id for p in history.purchases] == [seeded.purchase_id]
     found = await seeded.stub.GetSubscription(
-        base_request("GetSubscription", seeded), metadata=AUTH
+        pb.GetSubscriptionRequest(source="test", external_id=seeded.subscription_id),
+        metadata=AUTH,
     )
     assert found.subscription == _subscription(seeded.user, seeded.subscription_id)
     letters = await seeded.stub.ListDeadLetters(
-        base_request("ListDeadLetters", seeded), metadata=AUTH
+        pb.ListDeadLettersRequest(source="test", subject="order:seed"), metadata=AUTH
     )
     assert [d.dead_letter_id for d in letters.dead_letters] == [seeded.dead_letter_id]
 
@@ -611,9 +612,9 @@ async def test_every_base_request_of_the_new_mutations_is_valid(seeded: Seeded) 
     upserted = await seeded.stub.UpsertSubscription(upsert, metadata=AUTH, timeout=TIMEOUT)
     assert upserted.applied
     assert upserted.subscription == upsert.subscription
-    parked = await seeded.stub.RecordDeadLetter(
-        base_request("RecordDeadLetter", seeded), metadata=AUTH, timeout=TIMEOUT
-    )
+    record = base_request("RecordDeadLetter", seeded)
+    assert isinstance(record, pb.RecordDeadLetterRequest)
+    parked = await seeded.stub.RecordDeadLetter(record, metadata=AUTH, timeout=TIMEOUT)
     assert not parked.replayed
     resolve = base_request("ResolveDeadLetter", seeded)
     assert isinstance(resolve, pb.ResolveDeadLetterRequest)

@@ -167,7 +167,7 @@ async def test_every_delivery_order_ends_in_the_newest_state(ledger: LedgerHarne
         external_id = f"perm-{n}"
         applied = []
         for s in order:
-            s = pb.Subscription(**{**_fields(s), "external_id": external_id})
+            s = changed(s, external_id=external_id)
             applied.append((await upsert(ledger, s)).applied)
         final = await get(ledger, external_id)
         assert final.status == "cancelled", order
@@ -178,8 +178,12 @@ async def test_every_delivery_order_ends_in_the_newest_state(ledger: LedgerHarne
         assert applied == expected, order
 
 
-def _fields(s: pb.Subscription) -> dict[str, object]:
-    return {f.name: v for f, v in s.ListFields()}
+def changed(s: pb.Subscription, **fields: str) -> pb.Subscription:
+    copy = pb.Subscription()
+    copy.CopyFrom(s)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
 
 
 async def test_concurrent_deliveries_in_any_order_end_in_the_newest_state(
@@ -217,7 +221,7 @@ async def test_concurrent_copies_of_one_delivery_apply_once(ledger: LedgerHarnes
 
 async def test_sources_keep_their_subscriptions_apart(ledger: LedgerHarness) -> None:
     live = state("same-id", T0, status="active")
-    test = pb.Subscription(**{**_fields(live), "source": "lemonsqueezy-test", "status": "expired"})
+    test = changed(live, source="lemonsqueezy-test", status="expired")
     assert (await upsert(ledger, live)).applied
     assert (await upsert(ledger, test)).applied
     assert (await get(ledger, "same-id")).status == "active"
