@@ -243,3 +243,42 @@ async def test_journal_refuses_truncate(database_url: str) -> None:
         assert await conn.fetchval("SELECT count(*) FROM journal_entries") == 3
     finally:
         await conn.close()
+
+
+async def test_the_new_tables_carry_their_named_constraints_and_indexes(database_url: str) -> None:
+    """compare_metadata does not compare CHECK constraints: these are checked by name here."""
+    conn: asyncpg.Connection = await asyncpg.connect(database_url)
+    try:
+        constraints = {
+            (r["table"], r["conname"])
+            for r in await conn.fetch(
+                "SELECT conrelid::regclass::text AS table, conname FROM pg_constraint"
+                " WHERE conrelid IN ('subscriptions'::regclass, 'dead_letters'::regclass)"
+                " AND contype <> 'n'"
+            )
+        }
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes"
+                " WHERE tablename IN ('subscriptions', 'dead_letters')"
+            )
+        }
+    finally:
+        await conn.close()
+    assert constraints == {
+        ("subscriptions", "pk_subscriptions"),
+        ("subscriptions", "ck_subscriptions_status_not_empty"),
+        ("dead_letters", "pk_dead_letters"),
+        ("dead_letters", "uq_dead_letters_source_dedupe_key"),
+        ("dead_letters", "ck_dead_letters_raw_body_bounded"),
+        ("dead_letters", "ck_dead_letters_resolved_with_note"),
+    }
+    assert indexes == {
+        "pk_subscriptions",
+        "ix_subscriptions_user_id",
+        "pk_dead_letters",
+        "uq_dead_letters_source_dedupe_key",
+        "ix_dead_letters_source_time",
+        "ix_dead_letters_open_subject",
+    }
