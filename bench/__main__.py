@@ -54,6 +54,7 @@ def main() -> int:
             "gateway_service",
             {
                 "GATEWAY_ADDR": "127.0.0.1:0",
+                "HTTP_ADDR": "127.0.0.1:0",
                 "LEDGER_ADDR": ledger.address,
                 "LEDGER_SERVICE_TOKEN": ledger_bench.TOKEN,
                 "JWT_SECRET": gateway_bench.JWT_SECRET,

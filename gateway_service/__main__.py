@@ -1,16 +1,22 @@
 """`python -m gateway_service`: serve the AiGateway gRPC API on GATEWAY_ADDR and the HTTP edge on
-HTTP_ADDR until SIGTERM or SIGINT, then drain both within SHUTDOWN_GRACE_SECONDS."""
+HTTP_ADDR until SIGTERM or SIGINT, then drain both within SHUTDOWN_GRACE_SECONDS.
+
+`python -m gateway_service replay-dead-letters`: apply the parked LemonSqueezy events again (after
+the configuration was fixed); prints what became of each, resolves the ones that applied."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
 
 from gateway_service.app import create_app
+from gateway_service.webhooks.lemonsqueezy import SOURCE, Status
 from shared import eventloop
 from shared.config import Settings
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.logging_setup import configure_logging
 
 log = logging.getLogger(__name__)
@@ -42,9 +48,36 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+async def replay_dead_letters(settings: Settings) -> int:
+    app = create_app(settings)
+    try:
+        letters = await app.ledger.call(
+            app.ledger.stub.ListDeadLetters,
+            lpb.ListDeadLettersRequest(source=SOURCE, page_size=1000),
+        )
+        still_dead = 0
+        for letter in letters.dead_letters:  # oldest first: an order before its refund
+            outcome = await app.webhooks.replay(letter)
+            still_dead += outcome.status is Status.DEAD_LETTER
+            print(
+                f"{letter.dead_letter_id} {letter.event_name}: {outcome.status} ({outcome.detail})"
+            )
+        print(f"{len(letters.dead_letters)} replayed, {still_dead} still unapplicable")
+        return 1 if still_dead else 0
+    finally:
+        await app.close()
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="gateway_service")
+    parser.add_argument(
+        "command", nargs="?", default="serve", choices=["serve", "replay-dead-letters"]
+    )
+    args = parser.parse_args()
     settings = Settings()
     configure_logging(settings.log_level)
+    if args.command == "replay-dead-letters":
+        return eventloop.run(replay_dead_letters(settings))
     eventloop.run(serve(settings))
     return 0
 

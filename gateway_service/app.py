@@ -15,6 +15,8 @@ from gateway_service.ledger_client import LedgerClient
 from gateway_service.outbox import Outbox
 from gateway_service.providers import Providers, build_providers
 from gateway_service.servicer import SERVICE_NAME, GatewayServicer
+from gateway_service.webhooks.http import lemonsqueezy_route
+from gateway_service.webhooks.lemonsqueezy import Catalog, LemonSqueezyProcessor
 from shared.config import Settings
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
@@ -32,6 +34,7 @@ class GatewayApp:
     providers: Providers
     outbox: Outbox
     http: HttpServer
+    webhooks: LemonSqueezyProcessor
 
     async def start(self, addr: str) -> int:
         """Starts the outbox and the gRPC server; returns the gRPC port."""
@@ -100,5 +103,9 @@ def create_app(settings: Settings) -> GatewayApp:
     )
     grpc_app = GrpcApp([SERVICE_NAME], interceptors=[JwtInterceptor(verifier)])
     gateway_pb2_grpc.add_AiGatewayServicer_to_server(GatewayServicer(gateway), grpc_app.server)
-    http = HttpServer(create_http_app(gateway, verifier, settings))
-    return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox, http)
+    webhooks = LemonSqueezyProcessor(
+        ledger, Catalog.parse(settings.lemonsqueezy_variant_tokens), settings.lemonsqueezy_test_mode
+    )
+    webhook_route = lemonsqueezy_route(webhooks, _secret(settings.lemonsqueezy_webhook_secret))
+    http = HttpServer(create_http_app(gateway, verifier, settings, extra_routes=[webhook_route]))
+    return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox, http, webhooks)

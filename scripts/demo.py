@@ -121,6 +121,7 @@ def main() -> int:
             "gateway_service",
             {
                 "GATEWAY_ADDR": "127.0.0.1:0",
+                "HTTP_ADDR": "127.0.0.1:0",
                 "LEDGER_ADDR": ledger.address,
                 "LEDGER_SERVICE_TOKEN": token,
                 "JWT_SECRET": jwt_secret,
