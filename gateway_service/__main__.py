@@ -50,19 +50,26 @@ async def serve(settings: Settings) -> None:
 
 async def replay_dead_letters(settings: Settings) -> int:
     app = create_app(settings)
+    seen: set[str] = set()
+    still_dead = 0
     try:
-        letters = await app.ledger.call(
-            app.ledger.stub.ListDeadLetters,
-            lpb.ListDeadLettersRequest(source=SOURCE, page_size=1000),
-        )
-        still_dead = 0
-        for letter in letters.dead_letters:  # oldest first: an order before its refund
-            outcome = await app.webhooks.replay(letter)
-            still_dead += outcome.status is Status.DEAD_LETTER
-            print(
-                f"{letter.dead_letter_id} {letter.event_name}: {outcome.status} ({outcome.detail})"
+        while True:
+            # Unresolved letters, oldest first (an order before its refund); resolved ones drop
+            # off the list, the ones that stay dead are skipped on the next page.
+            page = await app.ledger.call(
+                app.ledger.stub.ListDeadLetters,
+                lpb.ListDeadLettersRequest(source=SOURCE, page_size=100),
             )
-        print(f"{len(letters.dead_letters)} replayed, {still_dead} still unapplicable")
+            fresh = [d for d in page.dead_letters if d.dead_letter_id not in seen]
+            if not fresh:
+                break
+            for letter in fresh:
+                seen.add(letter.dead_letter_id)
+                outcome = await app.webhooks.replay(letter)
+                still_dead += outcome.status is Status.DEAD_LETTER
+                print(f"{letter.dead_letter_id} {letter.event_name}: {outcome.status}"
+                      f" ({outcome.detail})")  # fmt: skip
+        print(f"{len(seen)} replayed, {still_dead} still unapplicable")
         return 1 if still_dead else 0
     finally:
         await app.close()

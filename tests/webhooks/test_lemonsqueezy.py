@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import tempfile
 
 from ledger_service.audit import run_audit
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
-from tests.conftest import AUTH
+from tests.conftest import AUTH, SERVICE_TOKEN
 from tests.ledger_service.helpers import balance, reserve, settle, table_counts
 from tests.webhooks.conftest import Hooks, start_hooks
 from tests.webhooks.payloads import SUBSCRIPTION_VARIANT, encode, invoice, order, sign, subscription
@@ -190,3 +193,28 @@ async def test_ledger_outage_answers_503_so_the_provider_retries(hooks: Hooks) -
     status, body = await hooks.deliver(order("order_created", 13, "kim"))
     assert status == 503
     assert body["error"]["reason"] == "LEDGER_UNAVAILABLE"
+
+
+async def test_operator_command_replays_dead_letters(hooks: Hooks) -> None:
+    await hooks.deliver(order("order_created", 14, "lou", variant_id=777))
+    await hooks.deliver(order("order_refunded", 14, "lou", variant_id=777, refunded_amount=999))
+    env = {
+        **os.environ,
+        "LEDGER_ADDR": hooks.ledger.address,
+        "LEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
+        "JWT_SECRET": "unused-by-this-command",
+        "LEMONSQUEEZY_VARIANT_TOKENS": '{"777": 500}',
+        "DATA_DIR": tempfile.mkdtemp(prefix="rpcai-replay-"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway_service", "replay-dead-letters",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    assert "2 replayed, 0 still unapplicable" in out.decode()
+    # The order was credited (400 of 500), then its refund applied: in that order.
+    assert (await balance(hooks.ledger.stub, "lou")).available_tokens == 0
+    report = await run_audit(hooks.ledger.database_url)
+    assert report.ok
+    assert report.platform_balances["purchase_fee"] == 0
