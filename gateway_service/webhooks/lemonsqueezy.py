@@ -284,7 +284,7 @@ class LemonSqueezyProcessor:
             if exc.failure is Failure.NOT_FOUND:
                 raise Unapplicable("refund of an order not credited (yet)", subject) from None
             raise
-        if reply.replayed:
+        if reply.replayed or reply.tokens_refunded == 0:
             return Outcome(Status.DUPLICATE, "refund already applied")
         return Outcome(
             Status.APPLIED,

@@ -390,6 +390,10 @@ async def run_step(harness: LedgerHarness, model: Model, step: int, op: Op) -> N
             replay = type(sent.answer)()
             replay.CopyFrom(sent.answer)
             replay.replayed = True  # type: ignore[attr-defined]
+            if isinstance(replay, pb.ReserveResponse):
+                # A replayed Reserve also tells what became of its hold since.
+                held = next(h for h in model.holds if h.id == replay.reservation_id)
+                replay.status = held.status
             check(step, op, actual, replay)
 
     elif name == "reuse_key":
