@@ -231,6 +231,16 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
+    "WebhookOutcome": obj(
+        {
+            "status": {
+                "type": "string",
+                "enum": ["applied", "duplicate", "ignored", "dead_letter"],
+                "description": "dead_letter: kept with its body and reason for an operator",
+            },
+            "detail": {"type": "string"},
+        }
+    ),
     "Ready": obj({"status": {"type": "string", "enum": ["ready"]}}),
 }
 
@@ -402,6 +412,32 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _json("The answer", ref("Eligibility")),
                     **_errors(400, 401, 413, 415, 500, 503),
+                },
+            }
+        },
+        "/webhooks/lemonsqueezy": {
+            "post": {
+                "operationId": "lemonsqueezyWebhook",
+                "summary": "A LemonSqueezy event, signed with X-Signature (hex HMAC-SHA256 of the"
+                " raw body); applied exactly once",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "X-Signature",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json("Applied, a duplicate, ignored, or parked", ref("WebhookOutcome")),
+                    "401": _json("Missing or invalid signature; nothing changed", ref("Error")),
+                    "413": _json("Body too large", ref("Error")),
+                    "503": _json("Ledger unavailable (the provider retries)", ref("Error")),
                 },
             }
         },

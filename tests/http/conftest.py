@@ -19,6 +19,7 @@ from referencing.jsonschema import DRAFT202012
 
 from gateway_service.http import HttpServer, create_http_app
 from gateway_service.http.openapi import OPENAPI
+from gateway_service.webhooks.http import lemonsqueezy_route
 from tests.e2e.conftest import Stack, gateway_settings, mint, sim_url, stack
 
 __all__ = ["sim_url", "stack"]  # fixtures reused from the e2e suite
@@ -170,7 +171,11 @@ async def start_edge(stack: Stack, **overrides: Any) -> tuple[HttpServer, str]:
     }
     values.update(overrides)
     settings = gateway_settings(stack.ledger.address, stack.sim_url, **values)
-    app = create_http_app(stack.gateway.gateway, stack.gateway.verifier, settings)
+    # The routes production serves: the edge plus the LemonSqueezy webhook.
+    webhook = lemonsqueezy_route(stack.gateway.webhooks, "test-webhook-secret")
+    app = create_http_app(
+        stack.gateway.gateway, stack.gateway.verifier, settings, extra_routes=[webhook]
+    )
     server = HttpServer(app)
     port = await server.start("127.0.0.1:0")
     return server, f"http://127.0.0.1:{port}"

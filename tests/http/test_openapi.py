@@ -4,6 +4,9 @@ other tests validate every real response against it)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -92,3 +95,17 @@ def test_a_conforming_body_passes() -> None:
         "UsageInfo", {"tokensUsed": 15, "estimatedCostMicroUsd": None, "estimatedCostUsd": None}
     )
     check_component("Error", {"error": {"code": 429, "message": "m", "reason": "R"}})
+
+
+async def test_webhook_answers_match_the_document(edge: Edge) -> None:
+    body = b'{"meta": {"event_name": "license_key_created"}, "data": {"id": "1"}}'
+    signature = hmac.new(b"test-webhook-secret", body, hashlib.sha256).hexdigest()
+    ok = await edge.call(
+        "POST", "/webhooks/lemonsqueezy", data=body, headers={"X-Signature": signature}
+    )
+    assert (ok.status, ok.body["status"]) == (200, "ignored")
+    refused = await edge.call(
+        "POST", "/webhooks/lemonsqueezy", data=body, headers={"X-Signature": "0" * 64}
+    )
+    assert refused.status == 401
+    assert refused.error["reason"] == "INVALID_SIGNATURE"
