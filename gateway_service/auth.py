@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 _MAX_TOKEN_LENGTH = 8192
+_VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,8 @@ class JwtVerifier:
         required += ["iss"] if self._issuer else []
         required += ["aud"] if self._audience else []
         self._options: dict[str, Any] = {"require": required}
+        # Verified tokens: the check of `exp` (with leeway) is all a repeat needs.
+        self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._jwks = JwksCache(
             jwks_url, jwks_cache_seconds, jwks_min_refetch_seconds, jwks_timeout_seconds
         )
@@ -102,6 +106,22 @@ class JwtVerifier:
         )
 
     async def verify(self, token: str) -> Identity:
+        # A client sends the same token on every call until it expires: verify it once.
+        cached = self._verified.get(token)
+        if cached is not None:
+            identity, valid_until = cached
+            if time.time() < valid_until:
+                return identity
+            del self._verified[token]
+        identity = await self._verify(token)
+        exp = identity.claims.get("exp")
+        if isinstance(exp, int | float):
+            self._verified[token] = (identity, float(exp) + self._leeway)
+            if len(self._verified) > _VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return identity
+
+    async def _verify(self, token: str) -> Identity:
         if not token or len(token) > _MAX_TOKEN_LENGTH:
             raise AuthError("malformed token")
         try:

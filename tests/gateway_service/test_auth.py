@@ -371,3 +371,24 @@ def test_misconfiguration_fails_at_start(options: dict[str, Any]) -> None:
     values.update(options)
     with pytest.raises(ValueError, match=r"JWT|JWKS|algorithms"):
         JwtVerifier(**values)
+
+
+async def test_a_verified_token_is_cached_until_it_expires() -> None:
+    verifier = JwtVerifier(
+        secret="cache-secret-long-enough-for-hs256-0001",
+        jwks_url=None,
+        issuer=None,
+        audience=None,
+        algorithms=["HS256"],
+        leeway_seconds=0,
+    )
+    token = jwt.encode(
+        {"sub": "cached", "exp": int(time.time()) + 2},
+        "cache-secret-long-enough-for-hs256-0001",
+        algorithm="HS256",
+    )
+    first = await verifier.verify(token)
+    assert (await verifier.verify(token)) is first  # served from the cache
+    await asyncio.sleep(2.2)
+    with pytest.raises(AuthError):
+        await verifier.verify(token)  # expired: the cache does not outlive `exp`
