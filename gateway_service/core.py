@@ -139,6 +139,11 @@ _PROVIDER_FAILURES = {
 }
 
 
+# Ledger answers that a retry cannot change; anything else (unavailable, cancelled, internal) may
+# still land, so a charge that must happen is queued rather than dropped.
+_DEFINITE_REFUSALS = frozenset({Failure.INVALID_ARGUMENT, Failure.NOT_FOUND, Failure.CONFLICT})
+
+
 def provider_failure(exc: ProviderError, byok: bool) -> GatewayError:
     if exc.kind is ProviderErrorKind.AUTH:
         if byok:
@@ -209,7 +214,9 @@ class Gateway:
 
     def _reserve_key(self, plan: _Plan, req: GenerateRequest) -> str:
         if req.idempotency_key:
-            return f"generate:{plan.user_id}:{req.idempotency_key}"
+            # Fixed length whatever the sub and key, so derived retry keys fit the ledger's bound.
+            digest = hashlib.sha256(f"{plan.user_id}\x00{req.idempotency_key}".encode())
+            return f"generate:{digest.hexdigest()[:40]}"
         return f"generate:{uuid.uuid4()}"
 
     # ---- unary ----------------------------------------------------------------------------
@@ -285,15 +292,16 @@ class Gateway:
                 raise provider_failure(exc, byok=plan.byok) from None
             assert end is not None
             usage = stream.usage
+            # From here the call is metered by the code below, shielded from cancellation: the
+            # cleanup in `finally` must not meter it a second time.
+            finished = True
             if hold is None:
-                info = await self._record_byok(plan, end.model, usage)
-                finished = True
+                info = await self._shielded(self._record_byok(plan, end.model, usage))
                 yield _stream_result(plan, end, "".join(parts), usage_info=info)
             else:
                 settled = await self._shielded(
                     self._settle(hold, plan.provider_name, end.model, usage)
                 )
-                finished = True
                 yield _stream_result(plan, end, "".join(parts), token_usage=settled)
         finally:
             await stream.aclose()
@@ -359,6 +367,25 @@ class Gateway:
     # ---- metering -------------------------------------------------------------------------
 
     async def _reserve(self, plan: _Plan, req: GenerateRequest) -> lpb.ReserveResponse:
+        """Reserve; if the caller goes away while the hold is being made, release it as soon as
+        it exists (unless it is an earlier attempt's hold), instead of leaving it to its TTL."""
+        task = asyncio.ensure_future(self._reserve_once(plan, req))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, task: asyncio.Task[lpb.ReserveResponse]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        hold = task.result()
+        if not hold.replayed:
+            released = asyncio.ensure_future(self._release(hold.reservation_id))
+            self._background.add(released)
+            released.add_done_callback(self._background.discard)
+
+    async def _reserve_once(self, plan: _Plan, req: GenerateRequest) -> lpb.ReserveResponse:
         assert plan.user_id is not None
         key = self._reserve_key(plan, req)
         for _ in range(MAX_KEYED_ATTEMPTS):
@@ -373,8 +400,10 @@ class Gateway:
             )
             if not (hold.replayed and hold.status in ("released", "expired")):
                 return hold
-            # The earlier attempt failed and cost nothing: this retry is a new attempt.
-            key = f"{key}:after:{hold.reservation_id}"
+            # The earlier attempt failed and cost nothing: this retry is a new attempt, under a
+            # key derived from the failed hold (so concurrent retries converge; fixed length).
+            chained = hashlib.sha256(f"{key}\x00{hold.reservation_id}".encode()).hexdigest()
+            key = f"generate:{chained[:40]}"
         raise GatewayError(
             Failure.CONFLICT, "TOO_MANY_ATTEMPTS", "this idempotency key failed too many times"
         )
@@ -408,7 +437,7 @@ class Gateway:
         try:
             s = await self.ledger.settle(request)
         except GatewayError as exc:
-            if exc.failure is not Failure.UNAVAILABLE:
+            if exc.failure in _DEFINITE_REFUSALS:
                 raise
             # The provider already answered: the charge must still land. Settle is idempotent
             # by reservation, so the outbox retries it until the ledger takes it.

@@ -38,6 +38,8 @@ _SERVICE_CONFIG = json.dumps(
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: Failure.INVALID_ARGUMENT,
     grpc.StatusCode.ALREADY_EXISTS: Failure.CONFLICT,
+    # e.g. RESERVATION_NOT_HELD: the hold was resolved another way; a retry cannot change it.
+    grpc.StatusCode.FAILED_PRECONDITION: Failure.CONFLICT,
     grpc.StatusCode.NOT_FOUND: Failure.NOT_FOUND,
     grpc.StatusCode.UNAVAILABLE: Failure.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: Failure.UNAVAILABLE,

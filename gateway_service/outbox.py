@@ -56,6 +56,9 @@ class Outbox:
     async def start(self) -> None:
         for job in await asyncio.to_thread(self._load):
             self._pending[job.id] = job
+        # Rewrite the journal with just what is pending: drops a line torn by a crash, so the
+        # next record cannot be glued onto it.
+        await asyncio.to_thread(self._compact)
         if self._pending:
             log.info("outbox: %d ledger writes left from the last run", len(self._pending))
         self._task = asyncio.create_task(self._run())
@@ -63,8 +66,11 @@ class Outbox:
     async def submit(self, method: str, payload: bytes) -> None:
         job = Job(uuid.uuid4().hex, method, payload)
         self._pending[job.id] = job
-        await self._append({"add": job.id, "method": method, "payload": _b64(payload)})
         self._wake.set()
+        try:
+            await self._append({"add": job.id, "method": method, "payload": _b64(payload)})
+        except OSError:
+            log.exception("outbox: could not journal a pending %s; it is kept in memory", method)
 
     async def drain(self, within: float) -> bool:
         """Tries to deliver what is pending within `within` seconds; True when nothing is left."""
@@ -102,8 +108,13 @@ class Outbox:
                     log.exception("outbox: delivering %s failed", job.method)
                     delivered_all = False
                     break
-                await self._append({"done": job.id})
                 self._pending.pop(job.id, None)
+                try:
+                    await self._append({"done": job.id})
+                except OSError:
+                    # Delivered; at worst the next start redelivers it, which the key makes a
+                    # no-op. The loop must live on whatever the disk does.
+                    log.exception("outbox: could not journal a delivery")
             if delivered_all:
                 backoff = self._initial
                 continue

@@ -29,7 +29,9 @@ def lemonsqueezy_route(processor: LemonSqueezyProcessor, secret: str | None) -> 
             return _error(
                 413, "BODY_TOO_LARGE", f"webhook bodies are at most {MAX_BODY_BYTES} bytes"
             )
-        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        # The whole body (content.read(n) would return only what has arrived so far); aiohttp
+        # refuses bodies over the app's client_max_size before buffering them.
+        raw = await request.read()
         if len(raw) > MAX_BODY_BYTES:
             return _error(
                 413, "BODY_TOO_LARGE", f"webhook bodies are at most {MAX_BODY_BYTES} bytes"

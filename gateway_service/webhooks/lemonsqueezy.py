@@ -163,8 +163,13 @@ class LemonSqueezyProcessor:
         try:
             return await self.apply(raw_body)
         except Unapplicable as exc:
-            await self._park(raw_body, exc)
-            return Outcome(Status.DEAD_LETTER, exc.reason)
+            problem = exc
+        except GatewayError as exc:
+            if exc.failure is not Failure.INVALID_ARGUMENT:
+                raise  # unavailable: the provider retries; anything else is ours to fix
+            problem = Unapplicable(f"the ledger refused it: {exc.message}")
+        await self._park(raw_body, problem)
+        return Outcome(Status.DEAD_LETTER, problem.reason)
 
     async def apply(self, raw_body: bytes, cascade: bool = True) -> Outcome:
         """Applies one event. With `cascade`, dead letters that waited for it are applied too
@@ -176,6 +181,8 @@ class LemonSqueezyProcessor:
             return await self._order_created(event, cascade)
         if event.name == "order_refunded":
             return await self._order_refunded(event)
+        if event.name == "subscription_payment_refunded":
+            return await self._invoice_refunded(event)
         if event.name == "subscription_payment_success":
             return await self._payment_success(event)
         if event.name in SUBSCRIPTION_EVENTS:
@@ -208,7 +215,17 @@ class LemonSqueezyProcessor:
         attrs = event.attributes
         if attrs.get("status") not in (None, "paid"):
             return Outcome(Status.IGNORED, f"invoice status {attrs.get('status')!r}, not paid")
-        subscription_id = str(attrs.get("subscription_id") or "")
+        subscription, variant = await self._subscription_of(event)
+        if event.user_id is None and subscription.user_id:
+            event = Event(event.name, event.test_mode, subscription.user_id, event.data_id, attrs)
+        return await self._credit(
+            event, f"invoice:{event.data_id}", variant.tokens, lpb.PURCHASE_TYPE_SUBSCRIPTION
+        )
+
+    async def _subscription_of(self, event: Event) -> tuple[lpb.Subscription, Variant]:
+        """The subscription an invoice belongs to, and its catalog variant; an invoice that
+        arrives before its subscription waits as a dead letter under that subscription."""
+        subscription_id = str(event.attributes.get("subscription_id") or "")
         if not subscription_id:
             raise Unapplicable("invoice without subscription_id")
         subject = f"subscription:{subscription_id}"
@@ -223,15 +240,10 @@ class LemonSqueezyProcessor:
                     "unknown subscription: its subscription_created has not arrived yet", subject
                 ) from None
             raise
-        subscription = found.subscription
-        variant = self.catalog.get(subscription.variant_id)
+        variant = self.catalog.get(found.subscription.variant_id)
         if variant is None:
-            raise Unapplicable(f"unknown variant {subscription.variant_id!r}", subject)
-        if event.user_id is None and subscription.user_id:
-            event = Event(event.name, event.test_mode, subscription.user_id, event.data_id, attrs)
-        return await self._credit(
-            event, f"invoice:{event.data_id}", variant.tokens, lpb.PURCHASE_TYPE_SUBSCRIPTION
-        )
+            raise Unapplicable(f"unknown variant {found.subscription.variant_id!r}", subject)
+        return found.subscription, variant
 
     async def _subscription_changed(self, event: Event, cascade: bool) -> Outcome:
         user = self._user(event, f"subscription:{event.data_id}")
@@ -265,12 +277,21 @@ class LemonSqueezyProcessor:
         subject = f"order:{event.data_id}"
         if variant is None:
             raise Unapplicable(f"unknown variant {item.get('variant_id')!r}", subject)
+        return await self._refund(event, subject, variant.tokens)
+
+    async def _invoice_refunded(self, event: Event) -> Outcome:
+        """A refunded subscription invoice takes back, in proportion, what that invoice credited."""
+        _, variant = await self._subscription_of(event)
+        return await self._refund(event, f"invoice:{event.data_id}", variant.tokens)
+
+    async def _refund(self, event: Event, subject: str, tokens: int) -> Outcome:
+        attrs = event.attributes
         total = attrs.get("total")
         refunded = attrs.get("refunded_amount")
         if isinstance(total, int) and isinstance(refunded, int) and 0 < refunded < total:
-            target = variant.tokens * refunded // total  # partial: in proportion, rounded down
+            target = tokens * refunded // total  # partial: in proportion, rounded down
         else:
-            target = variant.tokens
+            target = tokens
             refunded = total if isinstance(total, int) else "all"
         request = lpb.RefundPurchaseRequest(
             idempotency_key=f"{self._source(event)}:refund:{event.data_id}:{refunded}",
@@ -282,7 +303,7 @@ class LemonSqueezyProcessor:
             reply = await self.ledger.call(self.ledger.stub.RefundPurchase, request)
         except GatewayError as exc:
             if exc.failure is Failure.NOT_FOUND:
-                raise Unapplicable("refund of an order not credited (yet)", subject) from None
+                raise Unapplicable("refund of a payment not credited (yet)", subject) from None
             raise
         if reply.replayed or reply.tokens_refunded == 0:
             return Outcome(Status.DUPLICATE, "refund already applied")
@@ -342,7 +363,13 @@ class LemonSqueezyProcessor:
             lpb.ListDeadLettersRequest(source=SOURCE, subject=subject, page_size=100),
         )
         for letter in letters.dead_letters:
-            await self.replay(letter)
+            try:
+                await self.replay(letter)
+            except GatewayError as exc:
+                if exc.failure is Failure.UNAVAILABLE:
+                    raise
+                # That letter stays parked for the operator; this event is applied all the same.
+                log.error("parked %s %s not applied: %s", letter.event_name, subject, exc.reason)
 
     async def replay(self, letter: lpb.DeadLetter) -> Outcome:
         """Applies a dead letter again; resolves it unless it is still unapplicable."""

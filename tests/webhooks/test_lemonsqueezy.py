@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 
 from ledger_service.audit import run_audit
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
@@ -218,3 +219,35 @@ async def test_operator_command_replays_dead_letters(hooks: Hooks) -> None:
     report = await run_audit(hooks.ledger.database_url)
     assert report.ok
     assert report.platform_balances["purchase_fee"] == 0
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(hooks: Hooks) -> None:
+    body = encode(order("order_created", 15, "max"))
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 500):
+            yield body[start : start + 500]
+            await asyncio.sleep(0.01)
+
+    async with hooks.session.post(
+        hooks.url, data=pieces(), headers={"X-Signature": sign(body)}
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "applied"
+    assert (await balance(hooks.ledger.stub, "max")).available_tokens == 800
+
+
+async def test_a_refunded_subscription_invoice_takes_its_tokens_back(hooks: Hooks) -> None:
+    await hooks.deliver(subscription("subscription_created", 90, "ned"))
+    await hooks.deliver(invoice(9001, 90, "ned", "initial"))
+    assert (await balance(hooks.ledger.stub, "ned")).available_tokens == 4000
+    refunded = invoice(9001, 90, "ned", "initial")
+    refunded["meta"]["event_name"] = "subscription_payment_refunded"
+    refunded["data"]["attributes"].update(
+        {"status": "refunded", "refunded": True, "refunded_amount": 1999}
+    )
+    status, body = await hooks.deliver(refunded)
+    assert (status, body["status"]) == (200, "applied")
+    assert (await balance(hooks.ledger.stub, "ned")).available_tokens == 0
+    assert (await hooks.deliver(refunded))[1]["status"] == "duplicate"
+    assert (await run_audit(hooks.ledger.database_url)).ok
