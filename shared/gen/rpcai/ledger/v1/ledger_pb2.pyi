@@ -77,6 +77,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 7
     ERROR_REASON_SUBSCRIPTION_NOT_FOUND: _ErrorReason.ValueType  # 8
     ERROR_REASON_DEAD_LETTER_NOT_FOUND: _ErrorReason.ValueType  # 9
+    ERROR_REASON_LEDGER_UNAVAILABLE: _ErrorReason.ValueType  # 10
+    """UNAVAILABLE: the database could not be reached; retry with the same key."""
+    ERROR_REASON_CONCURRENT_REFUND: _ErrorReason.ValueType  # 11
+    """ABORTED: refunds of one purchase kept racing; retry with the same key."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` strings of google.rpc.ErrorInfo (ErrorInfo.reason is the name without the prefix)."""
@@ -91,6 +95,10 @@ ERROR_REASON_RESERVATION_NOT_HELD: ErrorReason.ValueType  # 6
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 7
 ERROR_REASON_SUBSCRIPTION_NOT_FOUND: ErrorReason.ValueType  # 8
 ERROR_REASON_DEAD_LETTER_NOT_FOUND: ErrorReason.ValueType  # 9
+ERROR_REASON_LEDGER_UNAVAILABLE: ErrorReason.ValueType  # 10
+"""UNAVAILABLE: the database could not be reached; retry with the same key."""
+ERROR_REASON_CONCURRENT_REFUND: ErrorReason.ValueType  # 11
+"""ABORTED: refunds of one purchase kept racing; retry with the same key."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
