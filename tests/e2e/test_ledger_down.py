@@ -15,7 +15,10 @@ from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.rich_errors import error_reason
 from tests.conftest import ledger_settings
 from tests.e2e.conftest import Stack, gateway_settings
+from tests.e2e.e2e_support import Sim, own_sim, sim_stack
 from tests.ledger_service.helpers import credit
+
+__all__ = ["own_sim", "sim_stack"]  # fixtures used by this module
 
 
 async def _usage_rows(stack: Stack, user: str) -> int:
@@ -29,16 +32,20 @@ async def _usage_rows(stack: Stack, user: str) -> int:
         await conn.close()
 
 
-async def test_ledger_down_fails_closed_and_byok_usage_arrives_later(stack: Stack) -> None:
+async def test_ledger_down_fails_closed_and_byok_usage_arrives_later(
+    sim_stack: Stack, own_sim: Sim
+) -> None:
+    stack = sim_stack
     user, auth = stack.user()
     await credit(stack.ledger.stub, user, 1000)
     await stack.ledger.app.grpc.server.stop(0)  # the ledger goes away
 
+    before = own_sim.stats.requests
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stack.stub.GenerateText(gpb.GenerateTextRequest(content="hello"), metadata=auth)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_reason(err.value) == "LEDGER_UNAVAILABLE"
-    assert stack.gateway.gateway.providers  # and no provider call was made unmetered
+    assert own_sim.stats.requests == before  # fail closed: no provider call went unmetered
 
     byok = gpb.GenerateTextRequest(content="[[usage:10,5]] hi", model="gpt-4o", api_key="sk-own")
     for _ in range(3):
