@@ -8,13 +8,14 @@ import anthropic
 from anthropic.types import Message, RawMessageStreamEvent
 
 from gateway_service.providers.base import ANTHROPIC, Completion, CompletionRequest, token_count
-from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
+from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from gateway_service.providers.sdk import SdkProvider
 from gateway_service.providers.stream import ProviderStream, SdkStream
 
 DEFAULT_ANTHROPIC_MODEL = "claude-haiku-4-5"
 
 
-class AnthropicProvider:
+class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
     name = ANTHROPIC
 
     def __init__(
@@ -25,44 +26,24 @@ class AnthropicProvider:
         timeout_seconds: float = 60.0,
         default_model: str = DEFAULT_ANTHROPIC_MODEL,
     ) -> None:
-        self.default_model = default_model
-        self._has_platform_key = bool(api_key)
         # One client (one connection pool) per process. The gateway owns retries: max_retries=0.
         # Without a platform key the client still exists so BYOK calls can share its pool; the
-        # placeholder is never sent (_client_for refuses first).
-        self._client = anthropic.AsyncAnthropic(
+        # placeholder is never sent (client_for refuses first).
+        client = anthropic.AsyncAnthropic(
             api_key=api_key or "unset",
             base_url=base_url,
             timeout=timeout_seconds,
             max_retries=0,
         )
+        super().__init__(client, bool(api_key), default_model)
 
-    def client_for(self, request: CompletionRequest) -> anthropic.AsyncAnthropic:
-        """The SDK client for this call: the caller's key on the shared pool, or the platform's."""
-        if request.api_key:
-            # `with_options` builds a new client over the same httpx client (same pool), and the
-            # key travels as client auth, outside the request options the SDK logs at DEBUG.
-            return self._client.with_options(api_key=request.api_key)
-        if not self._has_platform_key:
-            raise ProviderError(self.name, ProviderErrorKind.AUTH, "no platform API key configured")
-        return self._client
-
-    async def generate(self, request: CompletionRequest) -> Completion:
-        client = self.client_for(request)
-        try:
-            message = await client.messages.create(**_params(request))
-            return _completion(message)
-        except Exception as exc:
-            error = map_sdk_error(self.name, exc)
-            if error is None:
-                raise
-        raise error  # outside the except block: the SDK exception is not chained
+    async def _create(
+        self, client: anthropic.AsyncAnthropic, request: CompletionRequest
+    ) -> Completion:
+        return _completion(await client.messages.create(**_params(request)))
 
     def stream(self, request: CompletionRequest) -> AnthropicStream:
         return AnthropicStream(self, request)
-
-    async def aclose(self) -> None:
-        await self._client.close()
 
 
 class AnthropicStream(ProviderStream):

@@ -8,13 +8,14 @@ import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from gateway_service.providers.base import OPENAI, Completion, CompletionRequest, token_count
-from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
+from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from gateway_service.providers.sdk import SdkProvider
 from gateway_service.providers.stream import ProviderStream, SdkStream
 
 DEFAULT_OPENAI_MODEL = "gpt-5-mini"
 
 
-class OpenAIProvider:
+class OpenAIProvider(SdkProvider[openai.AsyncOpenAI]):
     name = OPENAI
 
     def __init__(
@@ -25,39 +26,22 @@ class OpenAIProvider:
         timeout_seconds: float = 60.0,
         default_model: str = DEFAULT_OPENAI_MODEL,
     ) -> None:
-        self.default_model = default_model
-        self._has_platform_key = bool(api_key)
-        # One client per process, retries left to the gateway; see AnthropicProvider.
-        self._client = openai.AsyncOpenAI(
+        # One client (one connection pool) per process. The gateway owns retries: max_retries=0.
+        # Without a platform key the client still exists so BYOK calls can share its pool; the
+        # placeholder is never sent (client_for refuses first).
+        client = openai.AsyncOpenAI(
             api_key=api_key or "unset",
             base_url=base_url,
             timeout=timeout_seconds,
             max_retries=0,
         )
+        super().__init__(client, bool(api_key), default_model)
 
-    def client_for(self, request: CompletionRequest) -> openai.AsyncOpenAI:
-        if request.api_key:
-            return self._client.with_options(api_key=request.api_key)
-        if not self._has_platform_key:
-            raise ProviderError(self.name, ProviderErrorKind.AUTH, "no platform API key configured")
-        return self._client
-
-    async def generate(self, request: CompletionRequest) -> Completion:
-        client = self.client_for(request)
-        try:
-            completion = await client.chat.completions.create(**_params(request))
-            return _completion(completion)
-        except Exception as exc:
-            error = map_sdk_error(self.name, exc)
-            if error is None:
-                raise
-        raise error  # outside the except block: the SDK exception is not chained
+    async def _create(self, client: openai.AsyncOpenAI, request: CompletionRequest) -> Completion:
+        return _completion(await client.chat.completions.create(**_params(request)))
 
     def stream(self, request: CompletionRequest) -> OpenAIStream:
         return OpenAIStream(self, request)
-
-    async def aclose(self) -> None:
-        await self._client.close()
 
 
 class OpenAIStream(ProviderStream):

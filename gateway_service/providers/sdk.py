@@ -1,0 +1,53 @@
+"""What both providers do the same way around their SDK client: one long-lived client per
+process, the caller's key on the shared connection pool for BYOK calls, SDK errors mapped to one
+ProviderError without chaining the SDK exception."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
+
+import anthropic
+import openai
+
+from gateway_service.providers.base import Completion, CompletionRequest
+from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
+
+Client = TypeVar("Client", anthropic.AsyncAnthropic, openai.AsyncOpenAI)
+
+
+class SdkProvider(ABC, Generic[Client]):
+    name: str
+    _client: Client
+
+    def __init__(self, client: Client, has_platform_key: bool, default_model: str) -> None:
+        self.default_model = default_model
+        self._client = client
+        self._has_platform_key = has_platform_key
+
+    def client_for(self, request: CompletionRequest) -> Client:
+        """The SDK client for this call: the caller's key on the shared pool, or the platform's."""
+        if request.api_key:
+            # `with_options` builds a new client over the same HTTP client (same pool), and the
+            # key travels as client auth, outside the request options the SDK logs at DEBUG.
+            return self._client.with_options(api_key=request.api_key)
+        if not self._has_platform_key:
+            raise ProviderError(self.name, ProviderErrorKind.AUTH, "no platform API key configured")
+        return self._client
+
+    @abstractmethod
+    async def _create(self, client: Client, request: CompletionRequest) -> Completion:
+        """One non-streaming call through the SDK."""
+
+    async def generate(self, request: CompletionRequest) -> Completion:
+        client = self.client_for(request)
+        try:
+            return await self._create(client, request)
+        except Exception as exc:
+            error = map_sdk_error(self.name, exc)
+            if error is None:
+                raise
+        raise error  # outside the except block: the SDK exception is not chained
+
+    async def aclose(self) -> None:
+        await self._client.close()
