@@ -67,13 +67,13 @@ async def raw_pairs(url: str, users: int, worker: int, callers: int) -> tuple[Op
         user = user_for(users, worker, caller, counter[0])
         async with pool.acquire() as conn:
             answer = await conn.fetchval(
-                "SELECT ledger_reserve($1, $2, $3, $4, $5, $6)::text",
+                "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, true)::text",
                 str(uuid.uuid4()), request_hash("reserve", user=user, estimated=ESTIMATE, ttl=0),
                 user, 125, 300, 25,
             )  # fmt: skip
             hold = answer.split('"reservation_id": "', 1)[1].split('"', 1)[0]
             await conn.fetchval(
-                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)::text",
+                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)::text",
                 uuid.UUID(hold), settle_hash, 100, 25, 25, "anthropic", "bench", 60, 40, None,
             )  # fmt: skip
 
@@ -85,7 +85,7 @@ async def seed(url: str) -> None:
     try:
         for user in [HOT_USER, *(f"user-{i}" for i in range(USERS))]:
             await conn.execute(
-                "SELECT ledger_credit_purchase("
+                "SELECT ledger_apply_credit("
                 "$1, $2, $3, 'one_time', $4, $5, $6, 80, 'bench', $1)",
                 f"seed-{user}", b"seed", user, 10**12, 8 * 10**11, 2 * 10**11,
             )  # fmt: skip

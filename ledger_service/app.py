@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
 from ledger_service.auth import ServiceTokenInterceptor
 from ledger_service.domain.ledger import HoldPolicy, Ledger
 from ledger_service.domain.money import Rates
+from ledger_service.domain.types import RetentionPolicy
 from ledger_service.servicer import SERVICE_NAME, LedgerServicer
 from ledger_service.store.postgres import PostgresStore, create_pool
-from ledger_service.sweeper import sweep_forever
+from ledger_service.sweeper import retain_forever, sweep_forever
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.grpc_server import GrpcApp
@@ -26,7 +27,20 @@ def build_ledger(store: PostgresStore, settings: Settings) -> Ledger:
     return Ledger(
         store,
         Rates(settings.purchase_user_share_percent, settings.usage_fee_percent),
-        HoldPolicy(settings.reserve_default_ttl_seconds, settings.reserve_max_ttl_seconds),
+        HoldPolicy(
+            settings.reserve_default_ttl_seconds,
+            settings.reserve_max_ttl_seconds,
+            settings.answer_max_bytes,
+        ),
+    )
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    return RetentionPolicy(
+        transient_key_seconds=settings.transient_key_retention_seconds,
+        key_seconds=settings.idempotency_key_retention_seconds,
+        answer_seconds=settings.answer_retention_seconds,
+        resolved_seconds=settings.resolved_retention_seconds,
     )
 
 
@@ -35,7 +49,7 @@ class LedgerApp:
     grpc: GrpcApp
     pool: asyncpg.Pool
     ledger: Ledger
-    sweeper: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self, addr: str) -> int:
         return await self.grpc.start(addr)
@@ -45,10 +59,11 @@ class LedgerApp:
         await self.aclose_resources()
 
     async def aclose_resources(self) -> None:
-        if self.sweeper:
-            self.sweeper.cancel()
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
-                await self.sweeper
+                await task
         await self.pool.close()
 
 
@@ -70,7 +85,14 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
     app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger)
     if run_sweeper:
-        app.sweeper = asyncio.create_task(
-            sweep_forever(ledger, settings.sweep_interval_seconds, settings.sweep_batch_size)
-        )
+        app.background = [
+            asyncio.create_task(
+                sweep_forever(ledger, settings.sweep_interval_seconds, settings.sweep_batch_size)
+            ),
+            asyncio.create_task(
+                retain_forever(
+                    ledger, retention_policy(settings), settings.retention_interval_seconds
+                )
+            ),
+        ]
     return app

@@ -61,6 +61,53 @@ CHECKS: list[tuple[str, str]] = [
         """SELECT hold_id::text, count(*)::text FROM journal_transactions
             WHERE kind = 'usage' GROUP BY hold_id HAVING count(*) > 1 LIMIT 20""",
     ),
+    (
+        "every user's owed tokens equal their open part of the refund receivable",
+        """SELECT a.user_id, a.owed::text || ' <> ' || coalesce(-r.total, 0)::text
+             FROM accounts a
+             LEFT JOIN (SELECT t.user_id, sum(e.amount) AS total FROM journal_entries e
+                          JOIN journal_transactions t ON t.id = e.transaction_id
+                         WHERE e.account_id = 5 GROUP BY t.user_id) r ON r.user_id = a.user_id
+            WHERE a.user_id IS NOT NULL AND a.owed <> coalesce(-r.total, 0)
+            LIMIT 20""",
+    ),
+    (
+        "a user who owes tokens has none available (owed is collected first)",
+        """SELECT user_id, available::text || ' available, ' || owed::text || ' owed'
+             FROM accounts WHERE owed > 0 AND available > 0 LIMIT 20""",
+    ),
+]
+
+# Not violations: what an operator should look at (counts and totals, in one snapshot).
+FINDINGS: list[tuple[str, str]] = [
+    (
+        "open refund receivables (users, tokens owed)",
+        "SELECT count(*), coalesce(sum(owed), 0) FROM accounts WHERE owed > 0",
+    ),
+    (
+        "holds settled beyond their hold, a provider anomaly (holds, tokens over)",
+        "SELECT count(*), coalesce(sum(overrun), 0) FROM holds WHERE overrun > 0",
+    ),
+    (
+        "usage the balance could not cover (settles, tokens unbilled)",
+        """SELECT count(DISTINCT e.transaction_id), coalesce(-sum(e.amount), 0)
+             FROM journal_entries e WHERE e.account_id = 6""",
+    ),
+    (
+        "holds settled after they expired (holds, tokens charged)",
+        """SELECT count(*), coalesce(sum(u.tokens_charged), 0) FROM holds h
+             JOIN usage_records u ON u.hold_id = h.id WHERE h.status = 'settled_after_expiry'""",
+    ),
+    (
+        "payment events waiting for their purchase or subscription (events, oldest)",
+        """SELECT count(*), coalesce(min(created_at)::text, '-') FROM parked_operations
+            WHERE applied_at IS NULL""",
+    ),
+    (
+        "dead letters waiting for an operator (letters, oldest)",
+        """SELECT count(*), coalesce(min(created_at)::text, '-') FROM dead_letters
+            WHERE resolved_at IS NULL""",
+    ),
 ]
 
 
@@ -68,6 +115,7 @@ CHECKS: list[tuple[str, str]] = [
 class AuditReport:
     violations: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     platform_balances: dict[str, int] = field(default_factory=dict)
+    findings: dict[str, tuple[str, str]] = field(default_factory=dict)
     users: int = 0
     transactions: int = 0
 
@@ -80,6 +128,8 @@ class AuditReport:
             f"audited {self.users} user accounts and {self.transactions} journal transactions",
             "platform balances (derived from entries):",
             *(f"  {code:<18} {amount:>16}" for code, amount in self.platform_balances.items()),
+            "to look at:",
+            *(f"  {name}: {a}, {b}" for name, (a, b) in self.findings.items()),
         ]
         for check, rows in self.violations.items():
             lines.append(f"VIOLATION: {check}")
@@ -104,6 +154,9 @@ async def run_audit(url: str) -> AuditReport:
                     WHERE a.code IS NOT NULL GROUP BY a.id, a.code ORDER BY a.id"""
             ):
                 report.platform_balances[row["code"]] = row["total"]
+            for name, sql in FINDINGS:
+                row = await conn.fetchrow(sql)
+                report.findings[name] = (str(row[0]), str(row[1]))
             report.users = await conn.fetchval(
                 "SELECT count(*) FROM accounts WHERE user_id IS NOT NULL"
             )

@@ -16,12 +16,14 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger_service.domain import errors
-from ledger_service.domain.ledger import Ledger, RefundRaced
+from ledger_service.domain.ledger import Ledger
 from ledger_service.domain.types import (
     Balance,
     DeadLetter,
     PurchaseRef,
     PurchaseType,
+    RefundShare,
+    Settlement,
     Subscription,
     Usage,
     UsageSummary,
@@ -45,6 +47,7 @@ _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.ReservationNotHeld: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SubscriptionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.DeadLetterNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.SubscriptionTokensUnknown: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -82,17 +85,28 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             await context.abort_with_status(
                 rich_status(code, exc.message, exc.reason, DOMAIN, exc.metadata)
             )
-        except RefundRaced as exc:
-            await context.abort_with_status(
-                rich_status(grpc.StatusCode.ABORTED, str(exc), "CONCURRENT_REFUND", DOMAIN)
-            )
         raise AssertionError("unreachable: abort_with_status raises")
 
     return wrapper
 
 
 def _balance(b: Balance) -> pb.Balance:
-    return pb.Balance(available_tokens=b.available, reserved_tokens=b.reserved)
+    return pb.Balance(available_tokens=b.available, reserved_tokens=b.reserved, owed_tokens=b.owed)
+
+
+def _settlement_pb(r: Settlement) -> pb.SettleResponse:
+    return pb.SettleResponse(
+        tokens_used=r.tokens_used,
+        fee_tokens=r.fee_tokens,
+        tokens_charged=r.tokens_charged,
+        released_tokens=r.released_tokens,
+        unbilled_tokens=r.unbilled_tokens,
+        balance=_balance(r.balance),
+        replayed=r.replayed,
+        overrun_tokens=r.overrun_tokens,
+        owed_collected=r.owed_collected,
+        answer_stored=r.answer_stored,
+    )
 
 
 def _ts(value: datetime) -> Timestamp:
@@ -122,6 +136,7 @@ def _subscription_pb(s: Subscription) -> pb.Subscription:
         variant_id=s.variant_id,
         status=s.status,
         provider_updated_at=_ts(s.provider_updated_at),
+        tokens_per_period=s.tokens_per_period or 0,
     )
     if s.renews_at is not None:
         message.renews_at.CopyFrom(_ts(s.renews_at))
@@ -188,6 +203,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def CreditPurchase(
         self, request: pb.CreditPurchaseRequest, context: Context
     ) -> pb.CreditPurchaseResponse:
+        subscription = None
+        if request.HasField("subscription"):
+            if request.subscription.source not in ("", request.source):
+                raise errors.InvalidArgument(
+                    "subscription.source", "must be the payment's own source"
+                )
+            subscription = request.subscription.external_id
         r = await self.ledger.credit_purchase(
             request.idempotency_key,
             request.user_id,
@@ -195,6 +217,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             _PURCHASE_TYPES.get(request.purchase_type),
             request.external_id,
             request.source,
+            subscription,
         )
         return pb.CreditPurchaseResponse(
             purchase_id=r.purchase_id,
@@ -202,6 +225,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             platform_fee_tokens=r.platform_fee_tokens,
             balance=_balance(r.balance),
             replayed=r.replayed,
+            parked=r.parked,
+            owed_collected=r.owed_collected,
         )
 
     @rpc
@@ -212,6 +237,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.estimated_tokens,
             request.ttl_seconds,
             request.request_fingerprint,
+            request.transient_key,
         )
         return pb.ReserveResponse(
             reservation_id=r.reservation_id,
@@ -220,7 +246,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             balance=_balance(r.balance),
             replayed=r.replayed,
             status=r.status if r.replayed else "",
+            answer=r.answer or b"",
+            settlement=None if r.settlement is None else _settlement_pb(r.settlement),
         )
+
+    @rpc
+    async def ExtendHold(
+        self, request: pb.ExtendHoldRequest, context: Context
+    ) -> pb.ExtendHoldResponse:
+        r = await self.ledger.extend_hold(request.reservation_id, request.ttl_seconds)
+        return pb.ExtendHoldResponse(expires_at=_ts(r.expires_at))
 
     @rpc
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
@@ -230,23 +265,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             else None
         )
         r = await self.ledger.settle(
-            request.reservation_id, _usage(request.usage, request.HasField("usage")), cost
+            request.reservation_id,
+            _usage(request.usage, request.HasField("usage")),
+            cost,
+            request.answer,
         )
-        return pb.SettleResponse(
-            tokens_used=r.tokens_used,
-            fee_tokens=r.fee_tokens,
-            tokens_charged=r.tokens_charged,
-            released_tokens=r.released_tokens,
-            unbilled_tokens=r.unbilled_tokens,
-            balance=_balance(r.balance),
-            replayed=r.replayed,
-        )
+        return _settlement_pb(r)
 
     @rpc
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         r = await self.ledger.release(request.reservation_id)
         return pb.ReleaseResponse(
-            released_tokens=r.released_tokens, balance=_balance(r.balance), replayed=r.replayed
+            released_tokens=r.released_tokens,
+            balance=_balance(r.balance),
+            replayed=r.replayed,
+            owed_collected=r.owed_collected,
         )
 
     @rpc
@@ -262,8 +295,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             )
         else:
             ref = PurchaseRef()  # neither: the domain refuses it
+        share = None
+        if request.HasField("share"):
+            share = RefundShare(request.share.refunded_amount, request.share.total_amount)
         r = await self.ledger.refund_purchase(
-            request.idempotency_key, ref, request.tokens_to_refund, request.cumulative
+            request.idempotency_key,
+            ref,
+            request.tokens_to_refund,
+            request.cumulative,
+            share,
+            request.wait_for_purchase,
         )
         return pb.RefundPurchaseResponse(
             tokens_debited=r.tokens_debited,
@@ -272,6 +313,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             platform_fee_reversed=r.platform_fee_reversed,
             tokens_refunded=r.tokens_refunded,
             replayed=r.replayed,
+            parked=r.parked,
         )
 
     @rpc
@@ -394,9 +436,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 if s.HasField("provider_updated_at")
                 else None
             ),
+            s.tokens_per_period,
         )
         return pb.UpsertSubscriptionResponse(
-            applied=r.applied, subscription=_subscription_pb(r.subscription)
+            applied=r.applied,
+            subscription=_subscription_pb(r.subscription),
+            parked_credits_applied=r.parked_credits_applied,
         )
 
     @rpc
@@ -424,10 +469,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
-        letters = await self.ledger.dead_letters(
-            request.source, request.subject, request.include_resolved, request.page_size
+        page = await self.ledger.dead_letters(
+            request.source,
+            request.subject,
+            request.include_resolved,
+            request.page_size,
+            decode_page_token(request.page_token),
         )
-        return pb.ListDeadLettersResponse(dead_letters=[_dead_letter_pb(d) for d in letters])
+        return pb.ListDeadLettersResponse(
+            dead_letters=[_dead_letter_pb(d) for d in page.letters],
+            next_page_token=encode_page_token(page.next_cursor),
+        )
 
     @rpc
     async def ResolveDeadLetter(

@@ -1,4 +1,5 @@
-"""Background task that expires due holds, by the database clock, from any number of replicas."""
+"""Background tasks of the ledger, safe to run from any number of replicas: expire due holds
+(by the database clock) and delete what outlived its retention."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 
 from ledger_service.domain.ledger import Ledger
+from ledger_service.domain.types import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -22,4 +24,16 @@ async def sweep_forever(ledger: Ledger, interval: float, batch: int) -> None:
             raise
         except Exception:
             log.exception("hold sweep failed; will retry")
+        await asyncio.sleep(interval)
+
+
+async def retain_forever(ledger: Ledger, policy: RetentionPolicy, interval: float) -> None:
+    while True:
+        try:
+            while (deleted := await ledger.apply_retention(policy)) > 0:
+                log.info("retention: deleted %d rows past their retention", deleted)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("retention sweep failed; will retry")
         await asyncio.sleep(interval)

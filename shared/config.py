@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     sweep_batch_size: int = Field(default=500, ge=1)
 
+    # --- ledger: what only serves replays, and how long it is kept (0: forever)
+    # The answer a keyed call settled with, kept with its hold so a retry gets it back.
+    answer_max_bytes: int = Field(default=256 * 1024, ge=0, le=16 * 1024 * 1024)
+    answer_retention_seconds: int = Field(default=86_400, ge=0)
+    # Idempotency keys the gateway made up for keyless calls (they only dedupe transport retries).
+    transient_key_retention_seconds: int = Field(default=86_400, ge=0)
+    # Keys callers chose (GenerateText, payments, refunds). Payments stay deduplicated by their
+    # (source, external_id) after their key is gone.
+    idempotency_key_retention_seconds: int = Field(default=30 * 86_400, ge=0)
+    # Resolved dead letters and applied parked payment events.
+    resolved_retention_seconds: int = Field(default=90 * 86_400, ge=0)
+    retention_interval_seconds: float = Field(default=60.0, gt=0)
+
     # --- service-to-service auth: the ledger mints money, only holders of this token may call it
     ledger_service_token: SecretStr | None = None
     ledger_timeout_seconds: float = Field(default=5.0, gt=0)
@@ -47,6 +60,15 @@ class Settings(BaseSettings):
     provider_timeout_seconds: float = Field(default=60.0, gt=0)
     default_max_tokens: int = Field(default=1024, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
+
+    # --- gateway: holds and the calls they pay for
+    # A call's hold lives this long and is extended while the call runs; a call that can no
+    # longer keep its hold alive is cut (and settled) before the hold expires.
+    hold_ttl_seconds: int = Field(default=120, ge=3)
+    # A stream's total length, whatever the provider and the client do.
+    stream_max_seconds: float = Field(default=3600.0, gt=0)
+    # A stream whose client reads nothing for this long is cut and settled for what it got.
+    stream_write_timeout_seconds: float = Field(default=20.0, gt=0)
 
     # --- gateway: JWT
     jwt_secret: SecretStr | None = None
@@ -74,6 +96,21 @@ class Settings(BaseSettings):
     # Test-mode events: "ignore" them, or "credit" them to a separate test ledger (user ids
     # prefixed "test-mode:"), never to live balances.
     lemonsqueezy_test_mode: Literal["ignore", "credit"] = "ignore"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError("DB_POOL_MIN must not exceed DB_POOL_MAX")
+        if self.reserve_default_ttl_seconds > self.reserve_max_ttl_seconds:
+            raise ValueError("RESERVE_DEFAULT_TTL_SECONDS must not exceed RESERVE_MAX_TTL_SECONDS")
+        if self.hold_ttl_seconds > self.reserve_max_ttl_seconds:
+            raise ValueError("HOLD_TTL_SECONDS must not exceed RESERVE_MAX_TTL_SECONDS")
+        if 0 < self.transient_key_retention_seconds < self.reserve_max_ttl_seconds:
+            # A transport retry of a Reserve must still find its key while the hold can live.
+            raise ValueError(
+                "TRANSIENT_KEY_RETENTION_SECONDS must be at least RESERVE_MAX_TTL_SECONDS"
+            )
+        return self
 
     @field_validator("jwt_algorithms", "http_cors_origins", mode="before")
     @classmethod

@@ -51,6 +51,13 @@ class DeadLetterNotFound(LedgerError):
     reason = "DEAD_LETTER_NOT_FOUND"
 
 
+class SubscriptionTokensUnknown(LedgerError):
+    """A subscription payment without tokens, and the subscription's tokens_per_period is
+    unknown (its variant was not in the catalog when its state was stored)."""
+
+    reason = "SUBSCRIPTION_TOKENS_UNKNOWN"
+
+
 class Unavailable(LedgerError):
     """The database could not be reached or failed; the caller may retry with the same key."""
 

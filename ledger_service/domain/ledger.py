@@ -1,31 +1,55 @@
 """The ledger's use cases: validate, apply the money rules, hand exact amounts to the store.
 
 Knows nothing of gRPC or SQL: the store is any object with the `LedgerStore` methods.
+
+Hot-path operations (Reserve, Settle, Release, ExtendHold) are one store call each. Payment
+operations (credits, refunds, subscription states) run as a unit of work (`PaymentsTx`, one
+database transaction) that this module drives: claim the idempotency key first, lock the subject
+(a purchase or a subscription), then apply, or park the event until its subject exists. The
+transaction that creates a subject applies what waited for it, so parking and waking cannot miss
+each other; a refusal rolls everything back, so it burns no key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from ledger_service.domain import money
-from ledger_service.domain.errors import InvalidArgument
+from ledger_service.domain.errors import (
+    InvalidArgument,
+    LedgerError,
+    PurchaseNotFound,
+    SubscriptionTokensUnknown,
+)
 from ledger_service.domain.types import (
+    PARKED_CREDIT,
+    PARKED_REFUND,
     Balance,
+    CreditCommand,
     DeadLetter,
+    DeadLetterPage,
     DeadLetterRecorded,
+    HoldExtension,
+    ParkedOperation,
     PurchaseCredited,
     PurchasePage,
     PurchaseRef,
     PurchaseSnapshot,
     PurchaseType,
     Refund,
+    RefundCommand,
+    RefundPlan,
+    RefundShare,
     Release,
     Reservation,
+    RetentionPolicy,
     Settlement,
     Subscription,
     SubscriptionUpsert,
@@ -35,6 +59,8 @@ from ledger_service.domain.types import (
     UserStatus,
     UserType,
 )
+
+log = logging.getLogger(__name__)
 
 # Bounds that no honest request comes near; past them a request is a bug or an attack.
 MAX_ID_CHARS = 256
@@ -54,28 +80,66 @@ MAX_RAW_BODY_BYTES = 1024 * 1024
 MAX_DEAD_LETTER_PAGE_BYTES = 3 * 1024 * 1024
 # A timestamp at or before the epoch is a zero value sent by mistake, not a provider's time.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Refunds are rare; two racing on one purchase retry a few times, then give up loudly.
-REFUND_ATTEMPTS = 5
+# A refund's money amounts (minor units of the payment's currency).
+MAX_MONEY_AMOUNT = 10**15
+# Rows deleted per statement by the retention sweep.
+RETENTION_BATCH = 1000
 
 
-class RefundRaced(Exception):
-    """The purchase changed between reading it and refunding it (another refund won)."""
+class PaymentsTx(Protocol):
+    """One database transaction for a payment operation. Leaving it with an exception rolls
+    everything back, the key claim included."""
 
+    async def claim_credit(self, key: str, request_hash: bytes) -> PurchaseCredited | None:
+        """The stored answer of this key (IdempotencyKeyReused for another request), or None:
+        the key is now claimed by this transaction (a concurrent copy waits for it)."""
+        ...
 
-class LedgerStore(Protocol):
-    async def credit_purchase(
+    async def claim_refund(self, key: str, request_hash: bytes) -> Refund | None: ...
+
+    async def lock_subject(self, subject: str) -> None:
+        """Serialises this transaction with every other one that locks `subject`."""
+        ...
+
+    async def subscription(self, source: str, external_id: str) -> Subscription | None: ...
+
+    async def purchase_for_update(self, ref: PurchaseRef) -> PurchaseSnapshot | None: ...
+
+    async def apply_credit(
         self,
-        key: str,
-        request_hash: bytes,
+        command: CreditCommand,
         user_id: str,
-        purchase_type: PurchaseType,
         tokens: int,
         credited: int,
         fee: int,
         user_share_percent: int,
-        source: str,
-        external_id: str,
-    ) -> PurchaseCredited: ...
+    ) -> tuple[PurchaseCredited, bool]:
+        """(the answer, whether this call created the purchase)."""
+        ...
+
+    async def apply_refund(self, key: str, purchase_id: str, plan: RefundPlan) -> Refund: ...
+
+    async def park(
+        self, subject: str, operation: str, key: str, request: dict[str, object]
+    ) -> None:
+        """Keeps the operation until `subject` exists; its key answers "parked" meanwhile."""
+        ...
+
+    async def waiting(self, subject: str) -> list[ParkedOperation]:
+        """Operations parked on `subject` and not applied yet, oldest first, locked."""
+        ...
+
+    async def settle_parked(self, parked: ParkedOperation, outcome: dict[str, object]) -> None:
+        """Marks a parked operation done; a refusal becomes its key's answer."""
+        ...
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def upsert_subscription(self, subscription: Subscription) -> SubscriptionUpsert: ...
+
+
+class LedgerStore(Protocol):
+    def payments(self) -> AbstractAsyncContextManager[PaymentsTx]: ...
 
     async def reserve(
         self,
@@ -85,7 +149,10 @@ class LedgerStore(Protocol):
         amount: int,
         ttl_seconds: int,
         usage_fee_percent: int,
+        transient_key: bool,
     ) -> Reservation: ...
+
+    async def extend_hold(self, reservation_id: uuid.UUID, ttl_seconds: int) -> HoldExtension: ...
 
     async def settle(
         self,
@@ -96,25 +163,10 @@ class LedgerStore(Protocol):
         fee: int,
         usage_fee_percent: int,
         cost_micro_usd: int | None,
+        answer: bytes | None,
     ) -> Settlement: ...
 
     async def release(self, reservation_id: uuid.UUID) -> Release: ...
-
-    async def find_purchase(self, ref: PurchaseRef) -> PurchaseSnapshot: ...
-
-    async def refund_purchase(
-        self,
-        key: str,
-        request_hash: bytes,
-        purchase: PurchaseSnapshot,
-        tokens: int,
-        user_part: int,
-        fee_part: int,
-    ) -> Refund:
-        """Raises RefundRaced when `purchase.tokens_refunded` is no longer current."""
-        ...
-
-    async def replayed_refund(self, key: str, request_hash: bytes) -> Refund | None: ...
 
     async def record_usage(
         self,
@@ -140,9 +192,9 @@ class LedgerStore(Protocol):
 
     async def sweep_expired(self, limit: int) -> int: ...
 
-    async def now(self) -> datetime: ...
+    async def apply_retention(self, policy: RetentionPolicy, limit: int) -> int: ...
 
-    async def upsert_subscription(self, subscription: Subscription) -> SubscriptionUpsert: ...
+    async def now(self) -> datetime: ...
 
     async def get_subscription(self, source: str, external_id: str) -> Subscription:
         """Raises SubscriptionNotFound."""
@@ -159,8 +211,14 @@ class LedgerStore(Protocol):
     ) -> DeadLetterRecorded: ...
 
     async def list_dead_letters(
-        self, source: str, subject: str, include_resolved: bool, limit: int, max_body_bytes: int
-    ) -> list[DeadLetter]: ...
+        self,
+        source: str,
+        subject: str,
+        include_resolved: bool,
+        limit: int,
+        max_body_bytes: int,
+        after: tuple[datetime, str] | None,
+    ) -> DeadLetterPage: ...
 
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID, resolution: str) -> DeadLetter:
         """Raises DeadLetterNotFound."""
@@ -171,12 +229,53 @@ class LedgerStore(Protocol):
 class HoldPolicy:
     default_ttl_seconds: int = 300
     max_ttl_seconds: int = 3600
+    # Largest call answer kept with a hold for replays; a larger one is not kept.
+    answer_max_bytes: int = 256 * 1024
 
 
 def request_hash(operation: str, **fields: object) -> bytes:
     """A fingerprint of a request's content, to tell a replay from a reused key."""
     canonical = json.dumps([operation, fields], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).digest()
+
+
+def purchase_subject(source: str, external_id: str) -> str:
+    return f"purchase:{source}:{external_id}"
+
+
+def subscription_subject(source: str, external_id: str) -> str:
+    return f"subscription:{source}:{external_id}"
+
+
+def plan_refund(command: RefundCommand, purchase: PurchaseSnapshot) -> RefundPlan:
+    """What a refund takes back, from the purchase as it stands (locked by the caller): the
+    tokens it covers and their split between the user's credit and the fee, in proportion to what
+    that purchase credited. A cumulative target already reached refunds nothing."""
+    remaining = purchase.tokens_purchased - purchase.tokens_refunded
+    if command.share is not None:
+        amount = money.refund_share_tokens(
+            purchase.tokens_purchased, command.share.refunded_amount, command.share.total_amount
+        )
+    else:
+        amount = command.tokens
+        if command.cumulative and amount > purchase.tokens_purchased:
+            raise InvalidArgument(
+                "tokens_to_refund", f"exceeds the {purchase.tokens_purchased} tokens purchased"
+            )
+    if command.cumulative:
+        tokens = max(0, amount - purchase.tokens_refunded)
+    elif command.share is None and amount == 0:
+        tokens = remaining
+    else:
+        tokens = amount
+    if tokens > remaining:
+        raise InvalidArgument(
+            "tokens_to_refund", f"exceeds the {remaining} tokens not yet refunded"
+        )
+    user_part, fee_part = money.refund_split(
+        purchase.tokens_purchased, purchase.tokens_credited, purchase.tokens_refunded, tokens
+    )
+    return RefundPlan(tokens, user_part, fee_part)
 
 
 class Ledger:
@@ -187,6 +286,8 @@ class Ledger:
         self.rates = rates
         self.holds = holds or HoldPolicy()
 
+    # ---- payments: credits, refunds, subscriptions (one transaction each) -------------------
+
     async def credit_purchase(
         self,
         idempotency_key: str,
@@ -195,27 +296,218 @@ class Ledger:
         purchase_type: PurchaseType | None,
         external_id: str,
         source: str,
+        subscription: str | None = None,
     ) -> PurchaseCredited:
+        """Credits a payment. A subscription payment (`subscription` names it, same source) is
+        credited to its subscription's user, and `tokens_purchased` 0 takes the subscription's
+        tokens per period; before its subscription is known it is parked, and credited in the
+        transaction that stores the subscription."""
         key = _id("idempotency_key", idempotency_key)
-        user = _id("user_id", user_id)
-        tokens = _amount("tokens_purchased", tokens_purchased, 1, MAX_TOKENS_PER_PURCHASE)
         if purchase_type is None:
             raise InvalidArgument("purchase_type", "must be SUBSCRIPTION or ONE_TIME")
         ext = _id("external_id", external_id)
         src = _id("source", source)
-        share = self.rates.user_share_percent
-        credited, fee = money.split_purchase(tokens, share)
-        digest = request_hash(
-            "credit_purchase",
-            user=user,
+        if subscription is None:
+            user = _id("user_id", user_id)
+            tokens = _amount("tokens_purchased", tokens_purchased, 1, MAX_TOKENS_PER_PURCHASE)
+        else:
+            subscription = _id("subscription.external_id", subscription)
+            user = _optional_id("user_id", user_id)
+            tokens = _amount("tokens_purchased", tokens_purchased, 0, MAX_TOKENS_PER_PURCHASE)
+        fields: dict[str, object] = {
+            "user": user,
+            "tokens": tokens,
+            "type": purchase_type.value,
+            "source": src,
+            "external_id": ext,
+        }
+        if subscription is not None:
+            # Only when set, so that keys stored before the field existed still replay.
+            fields["subscription"] = subscription
+        command = CreditCommand(
+            key=key,
+            request_hash=request_hash("credit_purchase", **fields),
+            user_id=user,
+            purchase_type=purchase_type,
             tokens=tokens,
-            type=purchase_type.value,
             source=src,
             external_id=ext,
+            subscription=subscription,
         )
-        return await self.store.credit_purchase(
-            key, digest, user, purchase_type, tokens, credited, fee, share, src, ext
+        async with self.store.payments() as tx:
+            prior = await tx.claim_credit(command.key, command.request_hash)
+            if prior is not None:
+                return prior
+            return await self._credit(tx, command)
+
+    async def _credit(self, tx: PaymentsTx, command: CreditCommand) -> PurchaseCredited:
+        """Applies a credit whose key this transaction holds (or parks it until its subscription
+        is known), then the refunds that waited for the purchase it creates."""
+        user, tokens = command.user_id, command.tokens
+        if command.subscription is not None:
+            subject = subscription_subject(command.source, command.subscription)
+            await tx.lock_subject(subject)
+            found = await tx.subscription(command.source, command.subscription)
+            if found is None:
+                await tx.park(subject, "credit_purchase", command.key, command.to_json())
+                return PARKED_CREDIT
+            # The subscription is the authority on whose payments these are.
+            user = found.user_id
+            if tokens == 0:
+                if found.tokens_per_period is None:
+                    raise SubscriptionTokensUnknown(
+                        f"subscription {command.subscription} has no known tokens per period"
+                    )
+                tokens = found.tokens_per_period
+        subject = purchase_subject(command.source, command.external_id)
+        await tx.lock_subject(subject)
+        share = self.rates.user_share_percent
+        credited, fee = money.split_purchase(tokens, share)
+        result, created = await tx.apply_credit(command, user, tokens, credited, fee, share)
+        if created:
+            await self._wake(tx, subject)
+        return result
+
+    async def refund_purchase(
+        self,
+        idempotency_key: str,
+        ref: PurchaseRef,
+        tokens_to_refund: int,
+        cumulative: bool = False,
+        share: RefundShare | None = None,
+        wait_for_purchase: bool = False,
+    ) -> Refund:
+        """Refunds `tokens_to_refund` purchased tokens (0: all not yet refunded), or the tokens
+        `share` of the payment covers; when `cumulative`, the amount is the refunded total to
+        reach. Sized from the ledger's own record of the purchase, never a catalog. With
+        `wait_for_purchase`, a refund of a purchase not credited yet waits for it."""
+        key = _id("idempotency_key", idempotency_key)
+        if ref.purchase_id is not None:
+            ref = PurchaseRef(purchase_id=str(_uuid("purchase_id", ref.purchase_id)))
+            if wait_for_purchase:
+                raise InvalidArgument(
+                    "wait_for_purchase", "only a purchase named by (source, external_id) can wait"
+                )
+        elif ref.source is not None or ref.external_id is not None:
+            ref = PurchaseRef(
+                source=_id("external.source", ref.source or ""),
+                external_id=_id("external.external_id", ref.external_id or ""),
+            )
+        else:
+            raise InvalidArgument("purchase", "name a purchase_id or an external (source, id)")
+        requested = _amount("tokens_to_refund", tokens_to_refund, 0, MAX_TOKENS_PER_PURCHASE)
+        fields: dict[str, object] = {
+            "purchase_id": ref.purchase_id,
+            "source": ref.source,
+            "external_id": ref.external_id,
+            "tokens": requested,
+        }
+        if share is not None:
+            total = _amount("share.total_amount", share.total_amount, 1, MAX_MONEY_AMOUNT)
+            _amount("share.refunded_amount", share.refunded_amount, 0, total)
+            if requested:
+                raise InvalidArgument("share", "give tokens_to_refund or share, not both")
+            fields["share"] = [share.refunded_amount, share.total_amount]
+        # Only when set, so that keys stored before these flags existed still replay.
+        if cumulative:
+            fields["cumulative"] = True
+        if wait_for_purchase:
+            fields["wait"] = True
+        command = RefundCommand(
+            key=key,
+            request_hash=request_hash("refund_purchase", **fields),
+            ref=ref,
+            tokens=requested,
+            share=share,
+            cumulative=cumulative,
+            wait_for_purchase=wait_for_purchase,
         )
+        async with self.store.payments() as tx:
+            # The key first: a concurrent duplicate waits here for the original's answer instead
+            # of judging the purchase as the original left it.
+            prior = await tx.claim_refund(command.key, command.request_hash)
+            if prior is not None:
+                return prior
+            return await self._refund(tx, command)
+
+    async def _refund(self, tx: PaymentsTx, command: RefundCommand) -> Refund:
+        ref = command.ref
+        subject = None
+        if ref.source is not None and ref.external_id is not None:
+            subject = purchase_subject(ref.source, ref.external_id)
+            await tx.lock_subject(subject)
+        purchase = await tx.purchase_for_update(ref)
+        if purchase is None:
+            if command.wait_for_purchase and subject is not None:
+                await tx.park(subject, "refund_purchase", command.key, command.to_json())
+                return PARKED_REFUND
+            raise PurchaseNotFound("no such purchase")
+        plan = plan_refund(command, purchase)
+        return await tx.apply_refund(command.key, purchase.purchase_id, plan)
+
+    async def _wake(self, tx: PaymentsTx, subject: str) -> int:
+        """Applies what waited for `subject`, which this transaction just created. A parked
+        operation the rules refuse is settled with its error (its key answers it); one that
+        still cannot apply (a subscription's tokens unknown) keeps waiting. Returns how many
+        were applied."""
+        applied = 0
+        for parked in await tx.waiting(subject):
+            command = _parked_command(parked)
+            try:
+                async with tx.savepoint():
+                    if isinstance(command, CreditCommand):
+                        await self._credit(tx, command)
+                    else:
+                        await self._refund(tx, command)
+            except SubscriptionTokensUnknown:
+                continue
+            except LedgerError as exc:
+                log.warning("parked %s on %s refused: %s", parked.operation, subject, exc.reason)
+                await tx.settle_parked(parked, _refusal(exc))
+                continue
+            await tx.settle_parked(parked, {"applied": True})
+            applied += 1
+        return applied
+
+    async def upsert_subscription(
+        self,
+        source: str,
+        external_id: str,
+        user_id: str,
+        variant_id: str,
+        status: str,
+        renews_at: datetime | None,
+        ends_at: datetime | None,
+        provider_updated_at: datetime | None,
+        tokens_per_period: int = 0,
+    ) -> SubscriptionUpsert:
+        """Stores the provider's state unless the stored one is newer (or as new and not
+        outranked: a terminal status wins a tie); stale and duplicate deliveries change nothing.
+        Payments that waited for this subscription are credited in the same transaction."""
+        if provider_updated_at is None:
+            raise InvalidArgument("subscription.provider_updated_at", "is required")
+        tokens = _amount(
+            "subscription.tokens_per_period", tokens_per_period, 0, MAX_TOKENS_PER_PURCHASE
+        )
+        subscription = Subscription(
+            source=_id("subscription.source", source),
+            external_id=_id("subscription.external_id", external_id),
+            user_id=_id("subscription.user_id", user_id),
+            variant_id=_optional_id("subscription.variant_id", variant_id),
+            status=_id("subscription.status", status),
+            renews_at=_optional_moment("subscription.renews_at", renews_at),
+            ends_at=_optional_moment("subscription.ends_at", ends_at),
+            provider_updated_at=_moment("subscription.provider_updated_at", provider_updated_at),
+            tokens_per_period=tokens or None,
+        )
+        subject = subscription_subject(subscription.source, subscription.external_id)
+        async with self.store.payments() as tx:
+            await tx.lock_subject(subject)
+            upsert = await tx.upsert_subscription(subscription)
+            credited = await self._wake(tx, subject)
+        return replace(upsert, parked_credits_applied=credited)
+
+    # ---- holds: the hot path (one store call each) ------------------------------------------
 
     async def reserve(
         self,
@@ -224,12 +516,12 @@ class Ledger:
         estimated_tokens: int,
         ttl_seconds: int,
         fingerprint: str = "",
+        transient_key: bool = False,
     ) -> Reservation:
         key = _id("idempotency_key", idempotency_key)
         user = _id("user_id", user_id)
         estimate = _amount("estimated_tokens", estimated_tokens, 1, MAX_TOKENS_PER_CALL)
-        ttl = ttl_seconds or self.holds.default_ttl_seconds
-        _amount("ttl_seconds", ttl, 1, self.holds.max_ttl_seconds)
+        ttl = self._ttl(ttl_seconds)
         fee_percent = self.rates.usage_fee_percent
         amount = money.hold_amount(estimate, fee_percent)
         if len(fingerprint) > MAX_ID_CHARS:
@@ -237,10 +529,23 @@ class Ledger:
         digest = request_hash(
             "reserve", user=user, estimated=estimate, ttl=ttl_seconds, fingerprint=fingerprint
         )
-        return await self.store.reserve(key, digest, user, amount, ttl, fee_percent)
+        return await self.store.reserve(key, digest, user, amount, ttl, fee_percent, transient_key)
+
+    async def extend_hold(self, reservation_id: str, ttl_seconds: int) -> HoldExtension:
+        """The hold lives at least `ttl_seconds` more (by the database clock) while it is held."""
+        hold = _uuid("reservation_id", reservation_id)
+        return await self.store.extend_hold(hold, self._ttl(ttl_seconds))
+
+    def _ttl(self, ttl_seconds: int) -> int:
+        ttl = ttl_seconds or self.holds.default_ttl_seconds
+        return _amount("ttl_seconds", ttl, 1, self.holds.max_ttl_seconds)
 
     async def settle(
-        self, reservation_id: str, usage: Usage | None, cost_micro_usd: int | None
+        self,
+        reservation_id: str,
+        usage: Usage | None,
+        cost_micro_usd: int | None,
+        answer: bytes = b"",
     ) -> Settlement:
         hold = _uuid("reservation_id", reservation_id)
         checked = _usage(usage)
@@ -256,79 +561,25 @@ class Ledger:
             output=checked.output_tokens,
             cost=cost_micro_usd,
         )
-        return await self.store.settle(
-            hold, digest, checked, used, fee, fee_percent, cost_micro_usd
+        # An answer too large to keep is not kept: the call is charged all the same, and a retry
+        # of it learns that it ran, without its text.
+        kept = answer if answer and len(answer) <= self.holds.answer_max_bytes else None
+        settlement = await self.store.settle(
+            hold, digest, checked, used, fee, fee_percent, cost_micro_usd, kept
         )
+        if settlement.overrun_tokens and not settlement.replayed:
+            # Holds are sized from an upper bound on what a call can use: past it, the provider
+            # reported more than the call could have used. Charged as far as the balance allowed.
+            log.warning(
+                "settle beyond its hold: reservation %s, %d tokens over, %d unbilled",
+                hold,
+                settlement.overrun_tokens,
+                settlement.unbilled_tokens,
+            )
+        return settlement
 
     async def release(self, reservation_id: str) -> Release:
         return await self.store.release(_uuid("reservation_id", reservation_id))
-
-    async def refund_purchase(
-        self,
-        idempotency_key: str,
-        ref: PurchaseRef,
-        tokens_to_refund: int,
-        cumulative: bool = False,
-    ) -> Refund:
-        """Refunds `tokens_to_refund` purchased tokens (0: all not yet refunded), or, when
-        `cumulative`, whatever brings the purchase's refunded total up to `tokens_to_refund`
-        (a total already reached or passed refunds nothing: never a negative refund)."""
-        key = _id("idempotency_key", idempotency_key)
-        if ref.purchase_id is not None:
-            ref = PurchaseRef(purchase_id=str(_uuid("purchase_id", ref.purchase_id)))
-        elif ref.source is not None or ref.external_id is not None:
-            ref = PurchaseRef(
-                source=_id("external.source", ref.source or ""),
-                external_id=_id("external.external_id", ref.external_id or ""),
-            )
-        else:
-            raise InvalidArgument("purchase", "name a purchase_id or an external (source, id)")
-        requested = _amount("tokens_to_refund", tokens_to_refund, 0, MAX_TOKENS_PER_PURCHASE)
-        fields: dict[str, object] = {
-            "purchase_id": ref.purchase_id,
-            "source": ref.source,
-            "external_id": ref.external_id,
-            "tokens": requested,
-        }
-        if cumulative:
-            # Only when set, so that keys stored before the flag existed still replay.
-            fields["cumulative"] = True
-        digest = request_hash("refund_purchase", **fields)
-        for _ in range(REFUND_ATTEMPTS):
-            # A replay must answer the original even after the purchase changed since.
-            replay = await self.store.replayed_refund(key, digest)
-            if replay is not None:
-                return replay
-            purchase = await self.store.find_purchase(ref)
-            remaining = purchase.tokens_purchased - purchase.tokens_refunded
-            if cumulative:
-                if requested > purchase.tokens_purchased:
-                    raise InvalidArgument(
-                        "tokens_to_refund",
-                        f"exceeds the {purchase.tokens_purchased} tokens purchased",
-                    )
-                # From this snapshot; if another refund moves the total first, the store
-                # answers RefundRaced and the next attempt recomputes from the new total.
-                tokens = max(0, requested - purchase.tokens_refunded)
-            else:
-                tokens = remaining if requested == 0 else requested
-            if tokens > remaining:
-                raise InvalidArgument(
-                    "tokens_to_refund", f"exceeds the {remaining} tokens not yet refunded"
-                )
-            user_part, fee_part = money.refund_split(
-                purchase.tokens_purchased,
-                purchase.tokens_credited,
-                purchase.tokens_refunded,
-                tokens,
-            )
-            try:
-                return await self.store.refund_purchase(
-                    key, digest, purchase, tokens, user_part, fee_part
-                )
-            except RefundRaced:
-                continue
-        raise RefundRaced("the purchase kept changing; retry the refund")
 
     async def record_usage(
         self,
@@ -356,6 +607,8 @@ class Ledger:
             cost=cost_micro_usd,
         )
         return await self.store.record_usage(key, digest, user, user_type, checked, cost_micro_usd)
+
+    # ---- reads ------------------------------------------------------------------------------
 
     async def balance(self, user_id: str) -> Balance:
         return await self.store.balance(_id("user_id", user_id))
@@ -385,36 +638,17 @@ class Ledger:
         size = _amount("page_size", page_size or DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
         return await self.store.purchase_history(user, size, after)
 
+    # ---- background ---------------------------------------------------------------------------
+
     async def sweep_expired(self, batch: int) -> int:
         """Expires due holds; returns how many. Safe to run from any number of replicas."""
         return await self.store.sweep_expired(batch)
 
-    async def upsert_subscription(
-        self,
-        source: str,
-        external_id: str,
-        user_id: str,
-        variant_id: str,
-        status: str,
-        renews_at: datetime | None,
-        ends_at: datetime | None,
-        provider_updated_at: datetime | None,
-    ) -> SubscriptionUpsert:
-        """Stores the provider's state unless the stored one is as new or newer (by the
-        provider's updated_at): stale and duplicate deliveries change nothing."""
-        if provider_updated_at is None:
-            raise InvalidArgument("subscription.provider_updated_at", "is required")
-        subscription = Subscription(
-            source=_id("subscription.source", source),
-            external_id=_id("subscription.external_id", external_id),
-            user_id=_id("subscription.user_id", user_id),
-            variant_id=_optional_id("subscription.variant_id", variant_id),
-            status=_id("subscription.status", status),
-            renews_at=_optional_moment("subscription.renews_at", renews_at),
-            ends_at=_optional_moment("subscription.ends_at", ends_at),
-            provider_updated_at=_moment("subscription.provider_updated_at", provider_updated_at),
-        )
-        return await self.store.upsert_subscription(subscription)
+    async def apply_retention(self, policy: RetentionPolicy) -> int:
+        """Deletes one batch of what outlived its retention; returns how many rows."""
+        return await self.store.apply_retention(policy, RETENTION_BATCH)
+
+    # ---- subscriptions and dead letters ----------------------------------------------------
 
     async def subscription(self, source: str, external_id: str) -> Subscription:
         return await self.store.get_subscription(
@@ -442,15 +676,20 @@ class Ledger:
         return await self.store.record_dead_letter(src, event, about, why, raw_body, key)
 
     async def dead_letters(
-        self, source: str, subject: str, include_resolved: bool, page_size: int
-    ) -> list[DeadLetter]:
-        """Oldest first; a page stops early rather than carry more than
+        self,
+        source: str,
+        subject: str,
+        include_resolved: bool,
+        page_size: int,
+        after: tuple[datetime, str] | None = None,
+    ) -> DeadLetterPage:
+        """Oldest first, after the cursor; a page stops early rather than carry more than
         MAX_DEAD_LETTER_PAGE_BYTES of raw bodies."""
         src = _id("source", source)
         about = _optional_id("subject", subject)
         size = _amount("page_size", page_size or DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
         return await self.store.list_dead_letters(
-            src, about, include_resolved, size, MAX_DEAD_LETTER_PAGE_BYTES
+            src, about, include_resolved, size, MAX_DEAD_LETTER_PAGE_BYTES, after
         )
 
     async def resolve_dead_letter(self, dead_letter_id: str, resolution: str) -> DeadLetter:
@@ -458,6 +697,20 @@ class Ledger:
         letter = _uuid("dead_letter_id", dead_letter_id)
         note = _id("resolution", resolution, MAX_NOTE_CHARS)
         return await self.store.resolve_dead_letter(letter, note)
+
+
+def _refusal(exc: LedgerError) -> dict[str, object]:
+    """A refusal as a parked operation's key keeps answering it."""
+    refusal: dict[str, object] = {"error": exc.reason, "detail": exc.message}
+    if isinstance(exc, InvalidArgument):
+        refusal.update(field=exc.field, problem=exc.message.split(": ", 1)[-1])
+    return refusal
+
+
+def _parked_command(parked: ParkedOperation) -> CreditCommand | RefundCommand:
+    if parked.operation == "credit_purchase":
+        return CreditCommand.from_json(parked.request)
+    return RefundCommand.from_json(parked.request)
 
 
 def _id(field: str, value: str, max_chars: int = MAX_ID_CHARS) -> str:

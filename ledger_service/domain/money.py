@@ -56,3 +56,9 @@ def refund_split(
     user_after = (refunded_before + tokens_to_refund) * tokens_credited // tokens_purchased
     user_part = user_after - user_before
     return user_part, tokens_to_refund - user_part
+
+
+def refund_share_tokens(tokens_purchased: int, refunded_amount: int, total_amount: int) -> int:
+    """Purchased tokens a refund of `refunded_amount` out of `total_amount` covers (floor): what
+    that purchase bought, in proportion to the money returned. Never the catalog's figure."""
+    return tokens_purchased * refunded_amount // total_amount

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 
 class PurchaseType(enum.StrEnum):
@@ -22,6 +23,8 @@ class UserType(enum.StrEnum):
 class Balance:
     available: int
     reserved: int
+    # Tokens of refunded payments still to collect (see Account.owed).
+    owed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,12 @@ class PurchaseCredited:
     platform_fee_tokens: int
     balance: Balance
     replayed: bool = False
+    # Waits for its subscription: nothing credited yet.
+    parked: bool = False
+    owed_collected: int = 0
+
+
+PARKED_CREDIT = PurchaseCredited("", 0, 0, Balance(0, 0), parked=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,14 @@ class Reservation:
     balance: Balance
     replayed: bool = False
     status: str = "held"
+    # On a replay of a settled hold: the answer its Settle stored, and what the Settle answered.
+    answer: bytes | None = None
+    settlement: Settlement | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldExtension:
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +81,9 @@ class Settlement:
     unbilled_tokens: int
     balance: Balance
     replayed: bool = False
+    overrun_tokens: int = 0
+    owed_collected: int = 0
+    answer_stored: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +91,7 @@ class Release:
     released_tokens: int
     balance: Balance
     replayed: bool = False
+    owed_collected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +119,117 @@ class Refund:
     platform_fee_reversed: int
     balance: Balance
     replayed: bool = False
+    # Waits for its purchase: nothing moved yet.
+    parked: bool = False
+
+
+PARKED_REFUND = Refund(0, 0, 0, 0, Balance(0, 0), parked=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RefundShare:
+    """A refund as the payment provider states it: money out of the payment's total."""
+
+    refunded_amount: int
+    total_amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefundCommand:
+    """A validated RefundPurchase. Stored as JSON while it waits for its purchase."""
+
+    key: str
+    request_hash: bytes
+    ref: PurchaseRef
+    tokens: int  # with `share` None: tokens (0: everything not yet refunded)
+    share: RefundShare | None
+    cumulative: bool
+    wait_for_purchase: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "request_hash": self.request_hash.hex(),
+            "purchase_id": self.ref.purchase_id,
+            "source": self.ref.source,
+            "external_id": self.ref.external_id,
+            "tokens": self.tokens,
+            "share": (
+                None
+                if self.share is None
+                else [self.share.refunded_amount, self.share.total_amount]
+            ),
+            "cumulative": self.cumulative,
+            "wait_for_purchase": self.wait_for_purchase,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RefundCommand:
+        share = data["share"]
+        return cls(
+            key=data["key"],
+            request_hash=bytes.fromhex(data["request_hash"]),
+            ref=PurchaseRef(data["purchase_id"], data["source"], data["external_id"]),
+            tokens=int(data["tokens"]),
+            share=None if share is None else RefundShare(int(share[0]), int(share[1])),
+            cumulative=bool(data["cumulative"]),
+            wait_for_purchase=bool(data["wait_for_purchase"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RefundPlan:
+    """What one refund moves, sized by the domain from the locked purchase."""
+
+    tokens: int
+    user_part: int
+    fee_part: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCommand:
+    """A validated CreditPurchase. Stored as JSON while it waits for its subscription."""
+
+    key: str
+    request_hash: bytes
+    user_id: str  # "" for a subscription payment: its subscription's user
+    purchase_type: PurchaseType
+    tokens: int  # 0 for a subscription payment: its subscription's tokens_per_period
+    source: str
+    external_id: str
+    subscription: str | None  # the subscription's external id (same source), if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "request_hash": self.request_hash.hex(),
+            "user_id": self.user_id,
+            "purchase_type": self.purchase_type.value,
+            "tokens": self.tokens,
+            "source": self.source,
+            "external_id": self.external_id,
+            "subscription": self.subscription,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CreditCommand:
+        return cls(
+            key=data["key"],
+            request_hash=bytes.fromhex(data["request_hash"]),
+            user_id=data["user_id"],
+            purchase_type=PurchaseType(data["purchase_type"]),
+            tokens=int(data["tokens"]),
+            source=data["source"],
+            external_id=data["external_id"],
+            subscription=data["subscription"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedOperation:
+    parked_id: str
+    operation: str  # "credit_purchase" | "refund_purchase"
+    request: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +310,8 @@ class Subscription:
     renews_at: datetime | None
     ends_at: datetime | None
     provider_updated_at: datetime
+    # Tokens each payment buys (from the gateway's catalog); None: unknown.
+    tokens_per_period: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +319,8 @@ class SubscriptionUpsert:
     # False: the stored state was as new or newer (a duplicate or stale delivery).
     applied: bool
     subscription: Subscription
+    # Payments that waited for this subscription, credited in the same transaction.
+    parked_credits_applied: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,3 +340,20 @@ class DeadLetter:
     created_at: datetime
     resolved_at: datetime | None
     resolution: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    letters: list[DeadLetter]
+    # (created_at, id) of the last letter when more follow.
+    next_cursor: tuple[datetime, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long what only serves replays is kept (seconds; 0 keeps it forever)."""
+
+    transient_key_seconds: int = 86_400
+    key_seconds: int = 30 * 86_400
+    answer_seconds: int = 86_400
+    resolved_seconds: int = 90 * 86_400

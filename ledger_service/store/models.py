@@ -12,6 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -68,6 +69,7 @@ class Account(Base):
         CheckConstraint("available >= 0", name="available_nonnegative"),
         CheckConstraint("reserved >= 0", name="reserved_nonnegative"),
         CheckConstraint("(user_id IS NULL) <> (code IS NULL)", name="user_or_platform"),
+        CheckConstraint("owed >= 0", name="owed_nonnegative"),
     )
 
     id: Mapped[int] = mapped_column(
@@ -77,6 +79,9 @@ class Account(Base):
     code: Mapped[str | None] = mapped_column(Text, unique=True)
     available: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # Tokens of refunded payments the balance could not give back (spent, or on hold): collected
+    # from the next tokens that become available. owed > 0 implies available = 0.
+    owed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     created_at: Mapped[datetime] = _now()
 
 
@@ -140,6 +145,29 @@ class Hold(Base):
     settle_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     settle_response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     release_response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    # Charge beyond the hold: a provider anomaly (holds are sized from an upper bound).
+    overrun: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+
+
+# The table's own bound; the ledger's configured ANSWER_MAX_BYTES is at most this.
+HOLD_ANSWER_MAX_BYTES = 16 * 1024 * 1024
+
+
+class HoldAnswer(Base):
+    """The answer a keyed call settled with (opaque to the ledger), for its retries; deleted
+    after ANSWER_RETENTION_SECONDS."""
+
+    __tablename__ = "hold_answers"
+    __table_args__ = (
+        CheckConstraint(f"octet_length(answer) <= {HOLD_ANSWER_MAX_BYTES}", name="answer_bounded"),
+        Index("ix_hold_answers_created_at", "created_at"),
+    )
+
+    hold_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("holds.id"), primary_key=True
+    )
+    answer: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = _now()
 
 
 class Purchase(Base):
@@ -210,11 +238,14 @@ class IdempotencyKey(Base):
     """The stored original answer (success or failure) of a keyed mutating call."""
 
     __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
     operation: Mapped[str] = mapped_column(Text, primary_key=True)
     key: Mapped[str] = mapped_column(Text, primary_key=True)
     request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    # The key only guards transport retries of a keyless call: kept for the short retention.
+    transient: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     created_at: Mapped[datetime] = _now()
 
 
@@ -229,6 +260,9 @@ class Subscription(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
         CheckConstraint("status <> ''", name="status_not_empty"),
+        CheckConstraint(
+            "tokens_per_period IS NULL OR tokens_per_period > 0", name="tokens_per_period_positive"
+        ),
         Index(None, "user_id"),
     )
 
@@ -243,6 +277,8 @@ class Subscription(Base):
     created_at: Mapped[datetime] = _now()
     # When the ledger last applied a state (not the provider's clock).
     updated_at: Mapped[datetime] = _now()
+    # Tokens each payment buys, from the gateway's catalog when a state was applied; NULL: unknown.
+    tokens_per_period: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class DeadLetter(Base):
@@ -265,6 +301,11 @@ class DeadLetter(Base):
             "id",
             postgresql_where=text("resolved_at IS NULL"),
         ),
+        Index(
+            "ix_dead_letters_resolved_at",
+            "resolved_at",
+            postgresql_where=text("resolved_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -277,3 +318,33 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = _now()
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     resolution: Mapped[str | None] = mapped_column(Text)
+
+
+class ParkedOperation(Base):
+    """A payment event that arrived before its subject (an invoice before its subscription, a
+    refund before its purchase). The transaction that creates the subject applies it."""
+
+    __tablename__ = "parked_operations"
+    __table_args__ = (
+        UniqueConstraint("operation", "idempotency_key"),
+        CheckConstraint(
+            "operation IN ('credit_purchase', 'refund_purchase')", name="operation_known"
+        ),
+        CheckConstraint("(applied_at IS NULL) = (outcome IS NULL)", name="applied_with_outcome"),
+        Index(
+            "ix_parked_operations_waiting",
+            "subject",
+            "created_at",
+            postgresql_where=text("applied_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    # "purchase:<source>:<external id>" or "subscription:<source>:<external id>".
+    subject: Mapped[str] = mapped_column(Text, nullable=False)
+    operation: Mapped[str] = mapped_column(Text, nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(Text, nullable=False)
+    request: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[dict[str, object] | None] = mapped_column(JSONB)

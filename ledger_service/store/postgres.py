@@ -1,15 +1,19 @@
 """The ledger's store on Postgres, through asyncpg.
 
-Every mutation is one call of a SQL function (see migrations/versions/0002 and 0005): one round
-trip, one transaction. Reads are single statements. This module turns their answers (jsonb, or
-rows) into domain results and domain errors; it holds no money rule of its own.
+Hot-path mutations (Reserve, Settle, Release, ExtendHold) and analytics records are one call of
+a SQL function each (see migrations/versions/0002, 0005, 0006): one round trip, one transaction.
+Payment operations run in a `PgPaymentsTx`, one transaction the domain drives step by step. Reads
+are single statements. This module turns answers (jsonb, or rows) into domain results and domain
+errors; it holds no money rule of its own.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, TypeVar, cast
@@ -20,18 +24,21 @@ from ledger_service.domain.errors import (
     DeadLetterNotFound,
     IdempotencyKeyReused,
     InsufficientBalance,
+    InvalidArgument,
     LedgerError,
-    PurchaseNotFound,
     ReservationNotFound,
     ReservationNotHeld,
     SubscriptionNotFound,
     Unavailable,
 )
-from ledger_service.domain.ledger import RefundRaced
 from ledger_service.domain.types import (
     Balance,
+    CreditCommand,
     DeadLetter,
+    DeadLetterPage,
     DeadLetterRecorded,
+    HoldExtension,
+    ParkedOperation,
     PurchaseCredited,
     PurchasePage,
     PurchaseRecord,
@@ -39,8 +46,10 @@ from ledger_service.domain.types import (
     PurchaseSnapshot,
     PurchaseType,
     Refund,
+    RefundPlan,
     Release,
     Reservation,
+    RetentionPolicy,
     Settlement,
     Subscription,
     SubscriptionUpsert,
@@ -81,7 +90,15 @@ async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
 
 def _balance(answer: Answer) -> Balance:
     bal = answer["balance"]
-    return Balance(available=int(bal["available"]), reserved=int(bal["reserved"]))
+    return Balance(
+        available=int(bal["available"]),
+        reserved=int(bal["reserved"]),
+        owed=int(bal.get("owed", 0)),
+    )
+
+
+def _moment_us(value: object) -> datetime:
+    return datetime.fromtimestamp(int(cast(int, value)) / 1_000_000, UTC)
 
 
 _ERRORS: dict[str, type[LedgerError]] = {
@@ -112,6 +129,17 @@ def _raise_if_error(answer: Answer) -> None:
     raise error("no such reservation")
 
 
+def _raise_stored_refusal(answer: Answer) -> None:
+    """A parked operation the rules refused when its subject arrived: its key answers that."""
+    reason = answer.get("error")
+    if reason is None:
+        return
+    if reason == InvalidArgument.reason:
+        raise InvalidArgument(str(answer.get("field", "")), str(answer.get("problem", "")))
+    error = next((e for e in _ERRORS.values() if e.reason == reason), LedgerError)
+    raise error(str(answer.get("detail", reason)))
+
+
 # Failures of the connection, not of the request: the caller may retry with the same key.
 _UNAVAILABLE = (
     OSError,  # refused, reset, unreachable
@@ -136,6 +164,145 @@ def _guarded(method: F) -> F:
     return cast(F, wrapper)
 
 
+_PURCHASE_SNAPSHOT = "SELECT id, tokens_purchased, tokens_credited, tokens_refunded FROM purchases"
+
+
+class PgPaymentsTx:
+    """The domain's unit of work for payments: one connection, one open transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def _claim(self, operation: str, key: str, request_hash: bytes) -> Answer | None:
+        answer: Answer | None = await self.conn.fetchval(
+            "SELECT ledger_claim_key($1, $2, $3)", operation, key, request_hash
+        )
+        if answer is not None:
+            _raise_if_error(answer)
+            _raise_stored_refusal(answer)
+        return answer
+
+    async def claim_credit(self, key: str, request_hash: bytes) -> PurchaseCredited | None:
+        answer = await self._claim("credit_purchase", key, request_hash)
+        return None if answer is None else _credited(answer)
+
+    async def claim_refund(self, key: str, request_hash: bytes) -> Refund | None:
+        answer = await self._claim("refund_purchase", key, request_hash)
+        return None if answer is None else _refund(answer)
+
+    async def lock_subject(self, subject: str) -> None:
+        await self.conn.execute("SELECT ledger_lock_subject($1)", subject)
+
+    async def subscription(self, source: str, external_id: str) -> Subscription | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM subscriptions WHERE source = $1 AND external_id = $2",
+            source,
+            external_id,
+        )
+        return None if row is None else _subscription(row)
+
+    async def purchase_for_update(self, ref: PurchaseRef) -> PurchaseSnapshot | None:
+        if ref.purchase_id:
+            row = await self.conn.fetchrow(
+                f"{_PURCHASE_SNAPSHOT} WHERE id = $1 FOR UPDATE", uuid.UUID(ref.purchase_id)
+            )
+        else:
+            row = await self.conn.fetchrow(
+                f"{_PURCHASE_SNAPSHOT} WHERE source = $1 AND external_id = $2 FOR UPDATE",
+                ref.source,
+                ref.external_id,
+            )
+        if row is None:
+            return None
+        return PurchaseSnapshot(
+            purchase_id=str(row["id"]),
+            tokens_purchased=row["tokens_purchased"],
+            tokens_credited=row["tokens_credited"],
+            tokens_refunded=row["tokens_refunded"],
+        )
+
+    async def apply_credit(
+        self,
+        command: CreditCommand,
+        user_id: str,
+        tokens: int,
+        credited: int,
+        fee: int,
+        user_share_percent: int,
+    ) -> tuple[PurchaseCredited, bool]:
+        answer: Answer = await self.conn.fetchval(
+            "SELECT ledger_apply_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            command.key, command.request_hash, user_id, command.purchase_type.value, tokens,
+            credited, fee, user_share_percent, command.source, command.external_id,
+        )  # fmt: skip
+        _raise_if_error(answer)
+        return _credited(answer), bool(answer.get("created", False))
+
+    async def apply_refund(self, key: str, purchase_id: str, plan: RefundPlan) -> Refund:
+        answer: Answer = await self.conn.fetchval(
+            "SELECT ledger_apply_refund($1, $2, $3, $4, $5)",
+            key,
+            uuid.UUID(purchase_id),
+            plan.tokens,
+            plan.user_part,
+            plan.fee_part,
+        )
+        return _refund(answer)
+
+    async def park(
+        self, subject: str, operation: str, key: str, request: dict[str, object]
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO parked_operations (id, subject, operation, idempotency_key, request)"
+            " VALUES (gen_random_uuid(), $1, $2, $3, $4)"
+            " ON CONFLICT (operation, idempotency_key) DO NOTHING",
+            subject,
+            operation,
+            key,
+            request,
+        )
+        await self.conn.execute(
+            "SELECT ledger_store_answer($1, $2, $3)", operation, key, {"parked": True}
+        )
+
+    async def waiting(self, subject: str) -> list[ParkedOperation]:
+        rows = await self.conn.fetch(
+            "SELECT id, operation, request FROM parked_operations"
+            " WHERE subject = $1 AND applied_at IS NULL ORDER BY created_at, id FOR UPDATE",
+            subject,
+        )
+        return [ParkedOperation(str(r["id"]), r["operation"], r["request"]) for r in rows]
+
+    async def settle_parked(self, parked: ParkedOperation, outcome: dict[str, object]) -> None:
+        await self.conn.execute(
+            "UPDATE parked_operations SET applied_at = now(), outcome = $2 WHERE id = $1",
+            uuid.UUID(parked.parked_id),
+            outcome,
+        )
+        if "error" in outcome:
+            # The key answered "parked" so far; from now on it answers the refusal.
+            key = parked.request["key"]
+            await self.conn.execute(
+                "SELECT ledger_store_answer($1, $2, $3)", parked.operation, key, outcome
+            )
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        async with self.conn.transaction():
+            yield
+
+    async def upsert_subscription(self, subscription: Subscription) -> SubscriptionUpsert:
+        s = subscription
+        row = await self.conn.fetchrow(
+            "SELECT r.applied, (r.subscription).*"
+            " FROM ledger_upsert_subscription($1, $2, $3, $4, $5, $6, $7, $8, $9) AS r",
+            s.source, s.external_id, s.user_id, s.variant_id, s.status, s.renews_at, s.ends_at,
+            s.provider_updated_at, s.tokens_per_period,
+        )  # fmt: skip
+        assert row is not None
+        return SubscriptionUpsert(applied=row["applied"], subscription=_subscription(row))
+
+
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -145,32 +312,13 @@ class PostgresStore:
         _raise_if_error(answer)
         return answer
 
-    @_guarded
-    async def credit_purchase(
-        self,
-        key: str,
-        request_hash: bytes,
-        user_id: str,
-        purchase_type: PurchaseType,
-        tokens: int,
-        credited: int,
-        fee: int,
-        user_share_percent: int,
-        source: str,
-        external_id: str,
-    ) -> PurchaseCredited:
-        a = await self._call(
-            "SELECT ledger_credit_purchase($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            key, request_hash, user_id, purchase_type.value, tokens, credited, fee,
-            user_share_percent, source, external_id,
-        )  # fmt: skip
-        return PurchaseCredited(
-            purchase_id=str(a["purchase_id"]),
-            tokens_credited=int(a["tokens_credited"]),
-            platform_fee_tokens=int(a["platform_fee_tokens"]),
-            balance=_balance(a),
-            replayed=bool(a.get("replayed", False)),
-        )
+    @asynccontextmanager
+    async def payments(self) -> AsyncIterator[PgPaymentsTx]:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield PgPaymentsTx(conn)
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
 
     @_guarded
     async def reserve(
@@ -181,19 +329,29 @@ class PostgresStore:
         amount: int,
         ttl_seconds: int,
         usage_fee_percent: int,
+        transient_key: bool,
     ) -> Reservation:
         a = await self._call(
-            "SELECT ledger_reserve($1, $2, $3, $4, $5, $6)",
-            key, request_hash, user_id, amount, ttl_seconds, usage_fee_percent,
+            "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, $7)",
+            key, request_hash, user_id, amount, ttl_seconds, usage_fee_percent, transient_key,
         )  # fmt: skip
+        answer = a.get("answer")
+        settled = a.get("settlement")
         return Reservation(
             reservation_id=str(a["reservation_id"]),
             reserved_tokens=int(a["reserved_tokens"]),
-            expires_at=datetime.fromtimestamp(int(a["expires_at_us"]) / 1_000_000, UTC),
+            expires_at=_moment_us(a["expires_at_us"]),
             balance=_balance(a),
             replayed=bool(a.get("replayed", False)),
             status=str(a.get("status", "held")),
+            answer=None if answer is None else base64.b64decode(answer),
+            settlement=None if settled is None else _settlement(settled),
         )
+
+    @_guarded
+    async def extend_hold(self, reservation_id: uuid.UUID, ttl_seconds: int) -> HoldExtension:
+        a = await self._call("SELECT ledger_extend_hold($1, $2)", reservation_id, ttl_seconds)
+        return HoldExtension(expires_at=_moment_us(a["expires_at_us"]))
 
     @_guarded
     async def settle(
@@ -205,21 +363,14 @@ class PostgresStore:
         fee: int,
         usage_fee_percent: int,
         cost_micro_usd: int | None,
+        answer: bytes | None,
     ) -> Settlement:
         a = await self._call(
-            "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             reservation_id, request_hash, tokens_used, fee, usage_fee_percent, usage.provider,
-            usage.model, usage.input_tokens, usage.output_tokens, cost_micro_usd,
+            usage.model, usage.input_tokens, usage.output_tokens, cost_micro_usd, answer,
         )  # fmt: skip
-        return Settlement(
-            tokens_used=int(a["tokens_used"]),
-            fee_tokens=int(a["fee_tokens"]),
-            tokens_charged=int(a["tokens_charged"]),
-            released_tokens=int(a["released_tokens"]),
-            unbilled_tokens=int(a["unbilled_tokens"]),
-            balance=_balance(a),
-            replayed=bool(a.get("replayed", False)),
-        )
+        return _settlement(a)
 
     @_guarded
     async def release(self, reservation_id: uuid.UUID) -> Release:
@@ -228,64 +379,8 @@ class PostgresStore:
             released_tokens=int(a["released_tokens"]),
             balance=_balance(a),
             replayed=bool(a.get("replayed", False)),
+            owed_collected=int(a.get("owed_collected", 0)),
         )
-
-    @_guarded
-    async def find_purchase(self, ref: PurchaseRef) -> PurchaseSnapshot:
-        if ref.purchase_id:
-            row = await self.pool.fetchrow(
-                "SELECT id, tokens_purchased, tokens_credited, tokens_refunded"
-                " FROM purchases WHERE id = $1",
-                uuid.UUID(ref.purchase_id),
-            )
-        else:
-            row = await self.pool.fetchrow(
-                "SELECT id, tokens_purchased, tokens_credited, tokens_refunded"
-                " FROM purchases WHERE source = $1 AND external_id = $2",
-                ref.source,
-                ref.external_id,
-            )
-        if row is None:
-            raise PurchaseNotFound("no such purchase")
-        return PurchaseSnapshot(
-            purchase_id=str(row["id"]),
-            tokens_purchased=row["tokens_purchased"],
-            tokens_credited=row["tokens_credited"],
-            tokens_refunded=row["tokens_refunded"],
-        )
-
-    @_guarded
-    async def replayed_refund(self, key: str, request_hash: bytes) -> Refund | None:
-        row = await self.pool.fetchrow(
-            "SELECT request_hash, response FROM idempotency_keys"
-            " WHERE operation = 'refund_purchase' AND key = $1",
-            key,
-        )
-        if row is None or row["response"] is None:
-            return None
-        if bytes(row["request_hash"]) != request_hash:
-            raise IdempotencyKeyReused("the key was used before with a different request")
-        return _refund({**row["response"], "replayed": True})
-
-    @_guarded
-    async def refund_purchase(
-        self,
-        key: str,
-        request_hash: bytes,
-        purchase: PurchaseSnapshot,
-        tokens: int,
-        user_part: int,
-        fee_part: int,
-    ) -> Refund:
-        try:
-            a = await self._call(
-                "SELECT ledger_refund_purchase($1, $2, $3, $4, $5, $6, $7)",
-                key, request_hash, uuid.UUID(purchase.purchase_id), purchase.tokens_refunded,
-                tokens, user_part, fee_part,
-            )  # fmt: skip
-        except asyncpg.exceptions.SerializationError as exc:
-            raise RefundRaced(str(exc)) from exc
-        return _refund(a)
 
     @_guarded
     async def record_usage(
@@ -307,15 +402,15 @@ class PostgresStore:
     @_guarded
     async def balance(self, user_id: str) -> Balance:
         row = await self.pool.fetchrow(
-            "SELECT available, reserved FROM accounts WHERE user_id = $1", user_id
+            "SELECT available, reserved, owed FROM accounts WHERE user_id = $1", user_id
         )
-        return Balance(row["available"], row["reserved"]) if row else Balance(0, 0)
+        return Balance(row["available"], row["reserved"], row["owed"]) if row else Balance(0, 0)
 
     @_guarded
     async def user_status(self, user_id: str) -> UserStatus:
         row = await self.pool.fetchrow(
             """
-            SELECT a.available, a.reserved,
+            SELECT a.available, a.reserved, a.owed,
                    EXISTS (SELECT 1 FROM purchases p WHERE p.user_id = $1) AS has_purchases,
                    EXISTS (SELECT 1 FROM subscriptions s
                             WHERE s.user_id = $1
@@ -341,7 +436,7 @@ class PostgresStore:
             user_type=user_type,
             has_subscription=row["has_subscription"],
             has_purchases=row["has_purchases"],
-            balance=Balance(row["available"] or 0, row["reserved"] or 0),
+            balance=Balance(row["available"] or 0, row["reserved"] or 0, row["owed"] or 0),
         )
 
     @_guarded
@@ -453,22 +548,22 @@ class PostgresStore:
         return count
 
     @_guarded
+    async def apply_retention(self, policy: RetentionPolicy, limit: int) -> int:
+        deleted: int = await self.pool.fetchval(
+            "SELECT ledger_retention($1, $2, $3, $4, $5)",
+            policy.transient_key_seconds,
+            policy.key_seconds,
+            policy.answer_seconds,
+            policy.resolved_seconds,
+            limit,
+        )
+        return deleted
+
+    @_guarded
     async def now(self) -> datetime:
         # The database clock: the one clock every replica agrees on (holds expire by it too).
         value: datetime = await self.pool.fetchval("SELECT now()")
         return value
-
-    @_guarded
-    async def upsert_subscription(self, subscription: Subscription) -> SubscriptionUpsert:
-        s = subscription
-        row = await self.pool.fetchrow(
-            "SELECT r.applied, (r.subscription).*"
-            " FROM ledger_upsert_subscription($1, $2, $3, $4, $5, $6, $7, $8) AS r",
-            s.source, s.external_id, s.user_id, s.variant_id, s.status, s.renews_at, s.ends_at,
-            s.provider_updated_at,
-        )  # fmt: skip
-        assert row is not None
-        return SubscriptionUpsert(applied=row["applied"], subscription=_subscription(row))
 
     @_guarded
     async def get_subscription(self, source: str, external_id: str) -> Subscription:
@@ -501,31 +596,45 @@ class PostgresStore:
 
     @_guarded
     async def list_dead_letters(
-        self, source: str, subject: str, include_resolved: bool, limit: int, max_body_bytes: int
-    ) -> list[DeadLetter]:
+        self,
+        source: str,
+        subject: str,
+        include_resolved: bool,
+        limit: int,
+        max_body_bytes: int,
+        after: tuple[datetime, str] | None,
+    ) -> DeadLetterPage:
         # Fixed fragments only (no input in the text), so each variant can use its index: the
         # partial index of open letters needs `resolved_at IS NULL` spelled out in the query.
-        where = "source = $1"
-        args: list[object] = [source, limit, max_body_bytes]
+        where = "source = $1 AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::uuid))"
+        after_time, after_id = after if after else (None, None)
+        args: list[object] = [
+            source,
+            limit + 1,
+            after_time,
+            uuid.UUID(after_id) if after_id else None,
+        ]
         if subject:
-            where += " AND subject = $4"
+            where += " AND subject = $5"
             args.append(subject)
         if not include_resolved:
             where += " AND resolved_at IS NULL"
         rows = await self.pool.fetch(
             f"""
-            SELECT * FROM (
-              SELECT page.*, row_number() OVER w AS n, sum(size) OVER w AS running
-                FROM (SELECT *, octet_length(raw_body) AS size FROM dead_letters
-                       WHERE {where} ORDER BY created_at, id LIMIT $2) AS page
-              WINDOW w AS (ORDER BY created_at, id ROWS UNBOUNDED PRECEDING)
-            ) AS sized
-             WHERE n = 1 OR running <= $3
+            SELECT page.*, row_number() OVER w AS n, sum(size) OVER w AS running
+              FROM (SELECT *, octet_length(raw_body) AS size FROM dead_letters
+                     WHERE {where} ORDER BY created_at, id LIMIT $2) AS page
+            WINDOW w AS (ORDER BY created_at, id ROWS UNBOUNDED PRECEDING)
              ORDER BY created_at, id
             """,
             *args,
         )
-        return [_dead_letter(r) for r in rows]
+        # At most `limit` letters, and no more raw bytes than the page may carry (but one).
+        kept = [r for r in rows[:limit] if r["n"] == 1 or r["running"] <= max_body_bytes]
+        letters = [_dead_letter(r) for r in kept]
+        more = len(kept) < len(rows)
+        cursor = (letters[-1].created_at, letters[-1].dead_letter_id) if more else None
+        return DeadLetterPage(letters=letters, next_cursor=cursor)
 
     @_guarded
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID, resolution: str) -> DeadLetter:
@@ -538,6 +647,8 @@ class PostgresStore:
 
 
 def _refund(a: Answer) -> Refund:
+    if a.get("parked"):
+        return Refund(0, 0, 0, 0, Balance(0, 0), replayed=bool(a.get("replayed")), parked=True)
     return Refund(
         tokens_refunded=int(a["tokens_refunded"]),
         tokens_debited=int(a["tokens_debited"]),
@@ -545,6 +656,36 @@ def _refund(a: Answer) -> Refund:
         platform_fee_reversed=int(a["platform_fee_reversed"]),
         balance=_balance(a),
         replayed=bool(a.get("replayed", False)),
+    )
+
+
+def _settlement(a: Answer) -> Settlement:
+    return Settlement(
+        tokens_used=int(a["tokens_used"]),
+        fee_tokens=int(a["fee_tokens"]),
+        tokens_charged=int(a["tokens_charged"]),
+        released_tokens=int(a["released_tokens"]),
+        unbilled_tokens=int(a["unbilled_tokens"]),
+        balance=_balance(a),
+        replayed=bool(a.get("replayed", False)),
+        overrun_tokens=int(a.get("overrun_tokens", 0)),
+        owed_collected=int(a.get("owed_collected", 0)),
+        answer_stored=bool(a.get("answer_stored", False)),
+    )
+
+
+def _credited(a: Answer) -> PurchaseCredited:
+    if a.get("parked"):
+        return PurchaseCredited(
+            "", 0, 0, Balance(0, 0), replayed=bool(a.get("replayed")), parked=True
+        )
+    return PurchaseCredited(
+        purchase_id=str(a["purchase_id"]),
+        tokens_credited=int(a["tokens_credited"]),
+        platform_fee_tokens=int(a["platform_fee_tokens"]),
+        balance=_balance(a),
+        replayed=bool(a.get("replayed", False)),
+        owed_collected=int(a.get("owed_collected", 0)),
     )
 
 
@@ -558,6 +699,7 @@ def _subscription(row: asyncpg.Record) -> Subscription:
         renews_at=row["renews_at"],
         ends_at=row["ends_at"],
         provider_updated_at=row["provider_updated_at"],
+        tokens_per_period=row["tokens_per_period"],
     )
 
 

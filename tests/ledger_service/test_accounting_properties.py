@@ -1,7 +1,9 @@
 """No rounding leak across any sequence of operations, through the real gRPC server.
 
 Hypothesis draws a sequence of CreditPurchase / Reserve / Settle / Release / RefundPurchase calls
-(plus hold expiry by the sweeper, replays of earlier calls and reused keys) for one user. A plain
+(plus hold expiry by the sweeper, replays of earlier calls and reused keys) for one user. Refunds
+of tokens already spent or on hold become owed, and the model collects what is owed whenever
+tokens become available (a release, a settle's unused part, an expiry, a purchase). A plain
 Python model, written from the money rules of the design with exact Fraction arithmetic, predicts
 every answer. After each call the server's answer must equal the model's; after the sequence the
 user's balance, every hold and purchase, and the platform accounts' balances (derived from the
@@ -93,6 +95,7 @@ def fee_of(used: int) -> int:
 class HoldM:
     id: str
     amount: int
+    estimate: int
     status: str = "held"
     settled_usage: tuple[int, int] | None = None
     settle_answer: pb.SettleResponse | None = None
@@ -126,13 +129,24 @@ class Model:
     user: str
     available: int = 0
     reserved: int = 0
+    owed: int = 0
     platform: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PLATFORM, 0))
     holds: list[HoldM] = field(default_factory=list)
     purchases: list[PurchaseM] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
 
     def balance(self) -> pb.Balance:
-        return pb.Balance(available_tokens=self.available, reserved_tokens=self.reserved)
+        return pb.Balance(
+            available_tokens=self.available, reserved_tokens=self.reserved, owed_tokens=self.owed
+        )
+
+    def collect(self) -> int:
+        """Tokens of refunded payments come back first, from whatever is available."""
+        take = min(self.owed, self.available)
+        self.available -= take
+        self.owed -= take
+        self.platform["refund_receivable"] += take
+        return take
 
     def buy(self, tokens: int, purchase_id: str) -> pb.CreditPurchaseResponse:
         credited = credited_of(tokens)
@@ -141,11 +155,13 @@ class Model:
         self.platform["payments_clearing"] -= tokens
         self.platform["purchase_fee"] += fee
         self.purchases.append(PurchaseM(purchase_id, tokens, credited))
+        collected = self.collect()
         return pb.CreditPurchaseResponse(
             purchase_id=purchase_id,
             tokens_credited=credited,
             platform_fee_tokens=fee,
             balance=self.balance(),
+            owed_collected=collected,
         )
 
     def reserve(self, estimate: int) -> int | None:
@@ -182,6 +198,7 @@ class Model:
         self.platform["usage"] += used
         self.platform["usage_fee"] += fee
         self.platform["unbilled_usage"] -= unbilled
+        collected = self.collect()
         hold.status = "settled" if hold.status == "held" else "settled_after_expiry"
         hold.settled_usage = (input_tokens, output_tokens)
         hold.settle_answer = pb.SettleResponse(
@@ -191,6 +208,9 @@ class Model:
             released_tokens=released,
             unbilled_tokens=unbilled,
             balance=self.balance(),
+            # Beyond what the call held, whatever became of the hold since.
+            overrun_tokens=max(0, charge - hold.amount),
+            owed_collected=collected,
         )
         return hold.settle_answer
 
@@ -198,9 +218,10 @@ class Model:
         if hold.status == "held":
             self.available += hold.amount
             self.reserved -= hold.amount
+            collected = self.collect()
             hold.status = "released"
             hold.release_answer = pb.ReleaseResponse(
-                released_tokens=hold.amount, balance=self.balance()
+                released_tokens=hold.amount, balance=self.balance(), owed_collected=collected
             )
             return hold.release_answer
         if hold.status == "released":
@@ -217,6 +238,7 @@ class Model:
         if hold.status == "held":
             self.available += hold.amount
             self.reserved -= hold.amount
+            self.collect()
             hold.status = "expired"
 
     def refund(self, purchase: PurchaseM, requested: int) -> Expected:
@@ -232,6 +254,8 @@ class Model:
         debited = min(user_part, self.available)
         shortfall = user_part - debited
         self.available -= debited
+        # Spent or on hold: owed, collected when tokens become available again.
+        self.owed += shortfall
         self.platform["payments_clearing"] += tokens
         self.platform["purchase_fee"] -= fee_part
         self.platform["refund_receivable"] -= shortfall
@@ -265,6 +289,7 @@ def check(step: int, op: Op, actual: Expected, expected: Expected) -> None:
     if balance is not None:
         assert balance.available_tokens >= 0, f"step {step} {op}: {balance}"
         assert balance.reserved_tokens >= 0, f"step {step} {op}: {balance}"
+        assert balance.owed_tokens == 0 or balance.available_tokens == 0, f"step {step} {op}"
 
 
 def key() -> str:
@@ -298,19 +323,7 @@ async def run_step(harness: LedgerHarness, model: Model, step: int, op: Op) -> N
 
     elif name == "reserve":
         request_v = pb.ReserveRequest(idempotency_key=key(), user_id=model.user, estimated_tokens=a)
-        amount = model.reserve(a)
-        actual = await call(harness, "Reserve", request_v)
-        if amount is None:
-            failure = (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_BALANCE")
-            check(step, op, actual, failure)
-            model.sent.append(Sent("Reserve", request_v, None, failure))
-            return
-        assert isinstance(actual, pb.ReserveResponse), f"step {step} {op}: {actual}"
-        assert actual.reserved_tokens == amount, f"step {step} {op}: {actual}"
-        assert actual.balance == model.balance(), f"step {step} {op}: {actual}"
-        event("reserve: ok")
-        model.holds.append(HoldM(actual.reservation_id, amount))
-        model.sent.append(Sent("Reserve", request_v, actual))
+        await reserve_step(harness, model, step, op, request_v)
 
     elif name in ("settle", "release"):
         hold = model.holds[a % len(model.holds)] if model.holds else None
@@ -382,6 +395,11 @@ async def run_step(harness: LedgerHarness, model: Model, step: int, op: Op) -> N
         if not model.sent:
             return
         sent = model.sent[a % len(model.sent)]
+        if sent.answer is None and isinstance(sent.request, pb.ReserveRequest):
+            # Refused for its balance, the key was not burned: the same call is a new attempt.
+            model.sent.remove(sent)
+            await reserve_step(harness, model, step, ("reserve-again", a, b, c), sent.request)
+            return
         actual = await call(harness, sent.rpc, sent.request)
         if sent.answer is None:
             assert sent.failure is not None
@@ -394,10 +412,18 @@ async def run_step(harness: LedgerHarness, model: Model, step: int, op: Op) -> N
                 # A replayed Reserve also tells what became of its hold since.
                 held = next(h for h in model.holds if h.id == replay.reservation_id)
                 replay.status = held.status
+                if held.settle_answer is not None:  # and what its Settle answered
+                    replay.settlement.CopyFrom(held.settle_answer)
             check(step, op, actual, replay)
 
     elif name == "reuse_key":
-        keyed = [s for s in model.sent if s.rpc in ("CreditPurchase", "Reserve", "RefundPurchase")]
+        # A refused Reserve left its key free: reusing it is not a reuse.
+        keyed = [
+            s
+            for s in model.sent
+            if s.rpc in ("CreditPurchase", "RefundPurchase")
+            or (s.rpc == "Reserve" and s.answer is not None)
+        ]
         if not keyed:
             return
         sent = keyed[a % len(keyed)]
@@ -415,6 +441,25 @@ async def run_step(harness: LedgerHarness, model: Model, step: int, op: Op) -> N
 
     else:  # pragma: no cover
         raise AssertionError(name)
+
+
+async def reserve_step(
+    harness: LedgerHarness, model: Model, step: int, op: Op, request: pb.ReserveRequest
+) -> None:
+    amount = model.reserve(request.estimated_tokens)
+    actual = await call(harness, "Reserve", request)
+    if amount is None:
+        failure = (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_BALANCE")
+        check(step, op, actual, failure)
+        model.sent.append(Sent("Reserve", request, None, failure))
+        return
+    assert isinstance(actual, pb.ReserveResponse), f"step {step} {op}: {actual}"
+    assert actual.reserved_tokens == amount, f"step {step} {op}: {actual}"
+    assert actual.balance == model.balance(), f"step {step} {op}: {actual}"
+    assert not actual.replayed, f"step {step} {op}: {actual}"
+    event(f"{op[0]}: ok")
+    model.holds.append(HoldM(actual.reservation_id, amount, request.estimated_tokens))
+    model.sent.append(Sent("Reserve", request, actual))
 
 
 async def check_books(harness: LedgerHarness, model: Model, start: dict[str, int]) -> None:
@@ -529,16 +574,22 @@ async def test_a_worked_sequence(ledger: LedgerHarness) -> None:
         ("replay", 0, 0, 0),
         ("replay", 3, 0, 0),
         ("reuse_key", 2, 0, 0),
+        ("buy", 1000, 0, 0),  # 800 credited, all of it collected: 805 - 800 = 5 still owed
+        ("buy", 10, 0, 0),  # 8 credited: 5 collected, 3 available
+        ("reserve", 2, 0, 0),  # holds 3: 0 available
+        ("refund", 3, 0, 0),  # all 10 of the last purchase: user 8, 0 available: 8 owed
+        ("release", 5, 0, 0),  # the 3 held come back and go straight to the 8 owed: 5 owed
+        ("replay", 7, 0, 0),  # the refused Reserve of step 7: still not enough (0 available)
     ]
     for step, op in enumerate(sequence):
         await run_step(ledger, model, step, op)
-    assert (model.available, model.reserved) == (0, 0)
+    assert (model.available, model.reserved, model.owed) == (0, 0, 5)
     assert model.platform == {
-        "payments_clearing": -1999 + 1999,
-        "purchase_fee": 200 + 200 - 67 - 200 - 133,
+        "payments_clearing": -1999 + 1999 - 1000 - 10 + 10,
+        "purchase_fee": 200 + 200 - 67 - 200 - 133 + 200 + 2 - 2,
         "usage": 100 + 20 + 600 + 4,
         "usage_fee": 25 + 5 + 150 + 1,
-        "refund_receivable": -272 - 533,
+        "refund_receivable": -272 - 533 + 800 + 5 - 8 + 3,
         "unbilled_usage": -100,
     }
     await check_books(ledger, model, start)

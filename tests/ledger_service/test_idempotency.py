@@ -74,7 +74,9 @@ async def test_replays_of_every_mutating_call_write_nothing(ledger: LedgerHarnes
         replay.replayed = False
         if isinstance(replay, pb.ReserveResponse):
             assert replay.status == "settled"  # what became of the hold since
+            assert replay.settlement == settled  # and what its Settle answered
             replay.status = ""
+            replay.ClearField("settlement")
         assert replay == original  # the stored original, balance at that time included
     assert await _counts(ledger) == before
     assert await balance(ledger.stub, "rex") == balance_before
@@ -108,7 +110,7 @@ async def test_a_key_reused_with_a_different_request_is_refused(ledger: LedgerHa
     assert failure(err.value) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
     after = await _counts(ledger)
     after["usage_records"] -= 1  # the one RecordUsage that succeeded
-    after["idempotency_keys"] -= 1  # "buy-other" now names that refusal, for its own retries
+    # Refusals change nothing, and keep no key: "buy-other" is as free as it was.
     assert after == before
 
 
@@ -122,17 +124,31 @@ async def test_the_same_payment_under_a_new_key_answers_the_original(
     assert (await balance(ledger.stub, "tia")).available_tokens == 800
 
 
-async def test_an_original_failure_is_replayed_too(ledger: LedgerHarness) -> None:
+async def test_a_refusal_for_balance_burns_no_key(ledger: LedgerHarness) -> None:
     await credit(ledger.stub, "uma", 100)  # 80
+    before = await _counts(ledger)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await reserve(ledger.stub, "uma", 100, key="big")
     assert failure(err.value)[1] == "INSUFFICIENT_BALANCE"
+    assert await _counts(ledger) == before  # nothing written, the key included
     await credit(ledger.stub, "uma", 1000)
-    # The key names that one attempt, whose answer was "no": a retry gets the same answer.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await reserve(ledger.stub, "uma", 100, key="big")
-    assert failure(err.value)[1] == "INSUFFICIENT_BALANCE"
-    assert (await reserve(ledger.stub, "uma", 100, key="big-2")).reserved_tokens == 125
+    # The refusal changed nothing, so the same call is simply made again after the top-up.
+    hold = await reserve(ledger.stub, "uma", 100, key="big")
+    assert (hold.reserved_tokens, hold.replayed) == (125, False)
+    again = await reserve(ledger.stub, "uma", 100, key="big")
+    assert (again.reservation_id, again.replayed) == (hold.reservation_id, True)
+
+
+async def test_concurrent_copies_of_a_refused_reserve_agree(ledger: LedgerHarness) -> None:
+    """While the first copy holds the key, the others wait for it; once it gives the key back
+    (refused), each claims it in turn and is refused on its own: all say INSUFFICIENT_BALANCE."""
+    await credit(ledger.stub, "una", 100)  # 80
+    outcomes = await asyncio.gather(
+        *(reserve(ledger.stub, "una", 100, key="big-c") for _ in range(10)),
+        return_exceptions=True,
+    )
+    assert {failure(o)[1] for o in outcomes} == {"INSUFFICIENT_BALANCE"}
+    assert (await balance(ledger.stub, "una")).available_tokens == 80
 
 
 async def test_50_parallel_copies_of_one_purchase_credit_once(ledger: LedgerHarness) -> None:

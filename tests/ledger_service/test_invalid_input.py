@@ -200,6 +200,7 @@ def base_request(rpc: str, s: Seeded) -> Message:
             reservation_id=s.open_hold, usage=_usage(), estimated_cost_micro_usd=10
         ),
         "Release": lambda: pb.ReleaseRequest(reservation_id=s.open_hold),
+        "ExtendHold": lambda: pb.ExtendHoldRequest(reservation_id=s.open_hold, ttl_seconds=60),
         "RefundPurchase": lambda: pb.RefundPurchaseRequest(
             idempotency_key=_key(), purchase_id=s.purchase_id, tokens_to_refund=10
         ),
@@ -413,6 +414,17 @@ FIELD_CASES: list[tuple[str, str, object, str]] = [
     ("Release", "reservation_id", "", "reservation_id"),
     ("Release", "reservation_id", "not-a-uuid", "reservation_id"),
     ("Release", "reservation_id", " ", "reservation_id"),
+    ("ExtendHold", "reservation_id", "", "reservation_id"),
+    ("ExtendHold", "reservation_id", "not-a-uuid", "reservation_id"),
+    ("ExtendHold", "ttl_seconds", -1, "ttl_seconds"),
+    ("ExtendHold", "ttl_seconds", 3601, "ttl_seconds"),  # beyond RESERVE_MAX_TTL_SECONDS
+    ("Reserve", "ttl_seconds", 3601, "ttl_seconds"),
+    ("CreditPurchase", "subscription.source", "other", "subscription.source"),
+    ("CreditPurchase", "subscription.external_id", "", "subscription.external_id"),
+    ("RefundPurchase", "share.total_amount", 0, "share.total_amount"),
+    ("RefundPurchase", "share.total_amount", -5, "share.total_amount"),
+    ("RefundByExternal", "share.total_amount", 10**16, "share.total_amount"),
+    ("RefundPurchase", "wait_for_purchase", True, "wait_for_purchase"),  # only by external id
     ("RefundPurchase", "purchase_id", "not-a-uuid", "purchase_id"),
     ("RefundPurchase", "purchase_id", " ", "purchase_id"),
     ("RefundPurchase", "tokens_to_refund", -1, "tokens_to_refund"),
@@ -686,6 +698,7 @@ async def test_resolving_an_unknown_dead_letter_is_not_found(seeded: Seeded) -> 
 RPCS = [
     "CreditPurchase",
     "Reserve",
+    "ExtendHold",
     "Settle",
     "Release",
     "RefundPurchase",
@@ -708,7 +721,7 @@ def test_every_rpc_of_the_service_is_covered() -> None:
     service = pb.DESCRIPTOR.services_by_name["LedgerService"]
     assert set(RPCS) == set(service.methods_by_name)
     # Methods keyed by a UUID only (their cases are in FIELD_CASES).
-    by_uuid = {"Settle", "Release", "ResolveDeadLetter"}
+    by_uuid = {"Settle", "Release", "ExtendHold", "ResolveDeadLetter"}
     assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - {"RefundPurchase"}
     assert by_uuid <= {rpc for rpc, *_ in FIELD_CASES}
 

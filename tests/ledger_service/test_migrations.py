@@ -30,18 +30,25 @@ LEDGER_TABLES = {
     "idempotency_keys",
     "subscriptions",
     "dead_letters",
+    "hold_answers",
+    "parked_operations",
 }
 LEDGER_FUNCTIONS = {
     "ledger_refuse_change",
     "ledger_balance_json",
     "ledger_claim_key",
     "ledger_store_answer",
-    "ledger_credit_purchase",
+    "ledger_lock_subject",
+    "ledger_collect",
+    "ledger_apply_credit",
     "ledger_reserve",
+    "ledger_extend_hold",
     "ledger_settle",
     "ledger_release",
     "ledger_sweep",
-    "ledger_refund_purchase",
+    "ledger_apply_refund",
+    "ledger_status_rank",
+    "ledger_retention",
     "ledger_record_usage",
     "ledger_upsert_subscription",
     "ledger_record_dead_letter",
@@ -182,8 +189,7 @@ def test_schema_comparison_sees_a_drift(database_url: str) -> None:
 async def _journal_one_purchase(url: str) -> asyncpg.Connection:
     conn: asyncpg.Connection = await asyncpg.connect(url)
     await conn.execute(
-        "SELECT ledger_credit_purchase('k', '\\x00', 'u', 'one_time', 1000, 800, 200, 80,"
-        " 'test', $1)",
+        "SELECT ledger_apply_credit('k', '\\x00', 'u', 'one_time', 1000, 800, 200, 80, 'test', $1)",
         f"order-{uuid.uuid4()}",
     )
     assert await conn.fetchval("SELECT count(*) FROM journal_entries") == 3
@@ -253,7 +259,8 @@ async def test_the_new_tables_carry_their_named_constraints_and_indexes(database
             (r["table"], r["conname"])
             for r in await conn.fetch(
                 "SELECT conrelid::regclass::text AS table, conname FROM pg_constraint"
-                " WHERE conrelid IN ('subscriptions'::regclass, 'dead_letters'::regclass)"
+                " WHERE conrelid IN ('subscriptions'::regclass, 'dead_letters'::regclass,"
+                " 'hold_answers'::regclass, 'parked_operations'::regclass)"
                 " AND contype <> 'n'"
             )
         }
@@ -261,7 +268,8 @@ async def test_the_new_tables_carry_their_named_constraints_and_indexes(database
             r["indexname"]
             for r in await conn.fetch(
                 "SELECT indexname FROM pg_indexes"
-                " WHERE tablename IN ('subscriptions', 'dead_letters')"
+                " WHERE tablename IN ('subscriptions', 'dead_letters', 'hold_answers',"
+                " 'parked_operations')"
             )
         }
     finally:
@@ -269,10 +277,18 @@ async def test_the_new_tables_carry_their_named_constraints_and_indexes(database
     assert constraints == {
         ("subscriptions", "pk_subscriptions"),
         ("subscriptions", "ck_subscriptions_status_not_empty"),
+        ("subscriptions", "ck_subscriptions_tokens_per_period_positive"),
         ("dead_letters", "pk_dead_letters"),
         ("dead_letters", "uq_dead_letters_source_dedupe_key"),
         ("dead_letters", "ck_dead_letters_raw_body_bounded"),
         ("dead_letters", "ck_dead_letters_resolved_with_note"),
+        ("hold_answers", "pk_hold_answers"),
+        ("hold_answers", "fk_hold_answers_hold_id_holds"),
+        ("hold_answers", "ck_hold_answers_answer_bounded"),
+        ("parked_operations", "pk_parked_operations"),
+        ("parked_operations", "uq_parked_operations_operation_idempotency_key"),
+        ("parked_operations", "ck_parked_operations_operation_known"),
+        ("parked_operations", "ck_parked_operations_applied_with_outcome"),
     }
     assert indexes == {
         "pk_subscriptions",
@@ -281,4 +297,10 @@ async def test_the_new_tables_carry_their_named_constraints_and_indexes(database
         "uq_dead_letters_source_dedupe_key",
         "ix_dead_letters_source_time",
         "ix_dead_letters_open_subject",
+        "ix_dead_letters_resolved_at",
+        "pk_hold_answers",
+        "ix_hold_answers_created_at",
+        "pk_parked_operations",
+        "uq_parked_operations_operation_idempotency_key",
+        "ix_parked_operations_waiting",
     }

@@ -80,7 +80,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_LEDGER_UNAVAILABLE: _ErrorReason.ValueType  # 10
     """UNAVAILABLE: the database could not be reached; retry with the same key."""
     ERROR_REASON_CONCURRENT_REFUND: _ErrorReason.ValueType  # 11
-    """ABORTED: refunds of one purchase kept racing; retry with the same key."""
+    """ABORTED: refunds of one purchase kept racing; retry with the same key. (No longer sent: a
+    refund locks its purchase.)
+    """
+    ERROR_REASON_SUBSCRIPTION_TOKENS_UNKNOWN: _ErrorReason.ValueType  # 12
+    """FAILED_PRECONDITION: a subscription credit without tokens, and the subscription's
+    tokens_per_period is unknown (its variant is not in the catalog).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` strings of google.rpc.ErrorInfo (ErrorInfo.reason is the name without the prefix)."""
@@ -98,7 +104,13 @@ ERROR_REASON_DEAD_LETTER_NOT_FOUND: ErrorReason.ValueType  # 9
 ERROR_REASON_LEDGER_UNAVAILABLE: ErrorReason.ValueType  # 10
 """UNAVAILABLE: the database could not be reached; retry with the same key."""
 ERROR_REASON_CONCURRENT_REFUND: ErrorReason.ValueType  # 11
-"""ABORTED: refunds of one purchase kept racing; retry with the same key."""
+"""ABORTED: refunds of one purchase kept racing; retry with the same key. (No longer sent: a
+refund locks its purchase.)
+"""
+ERROR_REASON_SUBSCRIPTION_TOKENS_UNKNOWN: ErrorReason.ValueType  # 12
+"""FAILED_PRECONDITION: a subscription credit without tokens, and the subscription's
+tokens_per_period is unknown (its variant is not in the catalog).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -107,19 +119,25 @@ class Balance(_message.Message):
 
     AVAILABLE_TOKENS_FIELD_NUMBER: _builtins.int
     RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    OWED_TOKENS_FIELD_NUMBER: _builtins.int
     available_tokens: _builtins.int
     """Tokens the user can spend now."""
     reserved_tokens: _builtins.int
     """Tokens on hold for calls in flight."""
+    owed_tokens: _builtins.int
+    """Tokens of refunded payments that were already spent or on hold: collected from the next
+    tokens that become available (a released hold, a new purchase) before the user can spend.
+    """
     def __init__(
         self,
         *,
         available_tokens: _builtins.int = ...,
         reserved_tokens: _builtins.int = ...,
+        owed_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_tokens", b"available_tokens", "reserved_tokens", b"reserved_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_tokens", b"available_tokens", "owed_tokens", b"owed_tokens", "reserved_tokens", b"reserved_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,6 +181,7 @@ class CreditPurchaseRequest(_message.Message):
     PURCHASE_TYPE_FIELD_NUMBER: _builtins.int
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
     tokens_purchased: _builtins.int
@@ -171,6 +190,14 @@ class CreditPurchaseRequest(_message.Message):
     """The payment provider's id for this payment; (source, external_id) is credited at most once."""
     source: _builtins.str
     """The payment provider, e.g. "lemonsqueezy"."""
+    @_builtins.property
+    def subscription(self) -> Global___PurchaseRef:
+        """A subscription payment: the subscription it belongs to (its source empty or the payment's
+        own). The subscription's user is credited (user_id may be empty), and tokens_purchased 0
+        takes its tokens_per_period. When the subscription is not known yet, the credit waits
+        (parked) and is applied in the transaction that stores the subscription.
+        """
+
     def __init__(
         self,
         *,
@@ -180,10 +207,11 @@ class CreditPurchaseRequest(_message.Message):
         purchase_type: Global___PurchaseType.ValueType = ...,
         external_id: _builtins.str = ...,
         source: _builtins.str = ...,
+        subscription: Global___PurchaseRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_id", b"external_id", "idempotency_key", b"idempotency_key", "purchase_type", b"purchase_type", "source", b"source", "tokens_purchased", b"tokens_purchased", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_id", b"external_id", "idempotency_key", b"idempotency_key", "purchase_type", b"purchase_type", "source", b"source", "subscription", b"subscription", "tokens_purchased", b"tokens_purchased", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,11 +226,17 @@ class CreditPurchaseResponse(_message.Message):
     PLATFORM_FEE_TOKENS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
+    OWED_COLLECTED_FIELD_NUMBER: _builtins.int
     purchase_id: _builtins.str
     tokens_credited: _builtins.int
     platform_fee_tokens: _builtins.int
     replayed: _builtins.bool
     """True when this answer is the stored original of an earlier identical request."""
+    parked: _builtins.bool
+    """The credit waits for its subscription (nothing credited yet; the other fields are empty)."""
+    owed_collected: _builtins.int
+    """Owed tokens collected from this credit."""
     @_builtins.property
     def balance(self) -> Global___Balance: ...
     def __init__(
@@ -213,10 +247,12 @@ class CreditPurchaseResponse(_message.Message):
         platform_fee_tokens: _builtins.int = ...,
         balance: Global___Balance | None = ...,
         replayed: _builtins.bool = ...,
+        parked: _builtins.bool = ...,
+        owed_collected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "platform_fee_tokens", b"platform_fee_tokens", "purchase_id", b"purchase_id", "replayed", b"replayed", "tokens_credited", b"tokens_credited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "owed_collected", b"owed_collected", "parked", b"parked", "platform_fee_tokens", b"platform_fee_tokens", "purchase_id", b"purchase_id", "replayed", b"replayed", "tokens_credited", b"tokens_credited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,6 +267,7 @@ class ReserveRequest(_message.Message):
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TRANSIENT_KEY_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
     estimated_tokens: _builtins.int
@@ -240,6 +277,10 @@ class ReserveRequest(_message.Message):
     """The caller's digest of what the hold is for (e.g. the prompt). Part of the idempotency check:
     the same key with another fingerprint is IDEMPOTENCY_KEY_REUSED.
     """
+    transient_key: _builtins.bool
+    """The key only guards against transport retries (the end caller gave none): it is kept for the
+    short transient retention instead of the keyed one.
+    """
     def __init__(
         self,
         *,
@@ -248,10 +289,11 @@ class ReserveRequest(_message.Message):
         estimated_tokens: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
         request_fingerprint: _builtins.str = ...,
+        transient_key: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "transient_key", b"transient_key", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,6 +309,8 @@ class ReserveResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    SETTLEMENT_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     reserved_tokens: _builtins.int
     """estimated + ceil(estimated * usage_fee%)."""
@@ -275,10 +319,16 @@ class ReserveResponse(_message.Message):
     """On a replay: what became of the hold since ("held", "settled", "released", "expired",
     "settled_after_expiry"), so a caller can tell an in-flight or finished call from a failed one.
     """
+    answer: _builtins.bytes
+    """On a replay of a settled hold: the answer its Settle stored (opaque to the ledger), if any."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def settlement(self) -> Global___SettleResponse:
+        """On a replay of a settled hold: what its Settle answered (the charge and the balance then)."""
+
     def __init__(
         self,
         *,
@@ -288,14 +338,59 @@ class ReserveResponse(_message.Message):
         balance: Global___Balance | None = ...,
         replayed: _builtins.bool = ...,
         status: _builtins.str = ...,
+        answer: _builtins.bytes = ...,
+        settlement: Global___SettleResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at", "settlement", b"settlement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "balance", b"balance", "expires_at", b"expires_at", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "settlement", b"settlement", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReserveResponse: _TypeAlias = ReserveResponse  # noqa: Y015
+
+@_typing.final
+class ExtendHoldRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    ttl_seconds: _builtins.int
+    """The hold lives at least this long from now (1..RESERVE_MAX_TTL_SECONDS); 0: the default TTL."""
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendHoldRequest: _TypeAlias = ExtendHoldRequest  # noqa: Y015
+
+@_typing.final
+class ExtendHoldResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendHoldResponse: _TypeAlias = ExtendHoldResponse  # noqa: Y015
 
 @_typing.final
 class SettleRequest(_message.Message):
@@ -304,9 +399,14 @@ class SettleRequest(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ESTIMATED_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     estimated_cost_micro_usd: _builtins.int
     """The provider's cost of the call, for analytics; unset when unknown."""
+    answer: _builtins.bytes
+    """The caller's answer to the call, kept with the hold (opaque, at most ANSWER_MAX_BYTES, for
+    ANSWER_RETENTION_SECONDS) so that a replayed Reserve can return it. Not part of the replay check.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     def __init__(
@@ -315,10 +415,11 @@ class SettleRequest(_message.Message):
         reservation_id: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         estimated_cost_micro_usd: _builtins.int | None = ...,
+        answer: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "reservation_id", b"reservation_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "answer", b"answer", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "reservation_id", b"reservation_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["estimated_cost_micro_usd"]  # noqa: Y015
     _WhichOneofArgType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd"]  # noqa: Y015
@@ -337,6 +438,9 @@ class SettleResponse(_message.Message):
     UNBILLED_TOKENS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    OVERRUN_TOKENS_FIELD_NUMBER: _builtins.int
+    OWED_COLLECTED_FIELD_NUMBER: _builtins.int
+    ANSWER_STORED_FIELD_NUMBER: _builtins.int
     tokens_used: _builtins.int
     """input + output tokens."""
     fee_tokens: _builtins.int
@@ -348,6 +452,14 @@ class SettleResponse(_message.Message):
     unbilled_tokens: _builtins.int
     """What the balance could not cover (usage beyond the hold, or a settle after expiry)."""
     replayed: _builtins.bool
+    overrun_tokens: _builtins.int
+    """Charge beyond the hold (used + fee - held): a provider anomaly, charged as far as the balance
+    allowed, logged and reported by the audit.
+    """
+    owed_collected: _builtins.int
+    """Owed tokens collected from the released part of the hold."""
+    answer_stored: _builtins.bool
+    """Whether the answer was kept for replays (false when none was sent or it was too large)."""
     @_builtins.property
     def balance(self) -> Global___Balance: ...
     def __init__(
@@ -360,10 +472,13 @@ class SettleResponse(_message.Message):
         unbilled_tokens: _builtins.int = ...,
         balance: Global___Balance | None = ...,
         replayed: _builtins.bool = ...,
+        overrun_tokens: _builtins.int = ...,
+        owed_collected: _builtins.int = ...,
+        answer_stored: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "fee_tokens", b"fee_tokens", "released_tokens", b"released_tokens", "replayed", b"replayed", "tokens_charged", b"tokens_charged", "tokens_used", b"tokens_used", "unbilled_tokens", b"unbilled_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stored", b"answer_stored", "balance", b"balance", "fee_tokens", b"fee_tokens", "overrun_tokens", b"overrun_tokens", "owed_collected", b"owed_collected", "released_tokens", b"released_tokens", "replayed", b"replayed", "tokens_charged", b"tokens_charged", "tokens_used", b"tokens_used", "unbilled_tokens", b"unbilled_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,8 +510,11 @@ class ReleaseResponse(_message.Message):
     RELEASED_TOKENS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    OWED_COLLECTED_FIELD_NUMBER: _builtins.int
     released_tokens: _builtins.int
     replayed: _builtins.bool
+    owed_collected: _builtins.int
+    """Owed tokens collected from the released hold."""
     @_builtins.property
     def balance(self) -> Global___Balance: ...
     def __init__(
@@ -405,10 +523,11 @@ class ReleaseResponse(_message.Message):
         released_tokens: _builtins.int = ...,
         balance: Global___Balance | None = ...,
         replayed: _builtins.bool = ...,
+        owed_collected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "released_tokens", b"released_tokens", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "owed_collected", b"owed_collected", "released_tokens", b"released_tokens", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,6 +556,33 @@ class PurchaseRef(_message.Message):
 Global___PurchaseRef: _TypeAlias = PurchaseRef  # noqa: Y015
 
 @_typing.final
+class RefundShare(_message.Message):
+    """A refund as the payment provider states it: an amount of money out of the payment's total (in
+    the payment's minor units). The ledger turns it into tokens from its record of the purchase:
+    floor(tokens_purchased * refunded_amount / total_amount).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUNDED_AMOUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_AMOUNT_FIELD_NUMBER: _builtins.int
+    refunded_amount: _builtins.int
+    total_amount: _builtins.int
+    def __init__(
+        self,
+        *,
+        refunded_amount: _builtins.int = ...,
+        total_amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refunded_amount", b"refunded_amount", "total_amount", b"total_amount"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundShare: _TypeAlias = RefundShare  # noqa: Y015
+
+@_typing.final
 class RefundPurchaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -445,16 +591,27 @@ class RefundPurchaseRequest(_message.Message):
     EXTERNAL_FIELD_NUMBER: _builtins.int
     TOKENS_TO_REFUND_FIELD_NUMBER: _builtins.int
     CUMULATIVE_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_PURCHASE_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     purchase_id: _builtins.str
     tokens_to_refund: _builtins.int
-    """Purchased tokens to refund; 0 refunds everything not yet refunded."""
+    """Purchased tokens to refund; 0 (and no share) refunds everything not yet refunded."""
     cumulative: _builtins.bool
-    """When set, tokens_to_refund is the purchase's cumulative refunded total to reach (payment
-    providers report refunds that way); only the difference is refunded, never less than zero.
+    """When set, the amount (tokens_to_refund or share) is the purchase's cumulative refunded total
+    to reach (payment providers report refunds that way); only the difference is refunded, never
+    less than zero.
+    """
+    wait_for_purchase: _builtins.bool
+    """For an external purchase not credited yet: keep the refund (parked) and apply it in the
+    transaction that credits the purchase, instead of answering PURCHASE_NOT_FOUND.
     """
     @_builtins.property
     def external(self) -> Global___PurchaseRef: ...
+    @_builtins.property
+    def share(self) -> Global___RefundShare:
+        """Instead of tokens_to_refund: the refunded share of the payment."""
+
     def __init__(
         self,
         *,
@@ -463,10 +620,12 @@ class RefundPurchaseRequest(_message.Message):
         external: Global___PurchaseRef | None = ...,
         tokens_to_refund: _builtins.int = ...,
         cumulative: _builtins.bool = ...,
+        share: Global___RefundShare | None = ...,
+        wait_for_purchase: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["external", b"external", "purchase", b"purchase", "purchase_id", b"purchase_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["external", b"external", "purchase", b"purchase", "purchase_id", b"purchase_id", "share", b"share"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cumulative", b"cumulative", "external", b"external", "idempotency_key", b"idempotency_key", "purchase", b"purchase", "purchase_id", b"purchase_id", "tokens_to_refund", b"tokens_to_refund"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cumulative", b"cumulative", "external", b"external", "idempotency_key", b"idempotency_key", "purchase", b"purchase", "purchase_id", b"purchase_id", "share", b"share", "tokens_to_refund", b"tokens_to_refund", "wait_for_purchase", b"wait_for_purchase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_purchase: _TypeAlias = _typing.Literal["purchase_id", "external"]  # noqa: Y015
     _WhichOneofArgType_purchase: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
@@ -484,6 +643,7 @@ class RefundPurchaseResponse(_message.Message):
     PLATFORM_FEE_REVERSED_FIELD_NUMBER: _builtins.int
     TOKENS_REFUNDED_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
     tokens_debited: _builtins.int
     """Taken from the user's balance."""
     shortfall_tokens: _builtins.int
@@ -493,6 +653,8 @@ class RefundPurchaseResponse(_message.Message):
     tokens_refunded: _builtins.int
     """Purchased tokens this refund covers."""
     replayed: _builtins.bool
+    parked: _builtins.bool
+    """The refund waits for its purchase (wait_for_purchase); nothing moved yet."""
     @_builtins.property
     def balance(self) -> Global___Balance: ...
     def __init__(
@@ -504,10 +666,11 @@ class RefundPurchaseResponse(_message.Message):
         platform_fee_reversed: _builtins.int = ...,
         tokens_refunded: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        parked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "platform_fee_reversed", b"platform_fee_reversed", "replayed", b"replayed", "shortfall_tokens", b"shortfall_tokens", "tokens_debited", b"tokens_debited", "tokens_refunded", b"tokens_refunded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "parked", b"parked", "platform_fee_reversed", b"platform_fee_reversed", "replayed", b"replayed", "shortfall_tokens", b"shortfall_tokens", "tokens_debited", b"tokens_debited", "tokens_refunded", b"tokens_refunded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -965,6 +1128,7 @@ class Subscription(_message.Message):
     RENEWS_AT_FIELD_NUMBER: _builtins.int
     ENDS_AT_FIELD_NUMBER: _builtins.int
     PROVIDER_UPDATED_AT_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_PERIOD_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """The payment provider, e.g. "lemonsqueezy", and its id for the subscription."""
     external_id: _builtins.str
@@ -973,13 +1137,17 @@ class Subscription(_message.Message):
     """The provider's product variant: the server maps it to tokens per renewal."""
     status: _builtins.str
     """The provider's status: "active", "on_trial", "past_due", "paused", "cancelled", "expired"..."""
+    tokens_per_period: _builtins.int
+    """Tokens each payment of this subscription buys (from the server's catalog); 0: unknown."""
     @_builtins.property
     def renews_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def ends_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def provider_updated_at(self) -> _timestamp_pb2.Timestamp:
-        """When the provider last changed it: orders out-of-order deliveries."""
+        """When the provider last changed it: orders out-of-order deliveries (at an equal time, a
+        terminal status such as "expired" wins).
+        """
 
     def __init__(
         self,
@@ -992,10 +1160,11 @@ class Subscription(_message.Message):
         renews_at: _timestamp_pb2.Timestamp | None = ...,
         ends_at: _timestamp_pb2.Timestamp | None = ...,
         provider_updated_at: _timestamp_pb2.Timestamp | None = ...,
+        tokens_per_period: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "provider_updated_at", b"provider_updated_at", "renews_at", b"renews_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "external_id", b"external_id", "provider_updated_at", b"provider_updated_at", "renews_at", b"renews_at", "source", b"source", "status", b"status", "user_id", b"user_id", "variant_id", b"variant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "external_id", b"external_id", "provider_updated_at", b"provider_updated_at", "renews_at", b"renews_at", "source", b"source", "status", b"status", "tokens_per_period", b"tokens_per_period", "user_id", b"user_id", "variant_id", b"variant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1027,8 +1196,11 @@ class UpsertSubscriptionResponse(_message.Message):
 
     APPLIED_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    PARKED_CREDITS_APPLIED_FIELD_NUMBER: _builtins.int
     applied: _builtins.bool
     """False when the stored state was as new or newer (a duplicate or stale event)."""
+    parked_credits_applied: _builtins.int
+    """Payments that waited for this subscription and were credited in the same transaction."""
     @_builtins.property
     def subscription(self) -> Global___Subscription: ...
     def __init__(
@@ -1036,10 +1208,11 @@ class UpsertSubscriptionResponse(_message.Message):
         *,
         applied: _builtins.bool = ...,
         subscription: Global___Subscription | None = ...,
+        parked_credits_applied: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "subscription", b"subscription"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "parked_credits_applied", b"parked_credits_applied", "subscription", b"subscription"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1200,11 +1373,14 @@ class ListDeadLettersRequest(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     INCLUDE_RESOLVED_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     subject: _builtins.str
     """Empty: any subject."""
     include_resolved: _builtins.bool
     page_size: _builtins.int
+    page_token: _builtins.str
+    """Opaque; from the previous page's next_page_token."""
     def __init__(
         self,
         *,
@@ -1212,10 +1388,11 @@ class ListDeadLettersRequest(_message.Message):
         subject: _builtins.str = ...,
         include_resolved: _builtins.bool = ...,
         page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_resolved", b"include_resolved", "page_size", b"page_size", "source", b"source", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_resolved", b"include_resolved", "page_size", b"page_size", "page_token", b"page_token", "source", b"source", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1226,16 +1403,22 @@ class ListDeadLettersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]:
+        """Oldest first."""
+
     def __init__(
         self,
         *,
         dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

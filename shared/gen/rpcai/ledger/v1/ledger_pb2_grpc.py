@@ -44,6 +44,11 @@ class LedgerServiceStub:
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ReserveResponse.FromString,
                 _registered_method=True)
+        self.ExtendHold = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/ExtendHold',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ExtendHoldRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ExtendHoldResponse.FromString,
+                _registered_method=True)
         self.Settle = channel.unary_unary(
                 '/rpcai.ledger.v1.LedgerService/Settle',
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.SettleRequest.SerializeToString,
@@ -121,13 +126,23 @@ class LedgerServiceServicer:
 
     def CreditPurchase(self, request, context):
         """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account.
+        Tokens the user owes for refunded payments are collected from the credit first. Refunds that
+        waited for this purchase are applied in the same transaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Reserve(self, request, context):
-        """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE.
+        """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE (a
+        refusal changes nothing: the key stays free for a retry after a top-up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendHold(self, request, context):
+        """Keeps a hold alive while its call runs: expires_at becomes at least now + ttl_seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,14 +156,15 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Voids a hold: everything returns to the available balance.
+        """Voids a hold: everything returns to the available balance (less what the user owes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RefundPurchase(self, request, context):
-        """Reverses a purchase (all or part), in proportion between the user's credit and the fee.
+        """Reverses a purchase (all or part), in proportion between what that purchase credited and its
+        fee, from the ledger's own record of the purchase.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -238,6 +254,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ReserveRequest.FromString,
                     response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ReserveResponse.SerializeToString,
+            ),
+            'ExtendHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendHold,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ExtendHoldRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ExtendHoldResponse.SerializeToString,
             ),
             'Settle': grpc.unary_unary_rpc_method_handler(
                     servicer.Settle,
@@ -364,6 +385,33 @@ class LedgerService:
             '/rpcai.ledger.v1.LedgerService/Reserve',
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ReserveRequest.SerializeToString,
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/ExtendHold',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ExtendHoldRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ExtendHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,

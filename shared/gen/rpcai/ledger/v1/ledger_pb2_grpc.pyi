@@ -37,15 +37,24 @@ class LedgerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     CreditPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CreditPurchaseRequest, _ledger_pb2.CreditPurchaseResponse]
-    """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account."""
+    """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account.
+    Tokens the user owes for refunded payments are collected from the credit first. Refunds that
+    waited for this purchase are applied in the same transaction.
+    """
     Reserve: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReserveRequest, _ledger_pb2.ReserveResponse]
-    """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE."""
+    """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE (a
+    refusal changes nothing: the key stays free for a retry after a top-up).
+    """
+    ExtendHold: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ExtendHoldRequest, _ledger_pb2.ExtendHoldResponse]
+    """Keeps a hold alive while its call runs: expires_at becomes at least now + ttl_seconds."""
     Settle: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SettleRequest, _ledger_pb2.SettleResponse]
     """Posts the actual usage + fee against a hold and releases the rest. Replays return the original."""
     Release: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReleaseRequest, _ledger_pb2.ReleaseResponse]
-    """Voids a hold: everything returns to the available balance."""
+    """Voids a hold: everything returns to the available balance (less what the user owes)."""
     RefundPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RefundPurchaseRequest, _ledger_pb2.RefundPurchaseResponse]
-    """Reverses a purchase (all or part), in proportion between the user's credit and the fee."""
+    """Reverses a purchase (all or part), in proportion between what that purchase credited and its
+    fee, from the ledger's own record of the purchase.
+    """
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]
     """Analytics only (BYOK calls): changes no balance."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
@@ -70,15 +79,24 @@ class LedgerServiceStub:
 class LedgerServiceAsyncStub(LedgerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreditPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CreditPurchaseRequest, _ledger_pb2.CreditPurchaseResponse]  # type: ignore[assignment]
-    """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account."""
+    """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account.
+    Tokens the user owes for refunded payments are collected from the credit first. Refunds that
+    waited for this purchase are applied in the same transaction.
+    """
     Reserve: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReserveRequest, _ledger_pb2.ReserveResponse]  # type: ignore[assignment]
-    """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE."""
+    """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE (a
+    refusal changes nothing: the key stays free for a retry after a top-up).
+    """
+    ExtendHold: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ExtendHoldRequest, _ledger_pb2.ExtendHoldResponse]  # type: ignore[assignment]
+    """Keeps a hold alive while its call runs: expires_at becomes at least now + ttl_seconds."""
     Settle: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SettleRequest, _ledger_pb2.SettleResponse]  # type: ignore[assignment]
     """Posts the actual usage + fee against a hold and releases the rest. Replays return the original."""
     Release: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReleaseRequest, _ledger_pb2.ReleaseResponse]  # type: ignore[assignment]
-    """Voids a hold: everything returns to the available balance."""
+    """Voids a hold: everything returns to the available balance (less what the user owes)."""
     RefundPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RefundPurchaseRequest, _ledger_pb2.RefundPurchaseResponse]  # type: ignore[assignment]
-    """Reverses a purchase (all or part), in proportion between the user's credit and the fee."""
+    """Reverses a purchase (all or part), in proportion between what that purchase credited and its
+    fee, from the ledger's own record of the purchase.
+    """
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """Analytics only (BYOK calls): changes no balance."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
@@ -106,7 +124,10 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.CreditPurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.CreditPurchaseResponse, _abc.Awaitable[_ledger_pb2.CreditPurchaseResponse]]:
-        """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account."""
+        """Credits a purchase: floor(T * user_share%) to the user, the rest to the platform fee account.
+        Tokens the user owes for refunded payments are collected from the credit first. Refunds that
+        waited for this purchase are applied in the same transaction.
+        """
 
     @_abc_1.abstractmethod
     def Reserve(
@@ -114,7 +135,17 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ReserveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ReserveResponse, _abc.Awaitable[_ledger_pb2.ReserveResponse]]:
-        """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE."""
+        """Puts estimated + ceil(estimated * usage_fee%) on hold; fails with INSUFFICIENT_BALANCE (a
+        refusal changes nothing: the key stays free for a retry after a top-up).
+        """
+
+    @_abc_1.abstractmethod
+    def ExtendHold(
+        self,
+        request: _ledger_pb2.ExtendHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ExtendHoldResponse, _abc.Awaitable[_ledger_pb2.ExtendHoldResponse]]:
+        """Keeps a hold alive while its call runs: expires_at becomes at least now + ttl_seconds."""
 
     @_abc_1.abstractmethod
     def Settle(
@@ -130,7 +161,7 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ReleaseResponse, _abc.Awaitable[_ledger_pb2.ReleaseResponse]]:
-        """Voids a hold: everything returns to the available balance."""
+        """Voids a hold: everything returns to the available balance (less what the user owes)."""
 
     @_abc_1.abstractmethod
     def RefundPurchase(
@@ -138,7 +169,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.RefundPurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.RefundPurchaseResponse, _abc.Awaitable[_ledger_pb2.RefundPurchaseResponse]]:
-        """Reverses a purchase (all or part), in proportion between the user's credit and the fee."""
+        """Reverses a purchase (all or part), in proportion between what that purchase credited and its
+        fee, from the ledger's own record of the purchase.
+        """
 
     @_abc_1.abstractmethod
     def RecordUsage(
