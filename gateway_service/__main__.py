@@ -49,27 +49,37 @@ async def serve(settings: Settings) -> None:
 
 
 async def replay_dead_letters(settings: Settings) -> int:
+    """Replays every open letter, oldest first, page by page (a cursor, so letters that stay
+    dead are never fetched twice in a pass). Passes repeat while one resolves something: a
+    letter may wait for another that comes later in the list (an invoice for its
+    subscription's fixed variant)."""
     app = create_app(settings)
-    seen: set[str] = set()
-    still_dead = 0
+    replayed = 0
     try:
         while True:
-            # Unresolved letters, oldest first (an order before its refund); resolved ones drop
-            # off the list, the ones that stay dead are skipped on the next page.
-            page = await app.ledger.call(
-                app.ledger.stub.ListDeadLetters,
-                lpb.ListDeadLettersRequest(source=SOURCE, page_size=100),
-            )
-            fresh = [d for d in page.dead_letters if d.dead_letter_id not in seen]
-            if not fresh:
+            resolved, still_dead, token = 0, 0, ""
+            while True:
+                page = await app.ledger.call(
+                    app.ledger.stub.ListDeadLetters,
+                    lpb.ListDeadLettersRequest(source=SOURCE, page_size=100, page_token=token),
+                )
+                for letter in page.dead_letters:
+                    outcome = await app.webhooks.replay(letter)
+                    replayed += 1
+                    if outcome.status is Status.DEAD_LETTER:
+                        still_dead += 1
+                    else:
+                        resolved += 1
+                    print(
+                        f"{letter.dead_letter_id} {letter.event_name}: {outcome.status}"
+                        f" ({outcome.detail})"
+                    )
+                token = page.next_page_token
+                if not token:
+                    break
+            if not resolved or not still_dead:
                 break
-            for letter in fresh:
-                seen.add(letter.dead_letter_id)
-                outcome = await app.webhooks.replay(letter)
-                still_dead += outcome.status is Status.DEAD_LETTER
-                print(f"{letter.dead_letter_id} {letter.event_name}: {outcome.status}"
-                      f" ({outcome.detail})")  # fmt: skip
-        print(f"{len(seen)} replayed, {still_dead} still unapplicable")
+        print(f"{replayed} replayed, {still_dead} still unapplicable")
         return 1 if still_dead else 0
     finally:
         await app.close()

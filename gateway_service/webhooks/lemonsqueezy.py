@@ -2,16 +2,22 @@
 
 - The signature (hex HMAC-SHA256 of the raw body, header X-Signature) is checked in constant time
   before anything is parsed.
-- Tokens come from the server-side variant catalog, never from the payload's prices or names.
+- Tokens bought come from the server-side variant catalog, never from the payload's prices or
+  names. A subscription's tokens per payment are stored with it (from the catalog) when its
+  state is applied; its invoices are credited through it.
+- A refund takes back, in proportion to the money returned (refunded_amount / total), what that
+  payment credited, as the ledger recorded it: a later catalog change does not matter.
 - Exactly once: every credit carries an idempotency key derived from the provider's own ids
   (order, invoice), and the ledger also refuses to credit one payment twice; subscription state
-  is ordered by the provider's updated_at. Duplicates and replays change nothing.
-- Out of order: an invoice before its subscription, or a refund before its order, is parked as a
-  dead letter under that subject and applied as soon as the missing event arrives.
-- An event that cannot be applied (unknown variant, no user id) is stored as a dead letter with
-  its raw body and reason, and acknowledged; `python -m gateway_service replay-dead-letters`
-  applies them again after the configuration is fixed. A ledger outage raises (HTTP 503), so
-  LemonSqueezy retries.
+  is ordered by the provider's updated_at (a terminal status wins a tie). Duplicates and
+  replays change nothing.
+- Any order, any interleaving, without an operator: an invoice before its subscription, or a
+  refund before its payment, waits in the ledger (`waiting`) and is applied in the very
+  transaction that stores the subscription or credits the payment, so a wake-up cannot be lost.
+- An event that cannot be applied as configured (unknown variant, no user id) is stored as a
+  dead letter with its raw body and reason, and acknowledged; `python -m gateway_service
+  replay-dead-letters` applies them again after the configuration is fixed. A ledger outage
+  raises (HTTP 503), so LemonSqueezy retries.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class Status(enum.StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     IGNORED = "ignored"
+    # Kept by the ledger until its subscription or payment arrives, then applied with it.
+    WAITING = "waiting"
     DEAD_LETTER = "dead_letter"
 
 
@@ -171,27 +179,26 @@ class LemonSqueezyProcessor:
         await self._park(raw_body, problem)
         return Outcome(Status.DEAD_LETTER, problem.reason)
 
-    async def apply(self, raw_body: bytes, cascade: bool = True) -> Outcome:
-        """Applies one event. With `cascade`, dead letters that waited for it are applied too
-        (not when replaying a dead letter, so a replay never recurses into itself)."""
+    async def apply(self, raw_body: bytes) -> Outcome:
+        """Applies one event (events that wait for another are kept by the ledger)."""
         event = parse_event(raw_body)
         if event.test_mode and self.test_mode == "ignore":
             return Outcome(Status.IGNORED, "test-mode event (LEMONSQUEEZY_TEST_MODE=ignore)")
         if event.name == "order_created":
-            return await self._order_created(event, cascade)
+            return await self._order_created(event)
         if event.name == "order_refunded":
             return await self._order_refunded(event)
         if event.name == "subscription_payment_refunded":
-            return await self._invoice_refunded(event)
+            return await self._refund(event, f"invoice:{event.data_id}")
         if event.name == "subscription_payment_success":
             return await self._payment_success(event)
         if event.name in SUBSCRIPTION_EVENTS:
-            return await self._subscription_changed(event, cascade)
+            return await self._subscription_changed(event)
         return Outcome(Status.IGNORED, f"{event.name} is not handled")
 
     # ---- events ---------------------------------------------------------------------------
 
-    async def _order_created(self, event: Event, cascade: bool) -> Outcome:
+    async def _order_created(self, event: Event) -> Outcome:
         attrs = event.attributes
         if attrs.get("status") not in (None, "paid"):
             return Outcome(Status.IGNORED, f"order status {attrs.get('status')!r}, not paid")
@@ -204,56 +211,58 @@ class LemonSqueezyProcessor:
         if variant.subscription:
             # The subscription's invoices (subscription_payment_success) carry its tokens.
             return Outcome(Status.IGNORED, "subscription order: credited by its invoices")
-        outcome = await self._credit(
-            event, f"order:{event.data_id}", variant.tokens, lpb.PURCHASE_TYPE_ONE_TIME
+        return await self._credit(
+            event,
+            f"order:{event.data_id}",
+            lpb.CreditPurchaseRequest(
+                user_id=self._user(event, f"order:{event.data_id}"),
+                tokens_purchased=variant.tokens,
+                purchase_type=lpb.PURCHASE_TYPE_ONE_TIME,
+            ),
         )
-        if cascade:
-            await self._release_parked(f"order:{event.data_id}")
-        return outcome
+
+    async def _order_refunded(self, event: Event) -> Outcome:
+        item = event.attributes.get("first_order_item") or {}
+        variant = self.catalog.get(item.get("variant_id"))
+        if variant is not None and variant.subscription:
+            return Outcome(
+                Status.IGNORED, "subscription order: refunded through subscription_payment_refunded"
+            )
+        return await self._refund(event, f"order:{event.data_id}")
 
     async def _payment_success(self, event: Event) -> Outcome:
+        """A subscription invoice: credited, through its subscription, with the subscription's
+        tokens per payment; before its subscription is known it waits in the ledger."""
         attrs = event.attributes
         if attrs.get("status") not in (None, "paid"):
             return Outcome(Status.IGNORED, f"invoice status {attrs.get('status')!r}, not paid")
-        subscription, variant = await self._subscription_of(event)
-        if event.user_id is None and subscription.user_id:
-            event = Event(event.name, event.test_mode, subscription.user_id, event.data_id, attrs)
-        return await self._credit(
-            event, f"invoice:{event.data_id}", variant.tokens, lpb.PURCHASE_TYPE_SUBSCRIPTION
-        )
-
-    async def _subscription_of(self, event: Event) -> tuple[lpb.Subscription, Variant]:
-        """The subscription an invoice belongs to, and its catalog variant; an invoice that
-        arrives before its subscription waits as a dead letter under that subscription."""
-        subscription_id = str(event.attributes.get("subscription_id") or "")
+        subscription_id = str(attrs.get("subscription_id") or "")
         if not subscription_id:
             raise Unapplicable("invoice without subscription_id")
-        subject = f"subscription:{subscription_id}"
-        try:
-            found = await self.ledger.call(
-                self.ledger.stub.GetSubscription,
-                lpb.GetSubscriptionRequest(source=self._source(event), external_id=subscription_id),
-            )
-        except GatewayError as exc:
-            if exc.failure is Failure.NOT_FOUND:
-                raise Unapplicable(
-                    "unknown subscription: its subscription_created has not arrived yet", subject
-                ) from None
-            raise
-        variant = self.catalog.get(found.subscription.variant_id)
-        if variant is None:
-            raise Unapplicable(f"unknown variant {found.subscription.variant_id!r}", subject)
-        return found.subscription, variant
+        if event.user_id is not None:
+            self._user(event, f"subscription:{subscription_id}")  # refuses a test-mode id
+        return await self._credit(
+            event,
+            f"invoice:{event.data_id}",
+            lpb.CreditPurchaseRequest(
+                purchase_type=lpb.PURCHASE_TYPE_SUBSCRIPTION,
+                subscription=lpb.PurchaseRef(external_id=subscription_id),
+            ),
+        )
 
-    async def _subscription_changed(self, event: Event, cascade: bool) -> Outcome:
-        user = self._user(event, f"subscription:{event.data_id}")
+    async def _subscription_changed(self, event: Event) -> Outcome:
+        subject = f"subscription:{event.data_id}"
+        user = self._user(event, subject)
         attrs = event.attributes
+        variant_id = str(attrs.get("variant_id") or "")
+        variant = self.catalog.get(variant_id) if variant_id else None
         subscription = lpb.Subscription(
             source=self._source(event),
             external_id=event.data_id,
             user_id=user,
-            variant_id=str(attrs.get("variant_id") or ""),
+            variant_id=variant_id,
             status=str(attrs.get("status") or event.name.removeprefix("subscription_")),
+            tokens_per_period=variant.tokens if variant else 0,
         )
         for field in ("renews_at", "ends_at"):
             if (ts := _timestamp(attrs.get(field))) is not None:
@@ -264,79 +273,76 @@ class LemonSqueezyProcessor:
             self.ledger.stub.UpsertSubscription,
             lpb.UpsertSubscriptionRequest(subscription=subscription),
         )
-        if cascade:
-            await self._release_parked(f"subscription:{event.data_id}")
-        if not reply.applied:
-            return Outcome(Status.DUPLICATE, "an as-new or newer state is already stored")
-        return Outcome(Status.APPLIED, f"subscription {event.data_id} is {subscription.status}")
-
-    async def _order_refunded(self, event: Event) -> Outcome:
-        attrs = event.attributes
-        item = attrs.get("first_order_item") or {}
-        variant = self.catalog.get(item.get("variant_id"))
-        subject = f"order:{event.data_id}"
-        if variant is None:
-            raise Unapplicable(f"unknown variant {item.get('variant_id')!r}", subject)
-        return await self._refund(event, subject, variant.tokens)
-
-    async def _invoice_refunded(self, event: Event) -> Outcome:
-        """A refunded subscription invoice takes back, in proportion, what that invoice credited."""
-        _, variant = await self._subscription_of(event)
-        return await self._refund(event, f"invoice:{event.data_id}", variant.tokens)
-
-    async def _refund(self, event: Event, subject: str, tokens: int) -> Outcome:
-        attrs = event.attributes
-        total = attrs.get("total")
-        refunded = attrs.get("refunded_amount")
-        if isinstance(total, int) and isinstance(refunded, int) and 0 < refunded < total:
-            target = tokens * refunded // total  # partial: in proportion, rounded down
-        else:
-            target = tokens
-            refunded = total if isinstance(total, int) else "all"
-        request = lpb.RefundPurchaseRequest(
-            idempotency_key=f"{self._source(event)}:refund:{event.data_id}:{refunded}",
-            external=lpb.PurchaseRef(source=self._source(event), external_id=subject),
-            tokens_to_refund=target,
-            cumulative=True,
+        if variant is None and reply.subscription.tokens_per_period == 0:
+            # The state is stored; its payments cannot be credited until the catalog knows the
+            # variant. The operator's replay of this letter fills the tokens in.
+            raise Unapplicable(f"unknown variant {variant_id!r}: its payments wait", subject)
+        credited = (
+            f"; {reply.parked_credits_applied} waiting payment(s) credited"
+            if reply.parked_credits_applied
+            else ""
         )
-        try:
-            reply = await self.ledger.call(self.ledger.stub.RefundPurchase, request)
-        except GatewayError as exc:
-            if exc.failure is Failure.NOT_FOUND:
-                raise Unapplicable("refund of a payment not credited (yet)", subject) from None
-            raise
+        if not reply.applied:
+            return Outcome(Status.DUPLICATE, f"an as-new or newer state is stored{credited}")
+        return Outcome(
+            Status.APPLIED, f"subscription {event.data_id} is {subscription.status}{credited}"
+        )
+
+    async def _refund(self, event: Event, subject: str) -> Outcome:
+        """Takes back what the payment credited, in proportion to the money returned (LemonSqueezy
+        reports the refunded total, so the refund is cumulative); a refund that comes before its
+        payment waits for it in the ledger."""
+        total = _amount(event.attributes.get("total"))
+        refunded = _amount(event.attributes.get("refunded_amount"))
+        if total is not None and refunded is not None and 0 < refunded < total:
+            share = lpb.RefundShare(refunded_amount=refunded, total_amount=total)
+            label: object = refunded
+        else:
+            share = lpb.RefundShare(refunded_amount=1, total_amount=1)  # all of it
+            label = total if total is not None else "all"
+        request = lpb.RefundPurchaseRequest(
+            idempotency_key=f"{self._source(event)}:refund:{event.data_id}:{label}",
+            external=lpb.PurchaseRef(source=self._source(event), external_id=subject),
+            share=share,
+            cumulative=True,
+            wait_for_purchase=True,
+        )
+        reply = await self.ledger.call(self.ledger.stub.RefundPurchase, request)
+        if reply.parked:
+            return Outcome(Status.WAITING, f"refund of {subject} waits for its payment")
         if reply.replayed or reply.tokens_refunded == 0:
             return Outcome(Status.DUPLICATE, "refund already applied")
         return Outcome(
             Status.APPLIED,
             f"refunded {reply.tokens_refunded} tokens: {reply.tokens_debited} from the balance, "
-            f"{reply.shortfall_tokens} already spent",
+            f"{reply.shortfall_tokens} owed (already spent or on hold)",
         )
 
     # ---- ledger ---------------------------------------------------------------------------
 
-    async def _credit(self, event: Event, external_id: str, tokens: int, kind: int) -> Outcome:
-        user = self._user(event, external_id)
+    async def _credit(
+        self, event: Event, external_id: str, request: lpb.CreditPurchaseRequest
+    ) -> Outcome:
         source = self._source(event)
+        request.idempotency_key = f"{source}:{external_id}"
+        request.external_id = external_id
+        request.source = source
         try:
-            reply = await self.ledger.call(
-                self.ledger.stub.CreditPurchase,
-                lpb.CreditPurchaseRequest(
-                    idempotency_key=f"{source}:{external_id}",
-                    user_id=user,
-                    tokens_purchased=tokens,
-                    purchase_type=lpb.PurchaseType.ValueType(kind),
-                    external_id=external_id,
-                    source=source,
-                ),
-            )
+            reply = await self.ledger.call(self.ledger.stub.CreditPurchase, request)
         except GatewayError as exc:
+            if exc.reason == "SUBSCRIPTION_TOKENS_UNKNOWN":
+                subject = f"subscription:{request.subscription.external_id}"
+                raise Unapplicable(
+                    "the subscription's variant is not in the catalog", subject
+                ) from None
             if exc.failure is Failure.CONFLICT:
                 raise Unapplicable(f"payment {external_id} was credited with other terms") from None
             raise
+        if reply.parked:
+            return Outcome(Status.WAITING, f"{external_id} waits for its subscription")
         if reply.replayed:
             return Outcome(Status.DUPLICATE, f"{external_id} already credited")
-        return Outcome(Status.APPLIED, f"credited {reply.tokens_credited} tokens to {user}")
+        return Outcome(Status.APPLIED, f"credited {reply.tokens_credited} tokens")
 
     async def _park(self, raw_body: bytes, problem: Unapplicable) -> None:
         event_name = "unknown"
@@ -355,26 +361,10 @@ class LemonSqueezyProcessor:
             ),
         )
 
-    async def _release_parked(self, subject: str) -> None:
-        """Applies the dead letters that waited for `subject` (an invoice that came before its
-        subscription, a refund before its order)."""
-        letters = await self.ledger.call(
-            self.ledger.stub.ListDeadLetters,
-            lpb.ListDeadLettersRequest(source=SOURCE, subject=subject, page_size=100),
-        )
-        for letter in letters.dead_letters:
-            try:
-                await self.replay(letter)
-            except GatewayError as exc:
-                if exc.failure is Failure.UNAVAILABLE:
-                    raise
-                # That letter stays parked for the operator; this event is applied all the same.
-                log.error("parked %s %s not applied: %s", letter.event_name, subject, exc.reason)
-
     async def replay(self, letter: lpb.DeadLetter) -> Outcome:
         """Applies a dead letter again; resolves it unless it is still unapplicable."""
         try:
-            outcome = await self.apply(letter.raw_body, cascade=False)
+            outcome = await self.apply(letter.raw_body)
         except Unapplicable as exc:
             return Outcome(Status.DEAD_LETTER, exc.reason)
         await self.ledger.call(
@@ -392,4 +382,16 @@ class LemonSqueezyProcessor:
     def _user(self, event: Event, subject: str) -> str:
         if event.user_id is None:
             raise Unapplicable("meta.custom_data.user_id is missing", subject)
-        return f"{TEST_USER_PREFIX}{event.user_id}" if event.test_mode else event.user_id
+        if event.test_mode:
+            return f"{TEST_USER_PREFIX}{event.user_id}"
+        if event.user_id.startswith(TEST_USER_PREFIX):
+            # The prefix names the test ledger: a live payment must never credit it.
+            raise Unapplicable("a live event's user id is in the test-mode namespace", subject)
+        return event.user_id
+
+
+def _amount(value: object) -> int | None:
+    """A money amount from a payload: a non-negative integer (minor units), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None

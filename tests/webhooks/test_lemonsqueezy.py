@@ -130,10 +130,64 @@ async def test_subscription_lifecycle_and_renewals(hooks: Hooks) -> None:
 
 async def test_an_invoice_before_its_subscription_waits_then_applies(hooks: Hooks) -> None:
     status, body = await hooks.deliver(invoice(8001, 80, "gil", "initial"))
-    assert (status, body["status"]) == (200, "dead_letter")
+    assert (status, body["status"]) == (200, "waiting")
     assert (await balance(hooks.ledger.stub, "gil")).available_tokens == 0
-    await hooks.deliver(subscription("subscription_created", 80, "gil"))
+    status, body = await hooks.deliver(subscription("subscription_created", 80, "gil"))
+    assert (status, body["status"]) == (200, "applied")
+    assert "1 waiting payment(s) credited" in body["detail"]
     assert (await balance(hooks.ledger.stub, "gil")).available_tokens == 4000
+    # Delivered again, the invoice is a duplicate: the waiting copy was credited.
+    assert (await hooks.deliver(invoice(8001, 80, "gil", "initial")))[1]["status"] == "duplicate"
+    assert not (await _open_letters(hooks))
+
+
+async def _open_letters(hooks: Hooks) -> list[lpb.DeadLetter]:
+    page = await hooks.ledger.stub.ListDeadLetters(
+        lpb.ListDeadLettersRequest(source="lemonsqueezy"), metadata=AUTH
+    )
+    return list(page.dead_letters)
+
+
+async def test_a_refund_before_its_order_waits_then_applies(hooks: Hooks) -> None:
+    refund = order("order_refunded", 16, "ona", total=1000, refunded_amount=250)
+    assert (await hooks.deliver(refund))[1]["status"] == "waiting"
+    assert (await hooks.deliver(order("order_created", 16, "ona", total=1000)))[1][
+        "status"
+    ] == "applied"
+    # 1000 bought, a quarter of the money returned: 750 left, 600 of them usable.
+    assert (await balance(hooks.ledger.stub, "ona")).available_tokens == 600
+    assert (await hooks.deliver(refund))[1]["status"] == "duplicate"
+    assert not (await _open_letters(hooks))
+    assert (await run_audit(hooks.ledger.database_url)).ok
+
+
+async def test_a_refund_takes_back_what_the_order_bought_not_todays_catalog(
+    hooks: Hooks,
+) -> None:
+    """The variant sold 1000 tokens when the order was paid; it sells 500 now. Refunding the
+    order in full takes back the 800 it credited (and its 200 fee), not 400."""
+    await hooks.deliver(order("order_created", 17, "pia"))  # 1000 -> 800
+    runner, _, client, url = await start_hooks(hooks.ledger, catalog='{"111": 500}')
+    try:
+        refund = order("order_refunded", 17, "pia", total=999, refunded_amount=999)
+        async with hooks.session.post(
+            url, data=encode(refund), headers={"X-Signature": sign(encode(refund))}
+        ) as response:
+            assert (response.status, (await response.json())["status"]) == (200, "applied")
+    finally:
+        await runner.cleanup()
+        await client.close()
+    assert await balance(hooks.ledger.stub, "pia") == lpb.Balance()
+    report = await run_audit(hooks.ledger.database_url)
+    assert report.ok
+    assert report.platform_balances["purchase_fee"] == 0
+
+
+async def test_a_live_event_cannot_credit_the_test_namespace(hooks: Hooks) -> None:
+    status, body = await hooks.deliver(order("order_created", 18, "test-mode:ivy"))
+    assert (status, body["status"]) == (200, "dead_letter")
+    assert "test-mode namespace" in body["detail"]
+    assert (await balance(hooks.ledger.stub, "test-mode:ivy")).available_tokens == 0
 
 
 async def test_unknown_variant_is_parked_and_replayed_after_the_fix(hooks: Hooks) -> None:
@@ -213,7 +267,8 @@ async def test_operator_command_replays_dead_letters(hooks: Hooks) -> None:
     )  # fmt: skip
     out, _ = await proc.communicate()
     assert proc.returncode == 0, out.decode()
-    assert "2 replayed, 0 still unapplicable" in out.decode()
+    # Only the order was a dead letter: its refund waited in the ledger for the payment.
+    assert "1 replayed, 0 still unapplicable" in out.decode()
     # The order was credited (400 of 500), then its refund applied: in that order.
     assert (await balance(hooks.ledger.stub, "lou")).available_tokens == 0
     report = await run_audit(hooks.ledger.database_url)
