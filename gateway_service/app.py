@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from gateway_service.auth import JwtVerifier
-from gateway_service.core import Gateway
+from gateway_service.core import CallLimits, Gateway
 from gateway_service.http import HttpServer, create_http_app
 from gateway_service.interceptor import JwtInterceptor
 from gateway_service.ledger_client import LedgerClient
@@ -91,15 +91,20 @@ def create_app(settings: Settings) -> GatewayApp:
         else:
             raise ValueError(f"unknown outbox method {method}")
 
-    outbox = Outbox(send, settings.data_dir / "gateway-outbox.jsonl")
+    outbox = Outbox(send, settings.data_dir / "gateway-outbox.sqlite3")
     gateway = Gateway(
         ledger,
         providers,
         outbox,
         default_max_tokens=settings.default_max_tokens,
         max_prompt_chars=settings.max_prompt_chars,
-        # A hold outlives the slowest provider call, then the sweeper takes it back.
-        hold_ttl_seconds=int(settings.provider_timeout_seconds) + 60,
+        limits=CallLimits(
+            hold_ttl_seconds=settings.hold_ttl_seconds,
+            # The provider's timeout bounds each read; this bounds the whole call, after it.
+            call_seconds=settings.provider_timeout_seconds + 5,
+            stream_seconds=settings.stream_max_seconds,
+            write_timeout_seconds=settings.stream_write_timeout_seconds,
+        ),
     )
     grpc_app = GrpcApp([SERVICE_NAME], interceptors=[JwtInterceptor(verifier)])
     gateway_pb2_grpc.add_AiGatewayServicer_to_server(GatewayServicer(gateway), grpc_app.server)

@@ -1,26 +1,41 @@
 """The gateway's use cases, shared by the gRPC servicer and the HTTP edge: who is calling, what
 they may do, and metering every AI call through the ledger. Knows no transport.
 
-Subscription call: Reserve (estimated input + max output) -> provider call with the platform key
--> Settle with the provider's usage. A provider failure or a cancelled call releases the hold
-(or, for a stream that already produced output, settles what was consumed); no hold outlives
-its call. BYOK call: the caller's key, no balance touched, usage recorded for analytics.
+Subscription call: Reserve (an upper bound on what the call can use, see `metering`) -> provider
+call with the platform key -> Settle with the provider's usage. The hold is kept alive while the
+call runs and the call is bounded by it (`HoldLease`): no call outlives its hold. Every exit path
+settles or releases exactly once: a provider failure or a cancelled call releases the hold (a
+stream that already produced output is settled for what was consumed), and the metering step is
+started, shielded, before anything else runs on the way out. BYOK call: the caller's key, no
+balance touched, usage recorded for analytics.
+
+A keyed call's answer is kept by the ledger with its hold, so a retry on any gateway replica
+returns the first answer without a second provider call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from gateway_service.auth import Identity
 from gateway_service.errors import Failure, GatewayError, invalid
-from gateway_service.ledger_client import LedgerClient
+from gateway_service.ledger_client import LedgerClient, is_definitive
+from gateway_service.metering import (
+    CallCut,
+    HoldLease,
+    call_cut,
+    hold_estimate,
+    storable_count,
+    storable_model,
+)
 from gateway_service.outbox import Outbox
 from gateway_service.pricing import estimate_cost_micro_usd
 from gateway_service.providers import Providers
@@ -30,7 +45,6 @@ from gateway_service.providers.base import (
     StreamEnd,
     TextDelta,
     Usage,
-    estimate_input_tokens,
 )
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
@@ -40,7 +54,6 @@ T = TypeVar("T")
 
 MAX_OUTPUT_TOKENS = 128_000
 MAX_KEY_CHARS = 200
-RESPONSE_CACHE_SIZE = 10_000
 # A keyed call whose earlier attempts failed (hold released or expired) may be retried; each
 # retry reserves under a key derived from the failed hold, so concurrent retries converge.
 MAX_KEYED_ATTEMPTS = 5
@@ -139,9 +152,28 @@ _PROVIDER_FAILURES = {
 }
 
 
-# Ledger answers that a retry cannot change; anything else (unavailable, cancelled, internal) may
-# still land, so a charge that must happen is queued rather than dropped.
-_DEFINITE_REFUSALS = frozenset({Failure.INVALID_ARGUMENT, Failure.NOT_FOUND, Failure.CONFLICT})
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    """How long calls and their holds live (see `metering.HoldLease`)."""
+
+    hold_ttl_seconds: int = 120
+    # A unary call's whole length (the provider's own timeout bounds each read).
+    call_seconds: float = 60.0
+    stream_seconds: float = 3600.0
+    # A stream whose client reads nothing for this long is cut (by the transport).
+    write_timeout_seconds: float = 20.0
+
+    @property
+    def margin_seconds(self) -> float:
+        """How long before its hold could expire a call must be over: longer than a stalled
+        write can take, so a cut stream is settled while its hold still stands."""
+        return min(self.hold_ttl_seconds / 2, self.write_timeout_seconds + 5)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    reply: lpb.ReserveResponse
+    sent_at: float  # event-loop time taken before the Reserve was sent
 
 
 def provider_failure(exc: ProviderError, byok: bool) -> GatewayError:
@@ -165,17 +197,14 @@ class Gateway:
         outbox: Outbox,
         default_max_tokens: int,
         max_prompt_chars: int,
-        hold_ttl_seconds: int,
+        limits: CallLimits | None = None,
     ) -> None:
         self.ledger = ledger
         self.providers = providers
         self.outbox = outbox
         self.default_max_tokens = default_max_tokens
         self.max_prompt_chars = max_prompt_chars
-        self.hold_ttl_seconds = hold_ttl_seconds
-        # Answers of keyed calls, so a retried GenerateText gets its answer without a second
-        # provider call. The ledger guarantees the money side even when this cache misses.
-        self._answers: OrderedDict[tuple[str, str], tuple[str, GenerateResult]] = OrderedDict()
+        self.limits = limits or CallLimits()
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---- planning -------------------------------------------------------------------------
@@ -209,15 +238,31 @@ class Gateway:
         )
         return _Plan(provider.name, request, byok, caller.user_id if caller else None)
 
-    def _estimate(self, plan: _Plan) -> int:
-        return estimate_input_tokens(plan.request) + plan.request.max_tokens
-
     def _reserve_key(self, plan: _Plan, req: GenerateRequest) -> str:
         if req.idempotency_key:
             # Fixed length whatever the sub and key, so derived retry keys fit the ledger's bound.
             digest = hashlib.sha256(f"{plan.user_id}\x00{req.idempotency_key}".encode())
             return f"generate:{digest.hexdigest()[:40]}"
         return f"generate:{uuid.uuid4()}"
+
+    def _lease(self, hold: _Hold | None, started: float, max_seconds: float) -> HoldLease:
+        extend = None
+        if hold is not None:
+            reservation_id = hold.reply.reservation_id
+            started = hold.sent_at
+
+            async def extend(ttl: int) -> None:
+                await self.ledger.extend_hold(reservation_id, ttl)
+
+        lease = HoldLease(
+            extend,
+            ttl=self.limits.hold_ttl_seconds,
+            margin=self.limits.margin_seconds,
+            started=started,
+            max_seconds=max_seconds,
+        )
+        lease.start()
+        return lease
 
     # ---- unary ----------------------------------------------------------------------------
 
@@ -233,88 +278,108 @@ class Gateway:
             info = await self._record_byok(plan, completion.model, usage)
             return _result(completion, usage_info=info)
 
-        assert plan.user_id is not None
-        cache_key = (plan.user_id, req.idempotency_key)
-        if req.idempotency_key and (cached := self._cached(cache_key, plan)):
-            return cached
         hold = await self._reserve(plan, req)
-        if hold.replayed:
-            # Settled by an earlier attempt (or still running): answer it, never charge again.
-            if cached := self._cached(cache_key, plan):
-                return cached
-            raise _duplicate(hold)
+        if hold.reply.replayed:
+            # An earlier attempt with this key: its answer, never a second charge.
+            return _replayed_answer(hold.reply)
+        lease = self._lease(hold, hold.sent_at, self.limits.call_seconds)
         try:
-            completion = await provider.generate(plan.request)
+            completion = await lease.run(provider.generate(plan.request))
         except BaseException as exc:
-            # Failed, timed out or cancelled: nothing to charge. Release even when cancelled.
-            await self._shielded(self._release(hold.reservation_id))
+            # Failed, timed out, cut or cancelled: nothing to charge. Released even when
+            # cancelled (the release is shielded; nothing before it awaits).
+            released = self._spawn(self._release(hold.reply.reservation_id))
+            lease.stop()
+            await asyncio.shield(released)
             if isinstance(exc, ProviderError):
                 raise provider_failure(exc, byok=False) from None
+            if isinstance(exc, CallCut):
+                raise call_cut() from None
             raise
+        lease.stop()
         usage = Usage(completion.input_tokens, completion.output_tokens, estimated=False)
+        result = _result(completion)
+        answer = _encode_answer(result) if req.idempotency_key else b""
         settled = await self._shielded(
-            self._settle(hold, plan.provider_name, completion.model, usage)
+            self._settle(hold.reply, plan, completion.model, usage, answer)
         )
-        result = _result(completion, token_usage=settled)
-        if req.idempotency_key:
-            self._remember(cache_key, plan.fingerprint, result)
-        return result
+        return replace(result, token_usage=settled)
 
     # ---- streaming ------------------------------------------------------------------------
 
     async def stream(
         self, caller: Identity | None, req: GenerateRequest
     ) -> AsyncGenerator[StreamEvent]:
-        """Deltas, then one GenerateResult. Closing the iterator early (the caller went away)
-        stops the provider stream and charges what was consumed; no hold is left behind."""
+        """Deltas, then one GenerateResult. Closing the iterator early (the caller went away, a
+        write timed out) stops the provider stream and charges what was consumed; a stream that
+        would outlive its hold is cut the same way. No hold is left behind."""
         plan = self._plan(caller, req)
         provider = self.providers.get(plan.provider_name)
-        hold: lpb.ReserveResponse | None = None
+        hold: _Hold | None = None
         if not plan.byok:
             hold = await self._reserve(plan, req)
-            if hold.replayed:
-                raise _duplicate(hold)
+            if hold.reply.replayed:
+                first = _replayed_answer(hold.reply)
+                yield Delta(first.text)
+                yield first
+                return
+        loop = asyncio.get_running_loop()
+        lease = self._lease(hold, loop.time(), self.limits.stream_seconds)
         stream = provider.stream(plan.request)
         parts: list[str] = []
-        end: StreamEnd | None = None
-        finished = False
+        metered = False
         failed = False
         try:
+            end: StreamEnd | None = None
             try:
-                async for item in stream:
+                while end is None:
+                    item = await lease.run(anext(stream))
                     if isinstance(item, TextDelta):
                         parts.append(item.text)
                         yield Delta(item.text)
+                        if lease.expired():  # the consumer took its time over that delta
+                            raise CallCut
                     else:
                         end = item
             except ProviderError as exc:
                 failed = True
                 raise provider_failure(exc, byok=plan.byok) from None
-            assert end is not None
+            except CallCut:
+                raise call_cut() from None
             usage = stream.usage
-            # From here the call is metered by the code below, shielded from cancellation: the
-            # cleanup in `finally` must not meter it a second time.
-            finished = True
+            # From here the call is metered below, shielded from cancellation: the cleanup in
+            # `finally` must not meter it a second time.
+            metered = True
+            lease.stop()
+            text = "".join(parts)
             if hold is None:
                 info = await self._shielded(self._record_byok(plan, end.model, usage))
-                yield _stream_result(plan, end, "".join(parts), usage_info=info)
+                yield _stream_result(plan, end, text, usage_info=info)
             else:
+                result = _stream_result(plan, end, text)
+                answer = _encode_answer(result) if req.idempotency_key else b""
                 settled = await self._shielded(
-                    self._settle(hold, plan.provider_name, end.model, usage)
+                    self._settle(hold.reply, plan, end.model, usage, answer)
                 )
-                yield _stream_result(plan, end, "".join(parts), token_usage=settled)
+                yield replace(result, token_usage=settled)
         finally:
-            await stream.aclose()
-            if not finished:
-                # Cut or abandoned mid-way: charge (or record) what was consumed. A provider
-                # failure before any text delivered nothing: like a failed unary call, free.
+            metering: asyncio.Task[Any] | None = None
+            if not metered:
+                # Cut, abandoned or failed mid-way: meter what was consumed. Started before
+                # anything else here awaits, so no cancellation can come between the call and
+                # its charge. A provider failure before any text delivered nothing: free.
                 consumed = stream.usage
                 if failed and not parts:
                     consumed = Usage(0, 0, estimated=True)
                 if hold is not None:
-                    await self._shielded(self._finish(hold, plan, consumed))
+                    metering = self._spawn(self._finish(hold.reply, plan, consumed))
                 elif consumed.total:
-                    await self._shielded(self._record_byok(plan, plan.request.model, consumed))
+                    metering = self._spawn(self._record_byok(plan, plan.request.model, consumed))
+            lease.stop()
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            if metering is not None:
+                await asyncio.shield(metering)
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -366,7 +431,7 @@ class Gateway:
 
     # ---- metering -------------------------------------------------------------------------
 
-    async def _reserve(self, plan: _Plan, req: GenerateRequest) -> lpb.ReserveResponse:
+    async def _reserve(self, plan: _Plan, req: GenerateRequest) -> _Hold:
         """Reserve; if the caller goes away while the hold is being made, release it as soon as
         it exists (unless it is an earlier attempt's hold), instead of leaving it to its TTL."""
         task = asyncio.ensure_future(self._reserve_once(plan, req))
@@ -376,30 +441,31 @@ class Gateway:
             task.add_done_callback(self._release_abandoned)
             raise
 
-    def _release_abandoned(self, task: asyncio.Task[lpb.ReserveResponse]) -> None:
+    def _release_abandoned(self, task: asyncio.Task[_Hold]) -> None:
         if task.cancelled() or task.exception() is not None:
             return
-        hold = task.result()
+        hold = task.result().reply
         if not hold.replayed:
-            released = asyncio.ensure_future(self._release(hold.reservation_id))
-            self._background.add(released)
-            released.add_done_callback(self._background.discard)
+            self._spawn(self._release(hold.reservation_id))
 
-    async def _reserve_once(self, plan: _Plan, req: GenerateRequest) -> lpb.ReserveResponse:
+    async def _reserve_once(self, plan: _Plan, req: GenerateRequest) -> _Hold:
         assert plan.user_id is not None
         key = self._reserve_key(plan, req)
+        loop = asyncio.get_running_loop()
         for _ in range(MAX_KEYED_ATTEMPTS):
+            sent_at = loop.time()
             hold = await self.ledger.reserve(
                 lpb.ReserveRequest(
                     idempotency_key=key,
                     user_id=plan.user_id,
-                    estimated_tokens=self._estimate(plan),
-                    ttl_seconds=self.hold_ttl_seconds,
+                    estimated_tokens=hold_estimate(plan.request),
+                    ttl_seconds=self.limits.hold_ttl_seconds,
                     request_fingerprint=plan.fingerprint,
+                    transient_key=not req.idempotency_key,
                 )
             )
             if not (hold.replayed and hold.status in ("released", "expired")):
-                return hold
+                return _Hold(hold, sent_at)
             # The earlier attempt failed and cost nothing: this retry is a new attempt, under a
             # key derived from the failed hold (so concurrent retries converge; fixed length).
             chained = hashlib.sha256(f"{key}\x00{hold.reservation_id}".encode()).hexdigest()
@@ -409,64 +475,81 @@ class Gateway:
         )
 
     async def _release(self, reservation_id: str) -> None:
+        request = lpb.ReleaseRequest(reservation_id=reservation_id)
         try:
-            await self.ledger.release(lpb.ReleaseRequest(reservation_id=reservation_id))
+            await self.ledger.release(request)
         except GatewayError as exc:
-            if exc.failure is not Failure.UNAVAILABLE:
-                raise
-            # The ledger is away: the release arrives later; the hold's TTL is the backstop.
-            await self.outbox.submit(
-                "Release", lpb.ReleaseRequest(reservation_id=reservation_id).SerializeToString()
-            )
+            if is_definitive(exc):
+                # Already resolved another way (settled, expired): nothing left to give back.
+                log.warning("release of a hold refused: %s", exc.reason)
+                return
+            # Not the ledger's last word: the outbox delivers it; the hold's TTL is the backstop.
+            await self.outbox.submit("Release", request.SerializeToString())
 
     async def _settle(
-        self, hold: lpb.ReserveResponse, provider: str, model: str, usage: Usage
+        self,
+        hold: lpb.ReserveResponse,
+        plan: _Plan,
+        model: str,
+        usage: Usage,
+        answer: bytes = b"",
     ) -> TokenUsage:
+        """Charges the call. Never raises: a charge the ledger did not take now is queued in the
+        outbox (retried until the ledger answers definitively; a refusal is kept and alerted)."""
+        provider = plan.provider_name
+        model = storable_model(model, plan.request.model)
+        input_tokens = storable_count(usage.input_tokens)
+        output_tokens = storable_count(usage.output_tokens)
         request = lpb.SettleRequest(
             reservation_id=hold.reservation_id,
             usage=lpb.Usage(
                 provider=provider,
                 model=model,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
             ),
+            answer=answer,
         )
-        cost = estimate_cost_micro_usd(provider, model, usage.input_tokens, usage.output_tokens)
+        cost = estimate_cost_micro_usd(provider, model, input_tokens, output_tokens)
         if cost is not None:
             request.estimated_cost_micro_usd = cost
         try:
             s = await self.ledger.settle(request)
         except GatewayError as exc:
-            if exc.failure in _DEFINITE_REFUSALS:
-                raise
-            # The provider already answered: the charge must still land. Settle is idempotent
-            # by reservation, so the outbox retries it until the ledger takes it.
-            await self.outbox.submit("Settle", request.SerializeToString())
+            # The provider already answered: the charge must still land.
+            if is_definitive(exc):
+                log.error("the ledger refused a settle (%s); kept for an operator", exc.reason)
+                await self.outbox.keep_refused("Settle", request.SerializeToString(), exc.reason)
+            else:
+                await self.outbox.submit("Settle", request.SerializeToString())
             return TokenUsage(
                 tokens_charged=0,
                 remaining_balance=hold.balance.available_tokens,
-                tokens_used=usage.total,
+                tokens_used=input_tokens + output_tokens,
                 fee_tokens=0,
                 settlement_pending=True,
             )
-        return TokenUsage(
-            tokens_charged=s.tokens_charged,
-            remaining_balance=s.balance.available_tokens,
-            tokens_used=s.tokens_used,
-            fee_tokens=s.fee_tokens,
-        )
+        if s.overrun_tokens:
+            log.warning(
+                "provider %s reported %d tokens beyond the hold of reservation %s",
+                provider,
+                s.overrun_tokens,
+                hold.reservation_id,
+            )
+        return _token_usage(s)
 
     async def _finish(self, hold: lpb.ReserveResponse, plan: _Plan, consumed: Usage) -> None:
         if consumed.total == 0:
             await self._release(hold.reservation_id)
         else:
-            await self._settle(hold, plan.provider_name, plan.request.model, consumed)
+            await self._settle(hold, plan, plan.request.model, consumed)
 
     async def _record_byok(self, plan: _Plan, model: str, usage: Usage) -> UsageInfo:
-        cost = estimate_cost_micro_usd(
-            plan.provider_name, model, usage.input_tokens, usage.output_tokens
-        )
-        info = UsageInfo(tokens_used=usage.total, estimated_cost_micro_usd=cost)
+        model = storable_model(model, plan.request.model)
+        input_tokens = storable_count(usage.input_tokens)
+        output_tokens = storable_count(usage.output_tokens)
+        cost = estimate_cost_micro_usd(plan.provider_name, model, input_tokens, output_tokens)
+        info = UsageInfo(tokens_used=input_tokens + output_tokens, estimated_cost_micro_usd=cost)
         if plan.user_id is None:
             return info  # a public caller: nothing is recorded
         request = lpb.RecordUsageRequest(
@@ -476,8 +559,8 @@ class Gateway:
             usage=lpb.Usage(
                 provider=plan.provider_name,
                 model=model,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
             ),
         )
         if cost is not None:
@@ -485,41 +568,70 @@ class Gateway:
         try:
             await self.ledger.record_usage(request)
         except GatewayError as exc:
-            if exc.failure is not Failure.UNAVAILABLE:
-                log.error("usage record refused: %s", exc.reason)
-                return info
-            await self.outbox.submit("RecordUsage", request.SerializeToString())
+            if is_definitive(exc):
+                log.error("the ledger refused a usage record (%s); kept", exc.reason)
+                await self.outbox.keep_refused(
+                    "RecordUsage", request.SerializeToString(), exc.reason
+                )
+            else:
+                await self.outbox.submit("RecordUsage", request.SerializeToString())
         return info
+
+    def _spawn(self, work: Awaitable[T]) -> asyncio.Task[T]:
+        """Starts `work` now, to run to its end whatever happens to the caller (a shutdown
+        waits for it: `wait_background`)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _shielded(self, work: Awaitable[T]) -> T:
         """Runs `work` to the end even if the caller is cancelled meanwhile: a hold must be
         settled or released whatever happens to the call that made it."""
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return await asyncio.shield(task)
-
-    def _cached(self, key: tuple[str, str], plan: _Plan) -> GenerateResult | None:
-        entry = self._answers.get(key)
-        if entry is None:
-            return None
-        fingerprint, result = entry
-        if fingerprint != plan.fingerprint:
-            raise GatewayError(
-                Failure.CONFLICT,
-                "IDEMPOTENCY_KEY_REUSED",
-                "this idempotency key was used for a different request",
-            )
-        return result
-
-    def _remember(self, key: tuple[str, str], fingerprint: str, result: GenerateResult) -> None:
-        self._answers[key] = (fingerprint, result)
-        if len(self._answers) > RESPONSE_CACHE_SIZE:
-            self._answers.popitem(last=False)
+        return await asyncio.shield(self._spawn(work))
 
     async def wait_background(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _token_usage(s: lpb.SettleResponse) -> TokenUsage:
+    return TokenUsage(
+        tokens_charged=s.tokens_charged,
+        remaining_balance=s.balance.available_tokens,
+        tokens_used=s.tokens_used,
+        fee_tokens=s.fee_tokens,
+    )
+
+
+_ANSWER_FIELDS = ("text", "provider", "model", "input_tokens", "output_tokens", "stop_reason")
+
+
+def _encode_answer(result: GenerateResult) -> bytes:
+    """A call's answer as the ledger keeps it with the hold (opaque to the ledger)."""
+    return json.dumps(
+        {name: getattr(result, name) for name in _ANSWER_FIELDS}, separators=(",", ":")
+    ).encode()
+
+
+def _replayed_answer(hold: lpb.ReserveResponse) -> GenerateResult:
+    """The first answer of a keyed call, from the ledger (kept with its hold and its charge)."""
+    if (
+        hold.status in ("settled", "settled_after_expiry")
+        and hold.answer
+        and hold.HasField("settlement")
+    ):
+        fields = json.loads(hold.answer)
+        return GenerateResult(
+            text=str(fields["text"]),
+            provider=str(fields["provider"]),
+            model=str(fields["model"]),
+            input_tokens=int(fields["input_tokens"]),
+            output_tokens=int(fields["output_tokens"]),
+            stop_reason=str(fields["stop_reason"]),
+            token_usage=_token_usage(hold.settlement),
+        )
+    raise _duplicate(hold)
 
 
 def _duplicate(hold: lpb.ReserveResponse) -> GatewayError:

@@ -8,7 +8,7 @@ a public caller (identity None), who may only make BYOK calls. A bad token: UNAU
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -79,12 +79,16 @@ class JwtInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             inner_stream: Any = handler.unary_stream
 
-            async def stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                # A coroutine, not a generator: streaming handlers that write their messages
+                # themselves (to time each write out) are awaited; generators are written out.
                 _identity.set(await _authenticate(verifier, context))
-                async for item in inner_stream(request, context):
-                    yield item
+                responses = inner_stream(request, context)
+                if hasattr(responses, "__aiter__"):
+                    async for item in responses:
+                        await context.write(item)
+                else:
+                    await responses
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer

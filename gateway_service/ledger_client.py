@@ -1,6 +1,12 @@
 """The gateway's one long-lived channel to the ledger: service token on every call, a deadline
 on every call, transparent retries of UNAVAILABLE (every ledger write is idempotent), and ledger
-failures turned into GatewayErrors."""
+failures turned into GatewayErrors.
+
+One classification of ledger failures, used by the core and the outbox alike: an answer the
+ledger gave about the request (invalid, not found, conflicting, insufficient) is definitive;
+anything else (unavailable, deadline, cancelled, unknown, internal...) may not have been the
+ledger's last word, so a write that must land is retried with the same request until it gets a
+definitive answer."""
 
 from __future__ import annotations
 
@@ -35,6 +41,17 @@ _SERVICE_CONFIG = json.dumps(
     }
 )
 
+# The ledger's answers about the request itself: retrying the same request cannot change them.
+DEFINITIVE_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: Failure.INVALID_ARGUMENT,
     grpc.StatusCode.ALREADY_EXISTS: Failure.CONFLICT,
@@ -47,20 +64,40 @@ _BY_CODE = {
 }
 
 
-def ledger_failure(exc: grpc.aio.AioRpcError) -> GatewayError:
+class LedgerError(GatewayError):
+    """A failed ledger call. `definitive`: the ledger's answer about the request itself."""
+
+    def __init__(self, *args: Any, definitive: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.definitive = definitive
+
+
+def is_definitive(exc: GatewayError) -> bool:
+    """False for a ledger failure that a retry of the same request may still turn around."""
+    return not isinstance(exc, LedgerError) or exc.definitive
+
+
+def ledger_failure(exc: grpc.aio.AioRpcError) -> LedgerError:
+    definitive = exc.code() in DEFINITIVE_CODES
     info = error_info(exc)
     reason = info.reason if info else exc.code().name
     metadata = dict(info.metadata) if info else {}
     if reason == "INSUFFICIENT_BALANCE":
-        return GatewayError(
-            Failure.INSUFFICIENT_BALANCE, reason, "not enough tokens for this request", metadata
+        return LedgerError(
+            Failure.INSUFFICIENT_BALANCE,
+            reason,
+            "not enough tokens for this request",
+            metadata,
+            definitive=definitive,
         )
     failure = _BY_CODE.get(exc.code(), Failure.INTERNAL)
     if failure is Failure.UNAVAILABLE:
-        return GatewayError(failure, "LEDGER_UNAVAILABLE", "the token ledger is unavailable")
+        return LedgerError(
+            failure, "LEDGER_UNAVAILABLE", "the token ledger is unavailable", definitive=False
+        )
     if failure is Failure.INTERNAL:
-        return GatewayError(failure, "LEDGER_ERROR", "the token ledger failed")
-    return GatewayError(failure, reason, exc.details() or reason, metadata)
+        return LedgerError(failure, "LEDGER_ERROR", "the token ledger failed", definitive=False)
+    return LedgerError(failure, reason, exc.details() or reason, metadata, definitive=definitive)
 
 
 class LedgerClient:
@@ -90,6 +127,12 @@ class LedgerClient:
 
     async def reserve(self, request: lpb.ReserveRequest) -> lpb.ReserveResponse:
         return await self.call(self.stub.Reserve, request)
+
+    async def extend_hold(self, reservation_id: str, ttl_seconds: int) -> lpb.ExtendHoldResponse:
+        return await self.call(
+            self.stub.ExtendHold,
+            lpb.ExtendHoldRequest(reservation_id=reservation_id, ttl_seconds=ttl_seconds),
+        )
 
     async def settle(self, request: lpb.SettleRequest) -> lpb.SettleResponse:
         return await self.call(self.stub.Settle, request)

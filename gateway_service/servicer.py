@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from gateway_service.auth import Identity
-from gateway_service.core import Gateway, GenerateRequest, GenerateResult, TokenUsage, UsageInfo
+from gateway_service.core import (
+    Gateway,
+    GenerateRequest,
+    GenerateResult,
+    StreamEvent,
+    TokenUsage,
+    UsageInfo,
+)
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.interceptor import DOMAIN, current_identity
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as pb
@@ -112,6 +120,28 @@ def _usage(r: GenerateResult) -> pb.Usage:
     return pb.Usage(input_tokens=r.input_tokens, output_tokens=r.output_tokens)
 
 
+def client_stalled() -> GatewayError:
+    return GatewayError(
+        Failure.TIMEOUT,
+        "CLIENT_STALLED",
+        "the stream was cut: nothing was read for too long; it was charged for what it used",
+    )
+
+
+def _stream_message(event: StreamEvent) -> pb.StreamTextResponse:
+    if isinstance(event, GenerateResult):
+        return pb.StreamTextResponse(
+            done=True,
+            provider=event.provider,
+            model=event.model,
+            usage=_usage(event),
+            token_usage=_token_usage(event.token_usage),
+            usage_info=_usage_info(event.usage_info),
+            stop_reason=event.stop_reason,
+        )
+    return pb.StreamTextResponse(delta=event.text)
+
+
 class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -131,27 +161,27 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
             stop_reason=r.stop_reason,
         )
 
-    async def StreamText(
+    async def StreamText(  # type: ignore[override]  # writes instead of yielding: see below
         self, request: pb.GenerateTextRequest, context: Context
-    ) -> AsyncIterator[pb.StreamTextResponse]:
+    ) -> None:
+        """Written with context.write (not yielded) so that each write can time out: a client
+        that stops reading is cut after STREAM_WRITE_TIMEOUT_SECONDS, and closing the core's
+        stream settles what was consumed before the caller is told."""
         events = self.gateway.stream(current_identity(), generate_request(request))
+        stalled = False
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
-                    if isinstance(event, GenerateResult):
-                        yield pb.StreamTextResponse(
-                            done=True,
-                            provider=event.provider,
-                            model=event.model,
-                            usage=_usage(event),
-                            token_usage=_token_usage(event.token_usage),
-                            usage_info=_usage_info(event.usage_info),
-                            stop_reason=event.stop_reason,
-                        )
-                    else:
-                        yield pb.StreamTextResponse(delta=event.text)
+                    try:
+                        async with asyncio.timeout(self.gateway.limits.write_timeout_seconds):
+                            await context.write(_stream_message(event))
+                    except TimeoutError:
+                        stalled = True
+                        break
         except GatewayError as exc:
             await abort(context, exc)
+        if stalled:
+            await abort(context, client_stalled())
 
     @unary
     async def GetUserStatus(

@@ -107,11 +107,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return error_response(400, headers, problem)
 
     msgs: list[dict[str, Any]] = body["messages"]
-    prompt_chars = len(text_of(body.get("system"))) + sum(
-        len(text_of(m.get("content"))) for m in msgs
-    )
+    system = text_of(body.get("system"))
+    prompt_texts = ([system] if system else []) + [text_of(m.get("content")) for m in msgs]
     user_text = "".join(text_of(m.get("content")) for m in msgs if m.get("role") == "user")
-    plan = make_plan(prompt_chars, user_text, body["max_tokens"])
+    plan = make_plan(prompt_texts, user_text, body["max_tokens"])
     await pause(request, plan.delay)
     if plan.fail is not None:
         return error_response(plan.fail, headers)

@@ -130,10 +130,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error_response(400, headers, problem)
 
     msgs: list[dict[str, Any]] = body["messages"]
-    prompt_chars = sum(len(text_of(m.get("content"))) for m in msgs)
+    prompt_texts = [text_of(m.get("content")) for m in msgs]
     user_text = "".join(text_of(m.get("content")) for m in msgs if m.get("role") == "user")
     plan = make_plan(
-        prompt_chars, user_text, body.get("max_completion_tokens", body.get("max_tokens"))
+        prompt_texts, user_text, body.get("max_completion_tokens", body.get("max_tokens"))
     )
     await pause(request, plan.delay)
     if plan.fail is not None:

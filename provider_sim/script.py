@@ -7,6 +7,8 @@ a client-side estimate of a cut stream equal to what the sim would have reported
 
 Directives in the user content drive failure paths in tests:
   [[usage:IN,OUT]]  exact input tokens, OUT reply words (still capped by max_tokens)
+  [[tokenizer:bytes]] the worst a real tokenizer can do: one input token per UTF-8 byte of every
+                    text sent, plus framing (3 tokens, and 4 per message, as OpenAI counts them)
   [[fail:CODE]]     answer with the provider's real error body for that HTTP status
   [[delay:SECONDS]] sleep before answering
   [[pace:SECONDS]]  sleep between streamed deltas (lets tests cancel mid-stream)
@@ -61,13 +63,27 @@ def count_tokens(chars: int) -> int:
     return max(1, -(-chars // 4))
 
 
-def make_plan(prompt_chars: int, user_text: str, max_tokens: int | None) -> Plan:
-    input_tokens = count_tokens(prompt_chars)
+# Framing a byte-counting tokenizer adds: 3 tokens priming the reply, 4 around each message.
+BYTES_FRAMING = 3
+BYTES_FRAMING_PER_MESSAGE = 4
+
+
+def count_bytes_tokens(texts: list[str]) -> int:
+    return BYTES_FRAMING + sum(
+        len(t.encode("utf-8", "surrogatepass")) + BYTES_FRAMING_PER_MESSAGE for t in texts
+    )
+
+
+def make_plan(prompt_texts: list[str], user_text: str, max_tokens: int | None) -> Plan:
+    """`prompt_texts`: every text sent (the system prompt and each message's content)."""
+    input_tokens = count_tokens(sum(len(t) for t in prompt_texts))
     n_words = DEFAULT_REPLY_WORDS
     options: dict[str, Any] = {}
     if "[[" in user_text:  # cheap guard: the regex only runs when a directive may be present
         for name, arg in _DIRECTIVE.findall(user_text):
             _apply(name, arg, options)
+        if options.pop("tokenizer", None) == "bytes":
+            input_tokens = count_bytes_tokens(prompt_texts)
         if "usage" in options:
             input_tokens, n_words = options.pop("usage")
     limit = n_words if max_tokens is None else max(0, min(n_words, max_tokens))
@@ -91,5 +107,7 @@ def _apply(name: str, arg: str, options: dict[str, Any]) -> None:
             options["malformed"] = True
         elif name == "cut":
             options["cut"] = max(0, int(arg))
+        elif name == "tokenizer" and arg == "bytes":
+            options["tokenizer"] = arg
     except ValueError:
         pass  # a directive with a bad argument is ignored, like any other text

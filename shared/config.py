@@ -105,6 +105,9 @@ class Settings(BaseSettings):
             raise ValueError("RESERVE_DEFAULT_TTL_SECONDS must not exceed RESERVE_MAX_TTL_SECONDS")
         if self.hold_ttl_seconds > self.reserve_max_ttl_seconds:
             raise ValueError("HOLD_TTL_SECONDS must not exceed RESERVE_MAX_TTL_SECONDS")
+        if self.stream_write_timeout_seconds * 2 > self.hold_ttl_seconds:
+            # A stalled write must end well before a hold the gateway could not extend expires.
+            raise ValueError("STREAM_WRITE_TIMEOUT_SECONDS must be at most HOLD_TTL_SECONDS / 2")
         if 0 < self.transient_key_retention_seconds < self.reserve_max_ttl_seconds:
             # A transport retry of a Reserve must still find its key while the hold can live.
             raise ValueError(

@@ -56,7 +56,7 @@ async def generate(request: web.Request) -> web.Response:
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     identity = await caller(request)
     req = generate_request(await body.read_object(request, GENERATE_FIELDS))
-    sse = SseStream(request)
+    sse = SseStream(request, request.app[GATEWAY].limits.write_timeout_seconds)
     events = request.app[GATEWAY].stream(identity, req)
     try:
         return await until_disconnected(request, sse.run(events))

@@ -8,7 +8,8 @@
 
 A refusal before the first event (bad input, insufficient balance, a provider that refuses at
 once) is an ordinary JSON error with its HTTP status: nothing has been streamed yet. The core's
-generator is always closed, so an abandoned stream is settled for what was consumed.
+generator is always closed, so an abandoned stream is settled for what was consumed. A client
+that reads nothing for `write_timeout` seconds is treated as gone: its connection is closed.
 """
 
 from __future__ import annotations
@@ -39,10 +40,22 @@ def encode(event: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
+class ClientStalled(Exception):
+    """A write to the client did not complete within the write timeout."""
+
+
 class SseStream:
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, write_timeout: float) -> None:
         self.request = request
+        self.write_timeout = write_timeout
         self.response: web.StreamResponse | None = None
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await response.write(data)
+        except TimeoutError:
+            raise ClientStalled from None
 
     async def run(self, events: AsyncGenerator[StreamEvent]) -> web.StreamResponse:
         async with contextlib.aclosing(events):
@@ -55,25 +68,32 @@ class SseStream:
             try:
                 while True:
                     if isinstance(event, GenerateResult):
-                        await response.write(encode("usage", views.stream_usage(event)))
-                        await response.write(encode("done", {}))
+                        await self._write(response, encode("usage", views.stream_usage(event)))
+                        await self._write(response, encode("done", {}))
                         break
-                    await response.write(encode("delta", {"text": event.text}))
+                    await self._write(response, encode("delta", {"text": event.text}))
                     event = await anext(events)
             except GatewayError as exc:
                 _, body, _ = gateway_error(exc)
-                with contextlib.suppress(ConnectionResetError):
-                    await response.write(encode("error", body))
+                with contextlib.suppress(ConnectionResetError, ClientStalled):
+                    await self._write(response, encode("error", body))
             except ConnectionResetError:
                 return response  # the client left; closing `events` settles what was consumed
+            except ClientStalled:
+                # Not reading: the connection is closed, and closing `events` settles what the
+                # stream consumed so far.
+                if self.request.transport is not None:
+                    self.request.transport.abort()
+                return response
             except asyncio.CancelledError:
                 # The server is shutting down past its grace (or the client left): say so if
                 # anyone still listens; closing `events` settles what was consumed.
                 body = error_body(503, "the gateway is shutting down; retry", "SHUTTING_DOWN")
-                with contextlib.suppress(ConnectionResetError):
-                    await response.write(encode("error", body))
+                with contextlib.suppress(ConnectionResetError, ClientStalled):
+                    await self._write(response, encode("error", body))
                     await response.write_eof()
                 raise
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            async with asyncio.timeout(self.write_timeout):
+                await response.write_eof()
         return response

@@ -125,9 +125,18 @@ def charge_for(used: int) -> int:
 
 
 def held_for(content: str, max_tokens: int, system_prompt: str = "") -> int:
-    """What the gateway reserves: estimate = ceil(chars / 4) + max_tokens, plus its fee."""
-    estimated = max(1, -(-(len(content) + len(system_prompt)) // 4)) + max_tokens
-    return charge_for(estimated)
+    """What the gateway reserves: every token the call could use (a token per UTF-8 byte of
+    what is sent, 16 framing tokens plus 16 per message, and max_tokens), plus the fee."""
+    messages = 2 if system_prompt else 1
+    sent = len(content.encode()) + len(system_prompt.encode())
+    return charge_for(sent + 16 + 16 * messages + max_tokens)
+
+
+def purchase_for(available: int) -> int:
+    """The purchase that leaves exactly `available` tokens usable (80% of it, floor)."""
+    tokens = -(-available * 100 // 80)
+    assert tokens * 80 // 100 == available, f"no purchase credits exactly {available}"
+    return tokens
 
 
 def padded(prefix: str, chars: int) -> str:

@@ -1,6 +1,8 @@
 """100 concurrent GenerateText calls from one user whose balance covers exactly 30 of them:
 exactly 30 are answered, 70 refused with INSUFFICIENT_BALANCE before reaching a provider, the
-balance never goes below zero at any moment, and the ledger audit is clean."""
+balance never goes below zero at any moment, and the ledger audit is clean. (The provider
+reports the most the call could use, so each settle takes its whole hold and no released
+excess lets a later call of the burst in.)"""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tests.e2e.e2e_support import (
     held_for,
     own_sim,
     padded,
+    purchase_for,
     rpc_error,
     sim_stack,
     usage_rows,
@@ -31,19 +34,19 @@ __all__ = ["own_sim", "sim_stack"]  # fixtures used by this module
 CALLS = 100
 AFFORDABLE = 30
 MAX_TOKENS = 60
-# 80 characters: the gateway estimates ceil(80 / 4) = 20 input tokens + 60 output = 80, and
-# holds 80 + ceil(80 / 4) = 100. The provider reports exactly 20 + 60 = 80 used, so each settle
-# charges 100: the whole hold, no more, no less.
-CONTENT = padded("[[usage:20,60]] count to sixty", 80)
+# 80 bytes: the gateway bounds the input at 80 + 32 framing = 112 tokens, plus 60 output = 172,
+# and holds 172 + ceil(172 / 4) = 215. The provider reports exactly 112 + 60 used, so each
+# settle charges 215: the whole hold, no more, no less.
+CONTENT = padded("[[usage:112,60]] count to sixty", 80)
 HELD = held_for(CONTENT, MAX_TOKENS)
-PURCHASE = AFFORDABLE * HELD * 100 // 80  # the user is credited 80% of a purchase
+PURCHASE = purchase_for(AFFORDABLE * HELD)  # the user is credited 80% of a purchase
 
 
 def test_the_arithmetic_is_exact() -> None:
-    assert len(CONTENT) == 80
-    assert HELD == 100
-    assert charge_for(20 + MAX_TOKENS) == HELD
-    assert PURCHASE * 80 // 100 == AFFORDABLE * HELD == 3000
+    assert len(CONTENT.encode()) == 80
+    assert HELD == 215
+    assert charge_for(112 + MAX_TOKENS) == HELD
+    assert PURCHASE * 80 // 100 == AFFORDABLE * HELD == 6450
 
 
 async def watch_balance(url: str, user: str, done: asyncio.Event) -> list[tuple[int, int]]:
@@ -65,7 +68,7 @@ async def watch_balance(url: str, user: str, done: asyncio.Event) -> list[tuple[
 async def test_hundred_concurrent_calls_thirty_affordable(sim_stack: Stack, own_sim: Sim) -> None:
     user, auth = sim_stack.user()
     await credit(sim_stack.ledger.stub, user, PURCHASE)
-    assert (await balance(sim_stack.ledger.stub, user)).available_tokens == 3000
+    assert (await balance(sim_stack.ledger.stub, user)).available_tokens == AFFORDABLE * HELD
     before = own_sim.stats.requests
 
     done = asyncio.Event()
@@ -91,7 +94,7 @@ async def test_hundred_concurrent_calls_thirty_affordable(sim_stack: Stack, own_
     for error in refused:
         assert rpc_error(error) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_BALANCE")
     for reply in answered:
-        assert (reply.usage.input_tokens, reply.usage.output_tokens) == (20, MAX_TOKENS)
+        assert (reply.usage.input_tokens, reply.usage.output_tokens) == (112, MAX_TOKENS)
         assert reply.token_usage.tokens_charged == HELD
         assert reply.token_usage.remaining_balance >= 0
     assert own_sim.stats.requests == before + AFFORDABLE  # refused calls reached no provider
@@ -99,7 +102,7 @@ async def test_hundred_concurrent_calls_thirty_affordable(sim_stack: Stack, own_
     # Never below zero, at any sampled moment, and the money always adds up to the purchase.
     assert len(samples) > 5
     assert all(available >= 0 and reserved >= 0 for available, reserved in samples), samples
-    assert all(available + reserved <= 3000 for available, reserved in samples)
+    assert all(available + reserved <= AFFORDABLE * HELD for available, reserved in samples)
     assert min(available for available, _ in samples) == 0
 
     b = await balance(sim_stack.ledger.stub, user)

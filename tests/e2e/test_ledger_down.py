@@ -54,11 +54,11 @@ async def test_ledger_down_fails_closed_and_byok_usage_arrives_later(
     assert stack.gateway.outbox.pending == 3
 
     # The gateway restarts while the ledger is still down: its outbox journal survives.
-    data_dir = stack.gateway.gateway.outbox._journal
-    assert data_dir is not None
+    journal = stack.gateway.gateway.outbox.path
+    assert journal is not None
     await stack.gateway.close(grace=0.5)
-    assert data_dir.exists()
-    settings = gateway_settings(stack.ledger.address, stack.sim_url, data_dir=data_dir.parent)
+    assert journal.exists()
+    settings = gateway_settings(stack.ledger.address, stack.sim_url, data_dir=journal.parent)
     second = create_app(settings)
     port = await second.start("127.0.0.1:0")
     try:
@@ -82,4 +82,4 @@ async def test_ledger_down_fails_closed_and_byok_usage_arrives_later(
             await revived.close()
     finally:
         await second.close()
-    assert not data_dir.exists()  # everything delivered: the journal is gone
+    assert second.outbox.pending == 0  # everything delivered, none left for the next start

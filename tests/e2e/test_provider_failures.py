@@ -24,6 +24,7 @@ from tests.e2e.e2e_support import (
     held_for,
     open_holds,
     own_sim,
+    purchase_for,
     rpc_error,
     sim_stack,
     usage_rows,
@@ -280,9 +281,10 @@ async def test_client_cancel_midstream_stops_provider_and_charges_what_was_consu
 async def test_insufficient_balance_refused_before_any_provider_call(
     sim_stack: Stack, own_sim: Sim, provider: str
 ) -> None:
-    content = "[[usage:10,20]] " + "x" * 24  # 40 characters: 10 estimated input tokens
-    assert held_for(content, 54) == 80
-    poor, poor_auth = await funded(sim_stack, 100)  # 80 available
+    content = "[[usage:10,20]] " + "x" * 24  # 40 bytes: at most 40 + 32 input tokens
+    held = held_for(content, 54)
+    assert held == charge_for(40 + 32 + 54) == 158
+    poor, poor_auth = await funded(sim_stack, purchase_for(held))  # exactly one hold available
     never_bought, never_auth = sim_stack.user()
     before = own_sim.stats.requests
     for auth in (poor_auth, never_auth):
@@ -295,7 +297,7 @@ async def test_insufficient_balance_refused_before_any_provider_call(
         assert rpc_error(err.value) == (Code.FAILED_PRECONDITION, "INSUFFICIENT_BALANCE")
     assert own_sim.stats.requests == before, "the provider was called without the tokens"
     assert await fetchval(sim_stack.ledger, "SELECT count(*) FROM holds") == 0
-    await nothing_charged(sim_stack.ledger, poor, available=80)
+    await nothing_charged(sim_stack.ledger, poor, available=held)
     assert (await balance(sim_stack.ledger.stub, never_bought)).available_tokens == 0
 
     # The boundary: a hold of exactly the balance is allowed.
@@ -304,6 +306,6 @@ async def test_insufficient_balance_refused_before_any_provider_call(
         metadata=poor_auth,
     )
     assert reply.token_usage.tokens_charged == charge_for(30)
-    assert reply.token_usage.remaining_balance == 80 - charge_for(30)
+    assert reply.token_usage.remaining_balance == held - charge_for(30)
     assert own_sim.stats.requests == before + 1
     await assert_audit_ok(sim_stack.ledger)

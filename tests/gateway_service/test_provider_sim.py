@@ -284,7 +284,7 @@ async def test_module_entry_point_serves(http: aiohttp.ClientSession) -> None:
 
 
 def test_plan_directives() -> None:
-    plan = make_plan(100, "x [[usage:7,3]] [[cut:2]] [[pace:0.5]] [[fail:429]]", max_tokens=None)
+    plan = make_plan(["x" * 100], "x [[usage:7,3]] [[cut:2]] [[pace:0.5]] [[fail:429]]", None)
     assert (plan.input_tokens, len(plan.words), plan.cut, plan.pace, plan.fail) == (
         7,
         3,
@@ -297,7 +297,15 @@ def test_plan_directives() -> None:
 
 
 def test_plan_ignores_bad_directives() -> None:
-    plan = make_plan(10, "[[usage:x,1]] [[fail:200]] [[cut:-]] [[delay:soon]] [[nope]]", None)
-    assert plan == make_plan(10, "", None)
+    directives = "[[usage:x,1]] [[fail:200]] [[cut:-]] [[delay:soon]] [[nope]] [[tokenizer:x]]"
+    plan = make_plan(["y" * 10], directives, None)
+    assert plan == make_plan(["y" * 10], "", None)
     assert (plan.input_tokens, len(plan.words)) == (3, DEFAULT_REPLY_WORDS)
     assert plan.fail is None
+
+
+def test_the_bytes_tokenizer_counts_every_utf8_byte_and_the_framing() -> None:
+    texts = ["système", "日本語で答えて 🎉 [[tokenizer:bytes]]"]
+    plan = make_plan(texts, texts[1], None)
+    # "système": 8 bytes; 7 kana/kanji of 3 bytes, 2 spaces, a 4-byte emoji, 19 ASCII; framing.
+    assert plan.input_tokens == 8 + (7 * 3 + 2 + 4 + 19) + 3 + 4 * 2
