@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck proto proto-check bench audit migrate clean
+.PHONY: install run demo test lint typecheck proto proto-check bench audit migrate chaos clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The ledger's full chaos run (make test runs a short one): random operations from many workers
+# while the ledger is SIGKILLed and restarted; CHAOS_SEED=<n> replays a run's operations.
+CHAOS_OPS ?= 12000
+CHAOS_KILLS ?= 8
+chaos: $(STAMP)
+	CHAOS_OPS=$(CHAOS_OPS) CHAOS_KILLS=$(CHAOS_KILLS) $(PY) -m pytest tests/chaos -q -s
 
 migrate: $(STAMP)
 	$(PY) -m ledger_service migrate
