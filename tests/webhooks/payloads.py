@@ -204,3 +204,31 @@ def invoice(
             },
         },
     }
+
+
+def refunded_invoice(
+    invoice_id: int,
+    subscription_id: int,
+    user: str | None,
+    billing_reason: str = "initial",
+    *,
+    refunded_amount: int = 1999,
+    test_mode: bool = False,
+) -> dict[str, Any]:
+    """subscription_payment_refunded: the invoice as it stands after a refund (LemonSqueezy
+    reports the refunded total so far, in minor units, out of the invoice's `total`)."""
+    payload = invoice(invoice_id, subscription_id, user, billing_reason, test_mode=test_mode)
+    payload["meta"]["event_name"] = "subscription_payment_refunded"
+    attributes = payload["data"]["attributes"]
+    status = "refunded" if refunded_amount >= attributes["total"] else "partial_refund"
+    attributes.update(
+        {
+            "status": status,
+            "status_formatted": status.replace("_", " ").title(),
+            "refunded": True,
+            "refunded_at": "2026-11-26T10:00:00.000000Z",
+            "refunded_amount": refunded_amount,
+            "updated_at": "2026-11-26T10:00:00.000000Z",
+        }
+    )
+    return payload
