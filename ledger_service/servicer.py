@@ -48,6 +48,7 @@ _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.SubscriptionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.DeadLetterNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SubscriptionTokensUnknown: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.TransactionConflict: grpc.StatusCode.ABORTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -62,3 +62,10 @@ class Unavailable(LedgerError):
     """The database could not be reached or failed; the caller may retry with the same key."""
 
     reason = "LEDGER_UNAVAILABLE"
+
+
+class TransactionConflict(LedgerError):
+    """The database rolled the transaction back to break a conflict with a concurrent one
+    (deadlock, serialization failure): nothing was applied; the same call may be retried."""
+
+    reason = "CONCURRENT_UPDATE"

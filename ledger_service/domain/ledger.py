@@ -16,10 +16,11 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ledger_service.domain import money
 from ledger_service.domain.errors import (
@@ -27,6 +28,7 @@ from ledger_service.domain.errors import (
     LedgerError,
     PurchaseNotFound,
     SubscriptionTokensUnknown,
+    TransactionConflict,
 )
 from ledger_service.domain.types import (
     PARKED_CREDIT,
@@ -61,6 +63,7 @@ from ledger_service.domain.types import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Bounds that no honest request comes near; past them a request is a bug or an attack.
 MAX_ID_CHARS = 256
@@ -84,6 +87,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_MONEY_AMOUNT = 10**15
 # Rows deleted per statement by the retention sweep.
 RETENTION_BATCH = 1000
+# A payment transaction the database rolled back to break a conflict is simply run again.
+PAYMENT_ATTEMPTS = 5
 
 
 class PaymentsTx(Protocol):
@@ -334,11 +339,14 @@ class Ledger:
             external_id=ext,
             subscription=subscription,
         )
-        async with self.store.payments() as tx:
+
+        async def credit(tx: PaymentsTx) -> PurchaseCredited:
             prior = await tx.claim_credit(command.key, command.request_hash)
             if prior is not None:
                 return prior
             return await self._credit(tx, command)
+
+        return await self._transact(credit)
 
     async def _credit(self, tx: PaymentsTx, command: CreditCommand) -> PurchaseCredited:
         """Applies a credit whose key this transaction holds (or parks it until its subscription
@@ -422,13 +430,16 @@ class Ledger:
             cumulative=cumulative,
             wait_for_purchase=wait_for_purchase,
         )
-        async with self.store.payments() as tx:
+
+        async def refund(tx: PaymentsTx) -> Refund:
             # The key first: a concurrent duplicate waits here for the original's answer instead
             # of judging the purchase as the original left it.
             prior = await tx.claim_refund(command.key, command.request_hash)
             if prior is not None:
                 return prior
             return await self._refund(tx, command)
+
+        return await self._transact(refund)
 
     async def _refund(self, tx: PaymentsTx, command: RefundCommand) -> Refund:
         ref = command.ref
@@ -501,11 +512,27 @@ class Ledger:
             tokens_per_period=tokens or None,
         )
         subject = subscription_subject(subscription.source, subscription.external_id)
-        async with self.store.payments() as tx:
+
+        async def upsert(tx: PaymentsTx) -> SubscriptionUpsert:
             await tx.lock_subject(subject)
-            upsert = await tx.upsert_subscription(subscription)
+            stored = await tx.upsert_subscription(subscription)
             credited = await self._wake(tx, subject)
-        return replace(upsert, parked_credits_applied=credited)
+            return replace(stored, parked_credits_applied=credited)
+
+        return await self._transact(upsert)
+
+    async def _transact(self, work: Callable[[PaymentsTx], Awaitable[T]]) -> T:
+        """Runs `work` in one payment transaction; one the database rolled back to break a
+        conflict with a concurrent one (nothing applied) is run again."""
+        for attempt in range(1, PAYMENT_ATTEMPTS + 1):
+            try:
+                async with self.store.payments() as tx:
+                    return await work(tx)
+            except TransactionConflict:
+                if attempt == PAYMENT_ATTEMPTS:
+                    raise
+                log.info("payment transaction rolled back by a conflict; attempt %d", attempt + 1)
+        raise AssertionError("unreachable")
 
     # ---- holds: the hot path (one store call each) ------------------------------------------
 

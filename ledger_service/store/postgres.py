@@ -29,6 +29,7 @@ from ledger_service.domain.errors import (
     ReservationNotFound,
     ReservationNotHeld,
     SubscriptionNotFound,
+    TransactionConflict,
     Unavailable,
 )
 from ledger_service.domain.types import (
@@ -153,13 +154,25 @@ _UNAVAILABLE = (
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def _translated(exc: Exception) -> LedgerError | None:
+    """The domain error for a database failure that is not about the request, if it is one."""
+    if isinstance(exc, _UNAVAILABLE):
+        return Unavailable(f"database unavailable ({type(exc).__name__})")
+    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):  # SQLSTATE class 40
+        return TransactionConflict(f"rolled back by the database ({type(exc).__name__})")
+    return None
+
+
 def _guarded(method: F) -> F:
     @wraps(method)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await method(*args, **kwargs)
-        except _UNAVAILABLE as exc:
-            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+        except Exception as exc:
+            error = _translated(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     return cast(F, wrapper)
 
@@ -317,8 +330,11 @@ class PostgresStore:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 yield PgPaymentsTx(conn)
-        except _UNAVAILABLE as exc:
-            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
+        except Exception as exc:
+            error = _translated(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     @_guarded
     async def reserve(

@@ -41,6 +41,10 @@ depends_on: str | Sequence[str] | None = None
 # Largest answer the table accepts; the ledger's configured bound is at most this.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
+# Account rows are locked FOR NO KEY UPDATE, never FOR UPDATE: inserting a row that references
+# an account (a purchase, a hold, an entry) takes FOR KEY SHARE on it, which FOR UPDATE waits for
+# while the inserting transaction may be waiting for ours (a deadlock the webhook interleaving
+# tests found). Our updates never change an account's key, so NO KEY UPDATE is the right lock.
 FUNCTIONS = r"""
 CREATE FUNCTION ledger_balance_json(p_available bigint, p_reserved bigint, p_owed bigint DEFAULT 0)
 RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
@@ -100,7 +104,8 @@ DECLARE
   v_take bigint;
   v_tx bigint;
 BEGIN
-  SELECT user_id, available, owed INTO v_row FROM accounts WHERE id = p_account FOR UPDATE;
+  SELECT user_id, available, owed INTO v_row FROM accounts WHERE id = p_account
+    FOR NO KEY UPDATE;
   v_take := least(v_row.owed, v_row.available);
   IF v_take <= 0 THEN
     RETURN 0;
@@ -277,7 +282,8 @@ BEGIN
   v_from_hold := least(v_charge, v_hold.amount);
   v_released := v_hold.amount - v_from_hold;
   IF v_charge > v_from_hold THEN
-    SELECT available INTO v_available FROM accounts WHERE id = v_hold.account_id FOR UPDATE;
+    SELECT available INTO v_available FROM accounts WHERE id = v_hold.account_id
+      FOR NO KEY UPDATE;
     v_extra := least(v_charge - v_from_hold, v_available);
   END IF;
   v_charged := v_from_hold + v_extra;
@@ -383,7 +389,7 @@ BEGIN
   IF v_count = 0 THEN
     RETURN 0;
   END IF;
-  PERFORM 1 FROM accounts WHERE id = ANY (v_accounts) ORDER BY id FOR UPDATE;
+  PERFORM 1 FROM accounts WHERE id = ANY (v_accounts) ORDER BY id FOR NO KEY UPDATE;
   UPDATE accounts a SET available = a.available + s.total, reserved = a.reserved - s.total
     FROM unnest(v_accounts, v_totals) AS s(account_id, total)
    WHERE a.id = s.account_id;
@@ -407,7 +413,8 @@ DECLARE
 BEGIN
   UPDATE purchases SET tokens_refunded = tokens_refunded + p_tokens WHERE id = p_purchase
    RETURNING user_id, account_id INTO v_purchase;
-  SELECT available INTO v_available FROM accounts WHERE id = v_purchase.account_id FOR UPDATE;
+  SELECT available INTO v_available FROM accounts WHERE id = v_purchase.account_id
+    FOR NO KEY UPDATE;
   v_debit := least(p_user_part, v_available);
   v_shortfall := p_user_part - v_debit;
   UPDATE accounts SET available = available - v_debit, owed = owed + v_shortfall

@@ -45,8 +45,10 @@ async def own_sim() -> AsyncIterator[Sim]:
 
 @asynccontextmanager
 async def gateway_on(ledger: LedgerHarness, sim_url: str, **overrides: Any) -> AsyncIterator[Stack]:
-    """A gateway on a real socket in front of `ledger` and the sim at `sim_url`."""
-    app = create_app(gateway_settings(ledger.address, sim_url, **overrides))
+    """A gateway on a real socket in front of `ledger` (or `ledger_addr`, a proxy of it) and
+    the sim at `sim_url`."""
+    address = overrides.pop("ledger_addr", ledger.address)
+    app = create_app(gateway_settings(address, sim_url, **overrides))
     port = await app.start("127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:

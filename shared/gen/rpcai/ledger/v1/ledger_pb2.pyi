@@ -87,6 +87,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: a subscription credit without tokens, and the subscription's
     tokens_per_period is unknown (its variant is not in the catalog).
     """
+    ERROR_REASON_CONCURRENT_UPDATE: _ErrorReason.ValueType  # 13
+    """ABORTED: the database broke a conflict between concurrent calls (after retrying); nothing
+    was applied: retry with the same key.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` strings of google.rpc.ErrorInfo (ErrorInfo.reason is the name without the prefix)."""
@@ -110,6 +114,10 @@ refund locks its purchase.)
 ERROR_REASON_SUBSCRIPTION_TOKENS_UNKNOWN: ErrorReason.ValueType  # 12
 """FAILED_PRECONDITION: a subscription credit without tokens, and the subscription's
 tokens_per_period is unknown (its variant is not in the catalog).
+"""
+ERROR_REASON_CONCURRENT_UPDATE: ErrorReason.ValueType  # 13
+"""ABORTED: the database broke a conflict between concurrent calls (after retrying); nothing
+was applied: retry with the same key.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
