@@ -396,8 +396,28 @@ class Gateway:
         )
 
     async def eligibility(
-        self, caller: Identity | None, estimated_tokens: int, has_api_key: bool
+        self,
+        caller: Identity | None,
+        estimated_tokens: int,
+        has_api_key: bool,
+        call: GenerateRequest | None = None,
     ) -> Eligibility:
+        """Would a call be allowed, and what would it hold. Given the call itself (`call`), the
+        hold is sized exactly as that call's Reserve would size it; else from
+        `estimated_tokens` (the tokens it may use, input and output)."""
+        if call is not None:
+            if call.max_tokens < 0 or call.max_tokens > MAX_OUTPUT_TOKENS:
+                raise invalid("max_tokens", f"must be within 0..{MAX_OUTPUT_TOKENS}")
+            if len(call.content) + len(call.system_prompt) > self.max_prompt_chars:
+                raise invalid("content", f"prompt exceeds {self.max_prompt_chars} characters")
+            estimated_tokens = hold_estimate(
+                CompletionRequest(
+                    content=call.content,
+                    model="",
+                    max_tokens=call.max_tokens or self.default_max_tokens,
+                    system_prompt=call.system_prompt,
+                )
+            )
         if estimated_tokens < 0 or estimated_tokens > 10**9:
             raise invalid("estimated_tokens", "must be within 0..1000000000")
         if has_api_key:

@@ -204,8 +204,15 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
     async def CheckRequestEligibility(
         self, request: pb.CheckRequestEligibilityRequest, context: Context
     ) -> pb.CheckRequestEligibilityResponse:
+        call = None
+        if request.content:
+            call = GenerateRequest(
+                content=request.content,
+                system_prompt=request.system_prompt,
+                max_tokens=request.max_tokens,
+            )
         e = await self.gateway.eligibility(
-            current_identity(), request.estimated_tokens, request.has_api_key
+            current_identity(), request.estimated_tokens, request.has_api_key, call
         )
         return pb.CheckRequestEligibilityResponse(
             can_make_request=e.can_make_request,

@@ -25,7 +25,9 @@ routes = web.RouteTableDef()
 GENERATE_FIELDS = frozenset(
     {"content", "systemPrompt", "provider", "model", "maxTokens", "apiKey", "idempotencyKey"}
 )
-ELIGIBILITY_FIELDS = frozenset({"estimatedTokens", "hasApiKey"})
+ELIGIBILITY_FIELDS = frozenset(
+    {"estimatedTokens", "hasApiKey", "content", "systemPrompt", "maxTokens"}
+)
 USAGE_PARAMS = frozenset({"days", "include_history"})
 PURCHASE_PARAMS = frozenset({"page_size", "page_token"})
 DEFAULT_USAGE_DAYS = 30
@@ -99,7 +101,15 @@ async def eligibility(request: web.Request) -> web.Response:
     obj = await body.read_object(request, ELIGIBILITY_FIELDS)
     estimated = body.integer(obj, "estimatedTokens", -body.INT64_MAX, body.INT64_MAX)
     has_api_key = body.boolean(obj, "hasApiKey")
-    result = await request.app[GATEWAY].eligibility(identity, estimated, has_api_key)
+    content = body.string(obj, "content")
+    call = None
+    if content:
+        call = GenerateRequest(
+            content=content,
+            system_prompt=body.string(obj, "systemPrompt"),
+            max_tokens=body.integer(obj, "maxTokens", -body.INT32_MAX, body.INT32_MAX),
+        )
+    result = await request.app[GATEWAY].eligibility(identity, estimated, has_api_key, call)
     return web.json_response(views.eligibility(result))
 
 

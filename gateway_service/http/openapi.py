@@ -162,7 +162,17 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "EligibilityRequest": obj(
-        {"estimatedTokens": nullable(COUNT), "hasApiKey": nullable(BOOL)},
+        {
+            "estimatedTokens": nullable(
+                described(COUNT, "tokens the call may use; ignored when `content` is given")
+            ),
+            "hasApiKey": nullable(BOOL),
+            "content": nullable(
+                described(STRING, "the call itself: its hold is sized exactly as the call's")
+            ),
+            "systemPrompt": nullable(STRING),
+            "maxTokens": nullable(INT),
+        },
         required=[],
         description="Fields not listed here are refused (400), `null` means not given.",
     ),
@@ -171,7 +181,9 @@ SCHEMAS: dict[str, Schema] = {
             "canMakeRequest": BOOL,
             "reason": STRING,
             "userType": USER_TYPE,
-            "requiredTokens": described(COUNT, "estimate plus fee: what a call would hold"),
+            "requiredTokens": described(
+                COUNT, "what the call would hold (its tokens plus the fee), as its Reserve would"
+            ),
             "availableTokens": COUNT,
         }
     ),

@@ -226,3 +226,21 @@ async def test_a_key_refused_for_its_balance_is_served_after_a_top_up(sim_stack:
     again = await sim_stack.stub.GenerateText(request, metadata=auth)
     assert again == reply
     assert (await balance(sim_stack.ledger.stub, user)).available_tokens == 80 + 800 - 125
+
+
+async def test_eligibility_reports_the_hold_the_same_call_takes(sim_stack: Stack) -> None:
+    user, auth = sim_stack.user()
+    await credit(sim_stack.ledger.stub, user, 10_000)
+    system = "Réponds brièvement 🙂"
+    eligible = await sim_stack.stub.CheckRequestEligibility(
+        gpb.CheckRequestEligibilityRequest(content=JAPANESE, system_prompt=system, max_tokens=50),
+        metadata=auth,
+    )
+    assert eligible.can_make_request
+    assert eligible.required_tokens == held_for(JAPANESE, 50, system)
+    await sim_stack.stub.GenerateText(
+        gpb.GenerateTextRequest(content=JAPANESE, system_prompt=system, max_tokens=50),
+        metadata=auth,
+    )
+    held = await fetchval(sim_stack.ledger, "SELECT amount FROM holds WHERE user_id = $1", user)
+    assert held == eligible.required_tokens

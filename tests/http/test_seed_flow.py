@@ -176,6 +176,24 @@ async def test_eligibility_for_every_kind_of_caller(edge: Edge) -> None:
     assert byok.body["userType"] == "byok"
 
 
+async def test_eligibility_of_the_call_itself_is_the_hold_it_takes(edge: Edge) -> None:
+    user, auth = edge.user()
+    await credit(edge.stack.ledger.stub, user, 1000)  # 800
+    call = {"content": "[[usage:40,60]] héllo", "systemPrompt": "be brief", "maxTokens": 100}
+    eligible = await edge.call("POST", "/v1/eligibility", json_body=call, headers=auth)
+    assert eligible.status == 200
+    # 22 + 8 bytes sent, 16 framing + 16 per message, 100 out: 178, plus 45 fee.
+    assert eligible.body["requiredTokens"] == 223
+    generated = await edge.call("POST", "/v1/generate", json_body=call, headers=auth)
+    assert generated.status == 200
+    conn = await edge.stack.ledger.db()
+    try:
+        held = await conn.fetchval("SELECT amount FROM holds WHERE user_id = $1", user)
+    finally:
+        await conn.close()
+    assert held == 223
+
+
 async def test_tier_and_quota_claims_reach_the_status(edge: Edge) -> None:
     _, auth = edge.user(tier="pro", quota=5000)
     me = await edge.call("GET", "/v1/me/status", headers=auth)

@@ -566,3 +566,15 @@ async def test_dead_letters_page_with_a_cursor(ledger: LedgerHarness) -> None:
             break
     assert pages == 3
     assert len(seen) == len(set(seen)) == 7
+
+
+async def test_quote_reserve_reports_exactly_what_reserve_holds(ledger: LedgerHarness) -> None:
+    await credit(ledger.stub, "quo", 10**12)
+    for estimate in (1, 3, 4, 5, 99, 100, 101, 12_345, 999_999_999):
+        quote = await ledger.stub.QuoteReserve(
+            pb.QuoteReserveRequest(user_id="quo", estimated_tokens=estimate), metadata=AUTH
+        )
+        hold = await reserve(ledger.stub, "quo", estimate)
+        assert quote.required_tokens == hold.reserved_tokens, estimate
+        assert quote.sufficient
+        await release(ledger.stub, hold.reservation_id)

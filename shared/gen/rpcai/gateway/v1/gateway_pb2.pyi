@@ -313,17 +313,31 @@ class CheckRequestEligibilityRequest(_message.Message):
 
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
     HAS_API_KEY_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
     estimated_tokens: _builtins.int
+    """Tokens the call may use (input and output); ignored when `content` describes the call."""
     has_api_key: _builtins.bool
+    content: _builtins.str
+    """The call itself, as GenerateText would get it: its hold is then sized exactly as that call's
+    would be (every token it can use: one per UTF-8 byte sent, framing, max_tokens).
+    """
+    system_prompt: _builtins.str
+    max_tokens: _builtins.int
+    """0: the server default, as for GenerateText."""
     def __init__(
         self,
         *,
         estimated_tokens: _builtins.int = ...,
         has_api_key: _builtins.bool = ...,
+        content: _builtins.str = ...,
+        system_prompt: _builtins.str = ...,
+        max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "has_api_key", b"has_api_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "estimated_tokens", b"estimated_tokens", "has_api_key", b"has_api_key", "max_tokens", b"max_tokens", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,7 +356,7 @@ class CheckRequestEligibilityResponse(_message.Message):
     reason: _builtins.str
     user_type: Global___UserType.ValueType
     required_tokens: _builtins.int
-    """estimated + fee: what a Reserve of this size would hold."""
+    """What the call would hold (its tokens plus the fee): the same figure its Reserve takes."""
     available_tokens: _builtins.int
     def __init__(
         self,
