@@ -168,6 +168,10 @@ class HoldLease:
                 # The ledger is away: try again soon; the call is cut if the hold runs short.
                 next_at = loop.time() + min(1.0, every)
                 continue
+            except Exception:
+                log.exception("extending a hold failed; will retry")
+                next_at = loop.time() + min(1.0, every)
+                continue
             self._expires = sent + self._ttl
             self._reschedule()
             next_at = sent + every
