@@ -31,6 +31,7 @@ def build_ledger(store: PostgresStore, settings: Settings) -> Ledger:
             settings.reserve_default_ttl_seconds,
             settings.reserve_max_ttl_seconds,
             settings.answer_max_bytes,
+            settings.quota_timezone,
         ),
     )
 

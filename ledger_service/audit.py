@@ -72,6 +72,27 @@ CHECKS: list[tuple[str, str]] = [
             LIMIT 20""",
     ),
     (
+        "every month's held tokens equal its open quota holds",
+        """SELECT m.user_id || ' ' || m.month::text, m.held::text || ' <> ' || coalesce(h.total, 0)
+             FROM monthly_usage m
+             LEFT JOIN (SELECT user_id, quota_month, sum(amount)::bigint AS total FROM holds
+                         WHERE status = 'held' AND quota_month IS NOT NULL
+                         GROUP BY user_id, quota_month) h
+               ON h.user_id = m.user_id AND h.quota_month = m.month
+            WHERE m.held <> coalesce(h.total, 0) LIMIT 20""",
+    ),
+    (
+        "every month's charged tokens equal what its quota holds were charged",
+        """SELECT m.user_id || ' ' || m.month::text,
+                  m.charged::text || ' <> ' || coalesce(c.total, 0)
+             FROM monthly_usage m
+             LEFT JOIN (SELECT h.user_id, h.quota_month, sum(u.tokens_charged)::bigint AS total
+                          FROM holds h JOIN usage_records u ON u.hold_id = h.id
+                         WHERE h.quota_month IS NOT NULL GROUP BY h.user_id, h.quota_month) c
+               ON c.user_id = m.user_id AND c.quota_month = m.month
+            WHERE m.charged <> coalesce(c.total, 0) LIMIT 20""",
+    ),
+    (
         "a user who owes tokens has none available (owed is collected first)",
         """SELECT user_id, available::text || ' available, ' || owed::text || ' owed'
              FROM accounts WHERE owed > 0 AND available > 0 LIMIT 20""",

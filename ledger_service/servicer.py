@@ -20,6 +20,7 @@ from ledger_service.domain.ledger import Ledger
 from ledger_service.domain.types import (
     Balance,
     DeadLetter,
+    MonthlyUsage,
     PurchaseRef,
     PurchaseType,
     RefundShare,
@@ -49,6 +50,7 @@ _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.DeadLetterNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SubscriptionTokensUnknown: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TransactionConflict: grpc.StatusCode.ABORTED,
+    errors.MonthlyQuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -93,6 +95,15 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 def _balance(b: Balance) -> pb.Balance:
     return pb.Balance(available_tokens=b.available, reserved_tokens=b.reserved, owed_tokens=b.owed)
+
+
+def _month_pb(m: MonthlyUsage) -> pb.MonthlyUsage:
+    return pb.MonthlyUsage(
+        starts_at=_ts(m.starts_at),
+        resets_at=_ts(m.resets_at),
+        charged_tokens=m.charged,
+        held_tokens=m.held,
+    )
 
 
 def _settlement_pb(r: Settlement) -> pb.SettleResponse:
@@ -239,6 +250,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.ttl_seconds,
             request.request_fingerprint,
             request.transient_key,
+            request.monthly_quota,
+            _moment(request.quota_at, "quota_at") if request.HasField("quota_at") else None,
         )
         return pb.ReserveResponse(
             reservation_id=r.reservation_id,
@@ -345,13 +358,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def QuoteReserve(
         self, request: pb.QuoteReserveRequest, context: Context
     ) -> pb.QuoteReserveResponse:
-        required, balance = await self.ledger.quote_reserve(
-            request.user_id, request.estimated_tokens
+        quote = await self.ledger.quote_reserve(
+            request.user_id, request.estimated_tokens, request.monthly_quota
         )
         return pb.QuoteReserveResponse(
-            required_tokens=required,
-            sufficient=balance.available >= required,
-            balance=_balance(balance),
+            required_tokens=quote.required,
+            sufficient=quote.sufficient,
+            balance=_balance(quote.balance),
+            within_quota=quote.within_quota,
+            month=_month_pb(quote.month),
         )
 
     @rpc
@@ -364,6 +379,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             has_subscription=s.has_subscription,
             has_purchases=s.has_purchases,
             balance=_balance(s.balance),
+            month=_month_pb(s.month),
         )
 
     @rpc

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,6 +48,8 @@ class Settings(BaseSettings):
     # Resolved dead letters and applied parked payment events.
     resolved_retention_seconds: int = Field(default=90 * 86_400, ge=0)
     retention_interval_seconds: float = Field(default=60.0, gt=0)
+    # Monthly quotas count calendar months in this time zone (an IANA name, e.g. Europe/Paris).
+    quota_timezone: str = "UTC"
 
     # --- service-to-service auth: the ledger mints money, only holders of this token may call it
     ledger_service_token: SecretStr | None = None
@@ -96,6 +99,15 @@ class Settings(BaseSettings):
     # Test-mode events: "ignore" them, or "credit" them to a separate test ledger (user ids
     # prefixed "test-mode:"), never to live balances.
     lemonsqueezy_test_mode: Literal["ignore", "credit"] = "ignore"
+
+    @field_validator("quota_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"QUOTA_TIMEZONE: unknown time zone {value!r}") from None
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -64,6 +64,12 @@ class Unavailable(LedgerError):
     reason = "LEDGER_UNAVAILABLE"
 
 
+class MonthlyQuotaExceeded(LedgerError):
+    """The hold would take the month's usage past the caller's monthly quota."""
+
+    reason = "MONTHLY_QUOTA_EXCEEDED"
+
+
 class TransactionConflict(LedgerError):
     """The database rolled the transaction back to break a conflict with a concurrent one
     (deadlock, serialization failure): nothing was applied; the same call may be retried."""

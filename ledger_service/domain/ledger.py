@@ -39,12 +39,14 @@ from ledger_service.domain.types import (
     DeadLetterPage,
     DeadLetterRecorded,
     HoldExtension,
+    MonthlyUsage,
     ParkedOperation,
     PurchaseCredited,
     PurchasePage,
     PurchaseRef,
     PurchaseSnapshot,
     PurchaseType,
+    Quote,
     Refund,
     RefundCommand,
     RefundPlan,
@@ -155,7 +157,10 @@ class LedgerStore(Protocol):
         ttl_seconds: int,
         usage_fee_percent: int,
         transient_key: bool,
+        quota: MonthlyQuota | None,
     ) -> Reservation: ...
+
+    async def monthly_usage(self, user_id: str, timezone: str) -> MonthlyUsage: ...
 
     async def extend_hold(self, reservation_id: uuid.UUID, ttl_seconds: int) -> HoldExtension: ...
 
@@ -185,7 +190,7 @@ class LedgerStore(Protocol):
 
     async def balance(self, user_id: str) -> Balance: ...
 
-    async def user_status(self, user_id: str) -> UserStatus: ...
+    async def user_status(self, user_id: str, quota_timezone: str) -> UserStatus: ...
 
     async def usage_analytics(
         self, user_id: str, since: datetime, include_history: bool
@@ -236,6 +241,18 @@ class HoldPolicy:
     max_ttl_seconds: int = 3600
     # Largest call answer kept with a hold for replays; a larger one is not kept.
     answer_max_bytes: int = 256 * 1024
+    # Monthly quotas count calendar months in this time zone (an IANA name).
+    quota_timezone: str = "UTC"
+
+
+@dataclass(frozen=True, slots=True)
+class MonthlyQuota:
+    """A Reserve's monthly quota: `tokens` per calendar month of `timezone`, counted at `at`
+    (None: now, by the database clock)."""
+
+    tokens: int
+    timezone: str
+    at: datetime | None = None
 
 
 def request_hash(operation: str, **fields: object) -> bytes:
@@ -544,7 +561,11 @@ class Ledger:
         ttl_seconds: int,
         fingerprint: str = "",
         transient_key: bool = False,
+        monthly_quota: int = 0,
+        quota_at: datetime | None = None,
     ) -> Reservation:
+        """Holds the estimate and its fee; with a `monthly_quota`, also within the month's
+        quota. The quota is policy, not the request: it is not part of the replay check."""
         key = _id("idempotency_key", idempotency_key)
         user = _id("user_id", user_id)
         estimate = _amount("estimated_tokens", estimated_tokens, 1, MAX_TOKENS_PER_CALL)
@@ -553,10 +574,20 @@ class Ledger:
         amount = money.hold_amount(estimate, fee_percent)
         if len(fingerprint) > MAX_ID_CHARS:
             raise InvalidArgument("request_fingerprint", f"at most {MAX_ID_CHARS} characters")
+        quota = self._quota(monthly_quota, quota_at)
         digest = request_hash(
             "reserve", user=user, estimated=estimate, ttl=ttl_seconds, fingerprint=fingerprint
         )
-        return await self.store.reserve(key, digest, user, amount, ttl, fee_percent, transient_key)
+        return await self.store.reserve(
+            key, digest, user, amount, ttl, fee_percent, transient_key, quota
+        )
+
+    def _quota(self, monthly_quota: int, at: datetime | None) -> MonthlyQuota | None:
+        tokens = _amount("monthly_quota", monthly_quota, 0, MAX_TOKENS_PER_PURCHASE)
+        if not tokens:
+            return None
+        moment = _optional_moment("quota_at", at)
+        return MonthlyQuota(tokens, self.holds.quota_timezone, moment)
 
     async def extend_hold(self, reservation_id: str, ttl_seconds: int) -> HoldExtension:
         """The hold lives at least `ttl_seconds` more (by the database clock) while it is held."""
@@ -640,15 +671,22 @@ class Ledger:
     async def balance(self, user_id: str) -> Balance:
         return await self.store.balance(_id("user_id", user_id))
 
-    async def quote_reserve(self, user_id: str, estimated_tokens: int) -> tuple[int, Balance]:
-        """(what a Reserve of this estimate would hold, the balance now)."""
+    async def quote_reserve(
+        self, user_id: str, estimated_tokens: int, monthly_quota: int = 0
+    ) -> Quote:
+        """What a Reserve of this estimate would hold, and whether the balance and the month's
+        quota would take it now."""
         user = _id("user_id", user_id)
         estimate = _amount("estimated_tokens", estimated_tokens, 1, MAX_TOKENS_PER_CALL)
+        quota = self._quota(monthly_quota, None)
         required = money.hold_amount(estimate, self.rates.usage_fee_percent)
-        return required, await self.store.balance(user)
+        balance = await self.store.balance(user)
+        month = await self.store.monthly_usage(user, self.holds.quota_timezone)
+        within = quota is None or month.used + required <= quota.tokens
+        return Quote(required, balance, month, within)
 
     async def user_status(self, user_id: str) -> UserStatus:
-        return await self.store.user_status(_id("user_id", user_id))
+        return await self.store.user_status(_id("user_id", user_id), self.holds.quota_timezone)
 
     async def usage_analytics(
         self, user_id: str, days: int, include_history: bool

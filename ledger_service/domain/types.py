@@ -239,11 +239,40 @@ class UsageRecorded:
 
 
 @dataclass(frozen=True, slots=True)
+class MonthlyUsage:
+    """The current calendar month's usage, as monthly quotas count it."""
+
+    starts_at: datetime
+    resets_at: datetime
+    charged: int
+    held: int
+
+    @property
+    def used(self) -> int:
+        return self.charged + self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What a Reserve would hold, and whether it would be taken now."""
+
+    required: int
+    balance: Balance
+    month: MonthlyUsage
+    within_quota: bool
+
+    @property
+    def sufficient(self) -> bool:
+        return self.balance.available >= self.required
+
+
+@dataclass(frozen=True, slots=True)
 class UserStatus:
     user_type: UserType
     has_subscription: bool
     has_purchases: bool
     balance: Balance
+    month: MonthlyUsage
 
 
 @dataclass(frozen=True, slots=True)

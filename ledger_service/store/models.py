@@ -8,12 +8,13 @@ the migrated database matches them.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Identity,
@@ -147,6 +148,8 @@ class Hold(Base):
     release_response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     # Charge beyond the hold: a provider anomaly (holds are sized from an upper bound).
     overrun: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # The month whose quota the hold counts in (NULL: the call had no monthly quota).
+    quota_month: Mapped[date | None] = mapped_column(Date)
 
 
 # The table's own bound; the ledger's configured ANSWER_MAX_BYTES is at most this.
@@ -348,3 +351,16 @@ class ParkedOperation(Base):
     created_at: Mapped[datetime] = _now()
     applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     outcome: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+
+
+class MonthlyUsage(Base):
+    """Tokens charged and held in one calendar month for a user with a monthly quota. A new month
+    is a new row; a hold's month is its `quota_month`."""
+
+    __tablename__ = "monthly_usage"
+    __table_args__ = (CheckConstraint("charged >= 0 AND held >= 0", name="counts_nonnegative"),)
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    charged: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    held: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))

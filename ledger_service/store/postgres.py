@@ -26,12 +26,14 @@ from ledger_service.domain.errors import (
     InsufficientBalance,
     InvalidArgument,
     LedgerError,
+    MonthlyQuotaExceeded,
     ReservationNotFound,
     ReservationNotHeld,
     SubscriptionNotFound,
     TransactionConflict,
     Unavailable,
 )
+from ledger_service.domain.ledger import MonthlyQuota
 from ledger_service.domain.types import (
     Balance,
     CreditCommand,
@@ -39,6 +41,7 @@ from ledger_service.domain.types import (
     DeadLetterPage,
     DeadLetterRecorded,
     HoldExtension,
+    MonthlyUsage,
     ParkedOperation,
     PurchaseCredited,
     PurchasePage,
@@ -118,6 +121,17 @@ def _raise_if_error(answer: Answer) -> None:
         raise InsufficientBalance(
             f"needs {answer['required']} tokens, {bal.available} available",
             {"required_tokens": str(answer["required"]), "available_tokens": str(bal.available)},
+        )
+    if reason == "MONTHLY_QUOTA_EXCEEDED":
+        resets_at = _moment_us(answer["resets_at_us"])
+        raise MonthlyQuotaExceeded(
+            f"the month's quota of {answer['quota']} tokens would be exceeded",
+            {
+                "quota": str(answer["quota"]),
+                "used": str(answer["used"]),
+                "required": str(answer["required"]),
+                "resets_at": resets_at.isoformat(),
+            },
         )
     if reason == "RESERVATION_NOT_HELD":
         status = str(answer.get("status", ""))
@@ -346,11 +360,21 @@ class PostgresStore:
         ttl_seconds: int,
         usage_fee_percent: int,
         transient_key: bool,
+        quota: MonthlyQuota | None,
     ) -> Reservation:
         a = await self._call(
-            "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, $7)",
-            key, request_hash, user_id, amount, ttl_seconds, usage_fee_percent, transient_key,
-        )  # fmt: skip
+            "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            key,
+            request_hash,
+            user_id,
+            amount,
+            ttl_seconds,
+            usage_fee_percent,
+            transient_key,
+            quota.tokens if quota else 0,
+            quota.timezone if quota else "UTC",
+            quota.at if quota else None,
+        )
         answer = a.get("answer")
         settled = a.get("settlement")
         return Reservation(
@@ -416,6 +440,17 @@ class PostgresStore:
         return UsageRecorded(usage_id=str(a["usage_id"]), replayed=bool(a.get("replayed", False)))
 
     @_guarded
+    async def monthly_usage(self, user_id: str, timezone: str) -> MonthlyUsage:
+        row = await self.pool.fetchrow(
+            f"{_MONTH} FROM (SELECT ledger_quota_month(now(), $2) AS month) AS this"
+            " LEFT JOIN monthly_usage m ON m.user_id = $1 AND m.month = this.month",
+            user_id,
+            timezone,
+        )
+        assert row is not None
+        return _monthly_usage(row)
+
+    @_guarded
     async def balance(self, user_id: str) -> Balance:
         row = await self.pool.fetchrow(
             "SELECT available, reserved, owed FROM accounts WHERE user_id = $1", user_id
@@ -423,10 +458,13 @@ class PostgresStore:
         return Balance(row["available"], row["reserved"], row["owed"]) if row else Balance(0, 0)
 
     @_guarded
-    async def user_status(self, user_id: str) -> UserStatus:
+    async def user_status(self, user_id: str, quota_timezone: str) -> UserStatus:
         row = await self.pool.fetchrow(
             """
-            SELECT a.available, a.reserved, a.owed,
+            SELECT a.available, a.reserved, a.owed, this.month,
+                   (this.month::timestamp AT TIME ZONE $2) AS month_starts_at,
+                   ledger_quota_resets_at(this.month, $2) AS month_resets_at,
+                   coalesce(m.charged, 0) AS month_charged, coalesce(m.held, 0) AS month_held,
                    EXISTS (SELECT 1 FROM purchases p WHERE p.user_id = $1) AS has_purchases,
                    EXISTS (SELECT 1 FROM subscriptions s
                             WHERE s.user_id = $1
@@ -437,9 +475,12 @@ class PostgresStore:
                      AS had_subscription,
                    EXISTS (SELECT 1 FROM usage_records u
                             WHERE u.user_id = $1 AND u.user_type = 'byok') AS has_byok
-              FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.user_id = $1
+              FROM (SELECT ledger_quota_month(now(), $2) AS month) AS this
+              LEFT JOIN accounts a ON a.user_id = $1
+              LEFT JOIN monthly_usage m ON m.user_id = $1 AND m.month = this.month
             """,
             user_id,
+            quota_timezone,
         )
         assert row is not None
         if row["has_purchases"] or row["had_subscription"]:
@@ -453,6 +494,7 @@ class PostgresStore:
             has_subscription=row["has_subscription"],
             has_purchases=row["has_purchases"],
             balance=Balance(row["available"] or 0, row["reserved"] or 0, row["owed"] or 0),
+            month=_monthly_usage(row),
         )
 
     @_guarded
@@ -672,6 +714,22 @@ def _refund(a: Answer) -> Refund:
         platform_fee_reversed=int(a["platform_fee_reversed"]),
         balance=_balance(a),
         replayed=bool(a.get("replayed", False)),
+    )
+
+
+_MONTH = (
+    "SELECT (this.month::timestamp AT TIME ZONE $2) AS month_starts_at,"
+    " ledger_quota_resets_at(this.month, $2) AS month_resets_at,"
+    " coalesce(m.charged, 0) AS month_charged, coalesce(m.held, 0) AS month_held"
+)
+
+
+def _monthly_usage(row: asyncpg.Record) -> MonthlyUsage:
+    return MonthlyUsage(
+        starts_at=row["month_starts_at"],
+        resets_at=row["month_resets_at"],
+        charged=row["month_charged"],
+        held=row["month_held"],
     )
 
 

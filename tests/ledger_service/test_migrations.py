@@ -32,6 +32,7 @@ LEDGER_TABLES = {
     "dead_letters",
     "hold_answers",
     "parked_operations",
+    "monthly_usage",
 }
 LEDGER_FUNCTIONS = {
     "ledger_refuse_change",
@@ -49,6 +50,10 @@ LEDGER_FUNCTIONS = {
     "ledger_apply_refund",
     "ledger_status_rank",
     "ledger_retention",
+    "ledger_quota_month",
+    "ledger_quota_resets_at",
+    "ledger_quota_hold_resolved",
+    "ledger_quota_charged",
     "ledger_record_usage",
     "ledger_upsert_subscription",
     "ledger_record_dead_letter",
@@ -133,6 +138,8 @@ async def test_migrations_go_down_to_base_and_back_up(empty_database: str) -> No
         "journal_transactions_append_only",
         "journal_entries_no_truncate",
         "journal_transactions_no_truncate",
+        "holds_quota_resolved",
+        "usage_records_quota_charged",
     }
     assert up.platform == PLATFORM_ACCOUNTS
 

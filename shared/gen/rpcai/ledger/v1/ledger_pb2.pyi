@@ -91,6 +91,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ABORTED: the database broke a conflict between concurrent calls (after retrying); nothing
     was applied: retry with the same key.
     """
+    ERROR_REASON_MONTHLY_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 14
+    """RESOURCE_EXHAUSTED: the hold would take the month's usage past the monthly quota (metadata
+    quota, used, required, resets_at). Nothing was held; the key stays free.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The `reason` strings of google.rpc.ErrorInfo (ErrorInfo.reason is the name without the prefix)."""
@@ -118,6 +122,10 @@ tokens_per_period is unknown (its variant is not in the catalog).
 ERROR_REASON_CONCURRENT_UPDATE: ErrorReason.ValueType  # 13
 """ABORTED: the database broke a conflict between concurrent calls (after retrying); nothing
 was applied: retry with the same key.
+"""
+ERROR_REASON_MONTHLY_QUOTA_EXCEEDED: ErrorReason.ValueType  # 14
+"""RESOURCE_EXHAUSTED: the hold would take the month's usage past the monthly quota (metadata
+quota, used, required, resets_at). Nothing was held; the key stays free.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -276,6 +284,8 @@ class ReserveRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
     TRANSIENT_KEY_FIELD_NUMBER: _builtins.int
+    MONTHLY_QUOTA_FIELD_NUMBER: _builtins.int
+    QUOTA_AT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
     estimated_tokens: _builtins.int
@@ -289,6 +299,17 @@ class ReserveRequest(_message.Message):
     """The key only guards against transport retries (the end caller gave none): it is kept for the
     short transient retention instead of the keyed one.
     """
+    monthly_quota: _builtins.int
+    """Tokens the user may be charged in a calendar month (QUOTA_TIMEZONE); 0: no quota. The hold
+    counts in the month's usage from now until it resolves; one that would take the usage past
+    the quota is refused (MONTHLY_QUOTA_EXCEEDED).
+    """
+    @_builtins.property
+    def quota_at(self) -> _timestamp_pb2.Timestamp:
+        """The moment whose month the quota counts in; unset: now (the database clock). For tests and
+        replays of past calls.
+        """
+
     def __init__(
         self,
         *,
@@ -298,10 +319,12 @@ class ReserveRequest(_message.Message):
         ttl_seconds: _builtins.int = ...,
         request_fingerprint: _builtins.str = ...,
         transient_key: _builtins.bool = ...,
+        monthly_quota: _builtins.int = ...,
+        quota_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota_at", b"quota_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "transient_key", b"transient_key", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "monthly_quota", b"monthly_quota", "quota_at", b"quota_at", "request_fingerprint", b"request_fingerprint", "transient_key", b"transient_key", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -786,17 +809,21 @@ class QuoteReserveRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
+    MONTHLY_QUOTA_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     estimated_tokens: _builtins.int
+    monthly_quota: _builtins.int
+    """As in ReserveRequest: 0, no quota."""
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         estimated_tokens: _builtins.int = ...,
+        monthly_quota: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "monthly_quota", b"monthly_quota", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -809,24 +836,67 @@ class QuoteReserveResponse(_message.Message):
     REQUIRED_TOKENS_FIELD_NUMBER: _builtins.int
     SUFFICIENT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    WITHIN_QUOTA_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
     required_tokens: _builtins.int
     sufficient: _builtins.bool
+    """The balance covers it."""
+    within_quota: _builtins.bool
+    """The month's quota (if any) has room for it."""
     @_builtins.property
     def balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def month(self) -> Global___MonthlyUsage: ...
     def __init__(
         self,
         *,
         required_tokens: _builtins.int = ...,
         sufficient: _builtins.bool = ...,
         balance: Global___Balance | None = ...,
+        within_quota: _builtins.bool = ...,
+        month: Global___MonthlyUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "month", b"month"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "required_tokens", b"required_tokens", "sufficient", b"sufficient"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "month", b"month", "required_tokens", b"required_tokens", "sufficient", b"sufficient", "within_quota", b"within_quota"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuoteReserveResponse: _TypeAlias = QuoteReserveResponse  # noqa: Y015
+
+@_typing.final
+class MonthlyUsage(_message.Message):
+    """A user's usage of the current calendar month (QUOTA_TIMEZONE), as monthly quotas count it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    CHARGED_TOKENS_FIELD_NUMBER: _builtins.int
+    HELD_TOKENS_FIELD_NUMBER: _builtins.int
+    charged_tokens: _builtins.int
+    """Tokens charged this month by calls that had a quota."""
+    held_tokens: _builtins.int
+    """Tokens on hold for such calls in flight."""
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+        charged_tokens: _builtins.int = ...,
+        held_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_tokens", b"charged_tokens", "held_tokens", b"held_tokens", "resets_at", b"resets_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonthlyUsage: _TypeAlias = MonthlyUsage  # noqa: Y015
 
 @_typing.final
 class GetUserStatusRequest(_message.Message):
@@ -855,11 +925,14 @@ class GetUserStatusResponse(_message.Message):
     HAS_SUBSCRIPTION_FIELD_NUMBER: _builtins.int
     HAS_PURCHASES_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
     user_type: Global___UserType.ValueType
     has_subscription: _builtins.bool
     has_purchases: _builtins.bool
     @_builtins.property
     def balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def month(self) -> Global___MonthlyUsage: ...
     def __init__(
         self,
         *,
@@ -867,10 +940,11 @@ class GetUserStatusResponse(_message.Message):
         has_subscription: _builtins.bool = ...,
         has_purchases: _builtins.bool = ...,
         balance: Global___Balance | None = ...,
+        month: Global___MonthlyUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "month", b"month"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "has_purchases", b"has_purchases", "has_subscription", b"has_subscription", "user_type", b"user_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "has_purchases", b"has_purchases", "has_subscription", b"has_subscription", "month", b"month", "user_type", b"user_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
