@@ -6,6 +6,13 @@ before any key is touched, an HS token is only ever checked against the shared s
 against a public key, which defeats HS/RS confusion), and a JWKS key only verifies the one
 algorithm it is bound to (PyJWK). The JWKS is fetched with aiohttp, never on a blocking call;
 signature checks themselves are CPU work of tens of microseconds and run inline.
+
+A verified token still has to name a caller the gateway can serve: a `sub` the ledger could not
+store (blank, over 256 characters, control characters, lone surrogates) is a bad token (401),
+refused here rather than by the ledger as bad input (400) or as a crash (500). Optional claims
+that do not fit what they feed (a tier that is not printable, a quota beyond int64) are ignored,
+as a tier that is not a string already is. Nothing in a claim can make verification fail other
+than with an AuthError: a JWT is ASCII, so any other token is malformed before it is decoded.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import jwt
 
+from gateway_service.validation import is_storable_id
+
 if TYPE_CHECKING:
     from shared.config import Settings
 
@@ -32,6 +41,10 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 _MAX_TOKEN_LENGTH = 8192
 _VERIFIED_CACHE_SIZE = 10_000
+_INT64 = range(-(2**63), 2**63)
+# A verified token is cached until it expires, or until this moment if it names a later one
+# (9999-12-31T23:59:59Z): an `exp` of hundreds of digits is valid, and has no float.
+_LATEST_EXPIRY = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,21 @@ class AuthError(Exception):
     def __init__(self, message: str, reason: str = "INVALID_TOKEN") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def bearer_token(values: Sequence[str]) -> str | None:
+    """The JWT of `Authorization: Bearer <JWT>`, given every value the request carried under
+    that name (an HTTP header or gRPC metadata, the same rule for both). None: no header, a
+    public caller. More than one is refused, never "the first": a proxy and a client may each
+    have set one, and they need not agree on who is calling."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise AuthError("send one Authorization header")
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthError("the Authorization header must be 'Bearer <JWT>'")
+    return token.strip()
 
 
 class JwtVerifier:
@@ -116,13 +144,14 @@ class JwtVerifier:
         identity = await self._verify(token)
         exp = identity.claims.get("exp")
         if isinstance(exp, int | float):
-            self._verified[token] = (identity, float(exp) + self._leeway)
+            valid_until = float(min(exp, _LATEST_EXPIRY)) + self._leeway
+            self._verified[token] = (identity, valid_until)
             if len(self._verified) > _VERIFIED_CACHE_SIZE:
                 self._verified.popitem(last=False)
         return identity
 
     async def _verify(self, token: str) -> Identity:
-        if not token or len(token) > _MAX_TOKEN_LENGTH:
+        if not token or len(token) > _MAX_TOKEN_LENGTH or not token.isascii():
             raise AuthError("malformed token")
         try:
             header = jwt.get_unverified_header(token)
@@ -175,12 +204,14 @@ class JwtVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip():
             raise AuthError("token lacks the sub claim")
+        if not is_storable_id(sub):
+            raise AuthError("token sub is not a user id (at most 256 printable characters)")
         tier = claims.get(self._tier_claim)
         quota = claims.get(self._quota_claim)
         return Identity(
             user_id=sub,
-            tier=tier if isinstance(tier, str) and tier else None,
-            quota=quota if isinstance(quota, int) and not isinstance(quota, bool) else None,
+            tier=tier if isinstance(tier, str) and is_storable_id(tier) else None,
+            quota=quota if type(quota) is int and quota in _INT64 else None,
             claims=claims,
         )
 

@@ -47,6 +47,7 @@ from gateway_service.providers.base import (
     Usage,
 )
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from gateway_service.validation import check_call
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class Gateway:
     # ---- planning -------------------------------------------------------------------------
 
     def _plan(self, caller: Identity | None, req: GenerateRequest) -> _Plan:
+        check_call(req)  # text fields: one rule set for both transports
         if not req.content.strip():
             raise invalid("content", "must not be empty")
         if len(req.content) + len(req.system_prompt) > self.max_prompt_chars:

@@ -21,6 +21,7 @@ from gateway_service.core import Gateway
 from gateway_service.http.cors import CorsPolicy
 from gateway_service.http.errors import error_middleware
 from gateway_service.http.handlers import routes
+from gateway_service.http.protocol import EdgeRunner, server_header
 from gateway_service.http.state import GATEWAY, STATE, VERIFIER, EdgeState
 from shared.config import Settings
 
@@ -49,6 +50,7 @@ def create_http_app(
     app.router.add_routes(routes)
     app.router.add_routes(list(extra_routes))
     app.on_response_prepare.append(cors.on_response_prepare)
+    app.on_response_prepare.append(server_header)
     return app
 
 
@@ -68,7 +70,7 @@ class HttpServer:
     async def start(self, addr: str) -> int:
         """Listens on `addr` (HOST:PORT, port 0 picks one); returns the port."""
         host, port = split_addr(addr)
-        runner = web.AppRunner(self.app, shutdown_timeout=CANCEL_SECONDS)
+        runner = EdgeRunner(self.app, shutdown_timeout=CANCEL_SECONDS)  # see http.protocol
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()

@@ -5,6 +5,11 @@ type-checked; a field the endpoint does not define is refused (400 naming it) ra
 ignored, so a misspelt `max_tokens` cannot silently fall back to a default. `null` counts as
 "not given" for optional fields. Integers are JSON integers (no strings, floats or booleans).
 Query strings are read the same way: unknown or repeated parameters are refused.
+
+JSON can say things a field cannot hold, and each is bad input (400 naming the field), never a
+crash: an integer of thousands of digits (Python refuses to convert past 4300, and no field takes
+more than 19), a string with a lone surrogate (`"\\ud800"` decodes to a str that has no UTF-8
+form), and `NaN` / `Infinity`, which Python's decoder accepts although JSON has no such values.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from gateway_service.http.errors import HttpRefusal, InvalidInput
+from gateway_service.validation import is_unicode_text
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+_MAX_INT_CHARS = 32  # longer integers (sign included) are out of every field's range
 _MAX_NAME_ECHO = 64  # longest field name repeated back in an error message
 
 
@@ -33,6 +40,18 @@ def not_json(problem: str) -> InvalidInput:
 def _echo(name: str) -> str:
     name = name if name.isprintable() else repr(name)
     return name if len(name) <= _MAX_NAME_ECHO else name[:_MAX_NAME_ECHO] + "..."
+
+
+class _HugeInteger:
+    """A JSON integer too long to convert: out of range wherever it stands."""
+
+
+def _integer(text: str) -> int | _HugeInteger:
+    return int(text) if len(text) <= _MAX_INT_CHARS else _HugeInteger()
+
+
+def _not_json(constant: str) -> Any:
+    raise not_json(f"the body is not valid JSON: {constant} is not a JSON value")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -55,7 +74,9 @@ async def read_object(request: web.Request, fields: frozenset[str]) -> dict[str,
         raise not_json("the body must be a JSON object")
     try:
         text = raw.decode("utf-8")
-        data = json.loads(text, object_pairs_hook=_unique_keys)
+        data = json.loads(
+            text, object_pairs_hook=_unique_keys, parse_int=_integer, parse_constant=_not_json
+        )
     except UnicodeDecodeError:
         raise not_json("the body is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -79,6 +100,8 @@ def string(obj: Mapping[str, Any], name: str, *, required: bool = False) -> str:
         return ""
     if not isinstance(value, str):
         raise bad(name, "must be a string")
+    if not is_unicode_text(value):
+        raise bad(name, "must be Unicode text (it holds a lone surrogate)")
     return value
 
 
@@ -86,6 +109,8 @@ def integer(obj: Mapping[str, Any], name: str, low: int, high: int) -> int:
     value = obj.get(name)
     if value is None:
         return 0
+    if isinstance(value, _HugeInteger):
+        raise bad(name, f"must be within {low}..{high}")
     if not isinstance(value, int) or isinstance(value, bool):
         raise bad(name, "must be an integer")
     if not low <= value <= high:

@@ -164,7 +164,8 @@ def _http_exception_response(request: web.Request, exc: web.HTTPException) -> we
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal becomes the JSON error body: core refusals, bad tokens, aiohttp's own
-    (404 unknown route, 405, 413) and, without details, anything unexpected (500)."""
+    (404 unknown route, 405, 413, a body it cannot decode: 400) and, without details, anything
+    unexpected (500)."""
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -175,6 +176,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, exc.message, exc.reason)
     except ClientGone:
         return web.Response(status=CLIENT_CLOSED_REQUEST)  # nobody reads it: for the access log
+    except web.RequestPayloadError:
+        # Bad chunking or Content-Encoding: the client's bytes, not our failure. Not quoted.
+        return error_response(400, "the body could not be decoded", "MALFORMED_REQUEST")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
