@@ -1,5 +1,7 @@
 """`python -m gateway_service`: serve the AiGateway gRPC API on GATEWAY_ADDR and the HTTP edge on
-HTTP_ADDR until SIGTERM or SIGINT, then drain both within SHUTDOWN_GRACE_SECONDS.
+HTTP_ADDR until SIGTERM or SIGINT, then drain both within SHUTDOWN_GRACE_SECONDS. It first raises
+its open-file soft limit to the hard limit (shared.open_files) and warns if that is too low for the
+connection and stream caps.
 
 `python -m gateway_service replay-dead-letters`: apply the parked LemonSqueezy events again (after
 the configuration was fixed); prints what became of each, resolves the ones that applied."""
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -18,12 +21,32 @@ from shared import eventloop
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.logging_setup import configure_logging
+from shared.open_files import raise_open_file_limit
 
 log = logging.getLogger(__name__)
 
 
 def _host(addr: str) -> str:
     return addr.rsplit(":", 1)[0]
+
+
+# Descriptors used beside the capped HTTP connections and streams (a stream's provider
+# connection counts with the streams): gRPC clients, the ledger channel, the outbox, logs.
+FD_HEADROOM = 256
+
+
+def _open_files(settings: Settings) -> None:
+    soft, _ = raise_open_file_limit()
+    needed = settings.http_max_connections + settings.max_concurrent_streams + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open files: the limit %d is below HTTP_MAX_CONNECTIONS + MAX_CONCURRENT_STREAMS + %d"
+            " = %d: near it, connections fail instead of being refused; raise the hard limit or"
+            " lower the caps",
+            soft,
+            FD_HEADROOM,
+            needed,
+        )
 
 
 async def serve(settings: Settings) -> None:
@@ -95,6 +118,7 @@ def main() -> int:
     configure_logging(settings.log_level)
     if args.command == "replay-dead-letters":
         return eventloop.run(replay_dead_letters(settings))
+    _open_files(settings)
     eventloop.run(serve(settings))
     return 0
 

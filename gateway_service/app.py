@@ -15,12 +15,13 @@ from gateway_service.ledger_client import LedgerClient
 from gateway_service.outbox import Outbox
 from gateway_service.providers import Providers, build_providers
 from gateway_service.servicer import SERVICE_NAME, GatewayServicer
+from gateway_service.stream_slots import StreamSlots
 from gateway_service.webhooks.http import lemonsqueezy_route
 from gateway_service.webhooks.lemonsqueezy import Catalog, LemonSqueezyProcessor
 from shared.config import Settings
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
-from shared.grpc_server import GrpcApp
+from shared.grpc_server import GrpcApp, server_options
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,23 @@ def create_app(settings: Settings) -> GatewayApp:
             write_timeout_seconds=settings.stream_write_timeout_seconds,
         ),
     )
-    grpc_app = GrpcApp([SERVICE_NAME], interceptors=[JwtInterceptor(verifier)])
-    gateway_pb2_grpc.add_AiGatewayServicer_to_server(GatewayServicer(gateway), grpc_app.server)
+    grpc_app = GrpcApp(
+        [SERVICE_NAME],
+        interceptors=[JwtInterceptor(verifier)],
+        options=server_options(settings, per_connection_streams=True),
+    )
+    # One cap on streams for the whole process: gRPC and HTTP count against the same slots.
+    streams = StreamSlots(settings.max_concurrent_streams)
+    gateway_pb2_grpc.add_AiGatewayServicer_to_server(
+        GatewayServicer(gateway, streams=streams), grpc_app.server
+    )
     webhooks = LemonSqueezyProcessor(
         ledger, Catalog.parse(settings.lemonsqueezy_variant_tokens), settings.lemonsqueezy_test_mode
     )
     webhook_route = lemonsqueezy_route(webhooks, _secret(settings.lemonsqueezy_webhook_secret))
-    http = HttpServer(create_http_app(gateway, verifier, settings, extra_routes=[webhook_route]))
+    http = HttpServer(
+        create_http_app(
+            gateway, verifier, settings, extra_routes=[webhook_route], stream_slots=streams
+        )
+    )
     return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox, http, webhooks)

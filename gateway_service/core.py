@@ -328,7 +328,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         lease = self._lease(hold, loop.time(), self.limits.stream_seconds)
         stream = provider.stream(plan.request)
-        parts: list[str] = []
+        # The whole text is kept only when it is stored as the answer for retries (a keyed
+        # metered call); otherwise a stream's memory would grow with everything it sent.
+        parts: list[str] | None = [] if hold is not None and req.idempotency_key else None
+        delivered = 0
         metered = False
         failed = False
         try:
@@ -337,7 +340,9 @@ class Gateway:
                 while end is None:
                     item = await lease.run(anext(stream))
                     if isinstance(item, TextDelta):
-                        parts.append(item.text)
+                        delivered += 1
+                        if parts is not None:
+                            parts.append(item.text)
                         yield Delta(item.text)
                         if lease.expired():  # the consumer took its time over that delta
                             raise CallCut
@@ -353,7 +358,7 @@ class Gateway:
             # `finally` must not meter it a second time.
             metered = True
             lease.stop()
-            text = "".join(parts)
+            text = "".join(parts) if parts is not None else ""
             if hold is None:
                 info = await self._shielded(self._record_byok(plan, end.model, usage))
                 yield _stream_result(plan, end, text, usage_info=info)
@@ -371,7 +376,7 @@ class Gateway:
                 # anything else here awaits, so no cancellation can come between the call and
                 # its charge. A provider failure before any text delivered nothing: free.
                 consumed = stream.usage
-                if failed and not parts:
+                if failed and not delivered:
                     consumed = Usage(0, 0, estimated=True)
                 if hold is not None:
                     metering = self._spawn(self._finish(hold.reply, plan, consumed))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from gateway_service import stream_slots
 from gateway_service.auth import Identity
 from gateway_service.core import (
     Gateway,
@@ -68,6 +69,34 @@ def unary(
         except GatewayError as exc:
             await abort(context, exc)
         raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def one_stream_slot(
+    method: Callable[[Any, Req, Context], Awaitable[None]],
+) -> Callable[[Any, Req, Context], Awaitable[None]]:
+    """A stream holds one of the process's stream slots (`self.streams`, shared with the HTTP
+    edge) while it runs, or is refused at once, before it reserves or calls anything:
+    RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS (gateway_service.stream_slots)."""
+
+    @wraps(method)
+    async def wrapper(self: Any, request: Req, context: Context) -> None:
+        slots: stream_slots.StreamSlots = self.streams
+        if not slots.take():
+            await context.abort_with_status(
+                rich_status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    stream_slots.MESSAGE,
+                    stream_slots.REASON,
+                    DOMAIN,
+                    {"retry_after_seconds": str(stream_slots.RETRY_AFTER_SECONDS)},
+                )
+            )
+        try:
+            await method(self, request, context)
+        finally:
+            slots.release()
 
     return wrapper
 
@@ -143,8 +172,10 @@ def _stream_message(event: StreamEvent) -> pb.StreamTextResponse:
 
 
 class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, streams: stream_slots.StreamSlots | None = None) -> None:
         self.gateway = gateway
+        # The process-wide cap on streams, shared with the HTTP edge (none when not given).
+        self.streams = streams or stream_slots.StreamSlots(None)
 
     @unary
     async def GenerateText(
@@ -161,6 +192,7 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
             stop_reason=r.stop_reason,
         )
 
+    @one_stream_slot
     async def StreamText(  # type: ignore[override]  # writes instead of yielding: see below
         self, request: pb.GenerateTextRequest, context: Context
     ) -> None:

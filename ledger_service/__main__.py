@@ -14,6 +14,7 @@ from shared import eventloop
 from shared.config import Settings
 from shared.grpc_server import run_until_signal
 from shared.logging_setup import configure_logging
+from shared.open_files import raise_open_file_limit
 
 log = logging.getLogger("ledger_service")
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         print("migrations applied")
         return 0
+    raise_open_file_limit()  # every gRPC connection and pooled database connection is one
     eventloop.run(serve(settings, url))
     return 0
 

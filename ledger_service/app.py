@@ -18,7 +18,7 @@ from ledger_service.store.postgres import PostgresStore, create_pool
 from ledger_service.sweeper import retain_forever, sweep_forever
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
-from shared.grpc_server import GrpcApp
+from shared.grpc_server import GrpcApp, server_options
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
     grpc_app = GrpcApp(
         [SERVICE_NAME],
         interceptors=[ServiceTokenInterceptor(token)],
-        options=[("grpc.so_reuseport", 0)],
+        # The gateway carries every call on one connection: no per-connection call cap.
+        options=[("grpc.so_reuseport", 0), *server_options(settings, per_connection_streams=False)],
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
     app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger)

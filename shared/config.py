@@ -91,6 +91,36 @@ class Settings(BaseSettings):
     # Largest request body; a larger one is refused with 413 before it is parsed.
     http_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
+    # --- gateway: what abuse cannot exhaust (connection timeouts and caps; both transports)
+    # gateway_service/http/connections.py and stream_slots.py state the rules and why.
+    # A new connection's first request must have sent its headers within this many seconds; a
+    # later request on the connection, within this many seconds of its first byte (slowloris).
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A request's body must have arrived this many seconds after its headers, else 408.
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A keep-alive connection with no request under way is closed after this many seconds.
+    http_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Open HTTP connections at most; the next one is answered 503 TOO_MANY_CONNECTIONS, closed.
+    http_max_connections: int = Field(default=10_000, ge=1)
+    # Each HTTP connection's kernel send buffer (0: the kernel's own, which grows to megabytes):
+    # a client that reads nothing blocks the stream's writes after this much, not minutes later.
+    http_send_buffer_bytes: int = Field(default=64 * 1024, ge=0)
+    # Streams running at once in this process, gRPC StreamText and HTTP together; the next is
+    # refused (HTTP 503 / gRPC RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS).
+    max_concurrent_streams: int = Field(default=1000, ge=1)
+    # gRPC servers (the gateway's and the ledger's): a connection must finish its handshake
+    # within this many seconds; one with no call for the idle time is closed (GOAWAY; 0: never).
+    grpc_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
+    grpc_max_connection_idle_seconds: float = Field(default=60.0, ge=0)
+    # Keepalive enforcement: a client pinging more often than this with no data is struck, and
+    # told to go away after max strikes; pings with no call under way only if permitted.
+    grpc_min_ping_interval_seconds: float = Field(default=10.0, gt=0)
+    grpc_max_ping_strikes: int = Field(default=2, ge=0)
+    grpc_keepalive_permit_without_calls: bool = False
+    # Calls at once on one HTTP/2 connection to the gateway's gRPC API (the ledger has none: its
+    # one client, the gateway, carries every call on one connection).
+    grpc_max_concurrent_streams: int = Field(default=256, ge=1)
+
     # --- gateway: LemonSqueezy webhooks
     lemonsqueezy_webhook_secret: SecretStr | None = None
     # Server-side catalog: variant id -> tokens per purchase (or per renewal), as JSON, e.g.

@@ -1,5 +1,6 @@
 """Bootstrap shared by both services: a grpc.aio server with health, reflection and a graceful
-shutdown on SIGTERM/SIGINT (stop accepting, let in-flight calls finish within the grace period)."""
+shutdown on SIGTERM/SIGINT (stop accepting, let in-flight calls finish within the grace period),
+and the transport limits both servers take from the settings (`server_options`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from shared.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,38 @@ OPEN_SERVICES = frozenset(
 
 def is_open_method(method: str) -> bool:
     return any(method.startswith(prefix) for prefix in OPEN_SERVICES)
+
+
+def server_options(settings: Settings, *, per_connection_streams: bool) -> list[tuple[str, int]]:
+    """gRPC core's own defaults let a connection take two minutes to finish its handshake, stay
+    open forever without a call, and ping as often as it likes; these bound each. Keepalive
+    enforcement: pings closer than GRPC_MIN_PING_INTERVAL_SECONDS with no data in between (or
+    with no call under way, unless GRPC_KEEPALIVE_PERMIT_WITHOUT_CALLS) are strikes, and past
+    GRPC_MAX_PING_STRIKES the client is sent GOAWAY. `per_connection_streams` caps the calls at
+    once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS) at
+    GRPC_MAX_CONCURRENT_STREAMS: for a public API, not for a server whose one client multiplexes
+    everything on one channel."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [
+        # The argument gRPC core names GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS.
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            ms(settings.grpc_min_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.grpc_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(settings.grpc_keepalive_permit_without_calls)),
+        ("grpc.server_handshake_timeout_ms", ms(settings.grpc_handshake_timeout_seconds)),
+    ]
+    if settings.grpc_max_connection_idle_seconds > 0:
+        options.append(
+            ("grpc.max_connection_idle_ms", ms(settings.grpc_max_connection_idle_seconds))
+        )
+    if per_connection_streams:
+        options.append(("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams))
+    return options
 
 
 class GrpcApp:

@@ -7,6 +7,9 @@ Other routes (the LemonSqueezy webhook) join through `extra_routes`, or through
 `app.router.add_routes(...)` on the returned Application before the server starts. They get the
 same body limit, CORS and JSON errors for anything they raise, but no JWT check: the API's
 handlers authenticate themselves.
+
+Every connection is watched by `http.connections` (header, body and idle timeouts, a cap on
+connections); streams count against the process-wide `StreamSlots` the app passes in.
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ from aiohttp import web
 
 from gateway_service.auth import JwtVerifier
 from gateway_service.core import Gateway
+from gateway_service.http.connections import (
+    CONNECTIONS,
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedSite,
+)
 from gateway_service.http.cors import CorsPolicy
 from gateway_service.http.errors import error_middleware
 from gateway_service.http.handlers import routes
 from gateway_service.http.protocol import EdgeRunner, server_header
-from gateway_service.http.state import GATEWAY, STATE, VERIFIER, EdgeState
+from gateway_service.http.state import GATEWAY, STATE, STREAMS, VERIFIER, EdgeState
+from gateway_service.stream_slots import StreamSlots
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
@@ -36,14 +46,27 @@ def create_http_app(
     verifier: JwtVerifier,
     settings: Settings,
     extra_routes: Iterable[web.AbstractRouteDef] = (),
+    stream_slots: StreamSlots | None = None,
 ) -> web.Application:
+    """`stream_slots`: the process-wide cap on streams, shared with the gRPC server (a cap of
+    this app's own, from the settings, when not given)."""
     cors = CorsPolicy(settings.http_cors_origins)
     state = EdgeState()
+    guard = ConnectionGuard(ConnectionLimits.from_settings(settings))
     app = web.Application(
         client_max_size=settings.http_max_body_bytes,
-        # Outermost first: count the request, answer CORS preflights, turn errors into JSON.
-        middlewares=[state.middleware(), cors.middleware(), error_middleware],
+        # Outermost first: pause the connection's timers, count the request, answer CORS
+        # preflights, turn errors into JSON, read the body within its timeout.
+        middlewares=[
+            guard.middleware(),
+            state.middleware(),
+            cors.middleware(),
+            error_middleware,
+            guard.body_middleware(),
+        ],
     )
+    app[CONNECTIONS] = guard
+    app[STREAMS] = stream_slots or StreamSlots(settings.max_concurrent_streams)
     app[GATEWAY] = gateway
     app[VERIFIER] = verifier
     app[STATE] = state
@@ -73,7 +96,7 @@ class HttpServer:
         runner = EdgeRunner(self.app, shutdown_timeout=CANCEL_SECONDS)  # see http.protocol
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await GuardedSite(runner, host, port, self.app[CONNECTIONS]).start()
         except BaseException:
             await runner.cleanup()
             raise

@@ -19,6 +19,7 @@ from gateway_service.http.errors import error_response
 from gateway_service.http.openapi import OPENAPI
 from gateway_service.http.sse import SseStream
 from gateway_service.http.state import GATEWAY, STATE
+from gateway_service.http.stream_cap import one_stream_slot
 
 routes = web.RouteTableDef()
 
@@ -55,6 +56,7 @@ async def generate(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/generate/stream")
+@one_stream_slot
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     identity = await caller(request)
     req = generate_request(await body.read_object(request, GENERATE_FIELDS))

@@ -262,12 +262,15 @@ _ERRORS = {
     401: "Missing, malformed, expired or otherwise invalid JWT (or sign-in required)",
     402: "Not enough tokens for this call",
     403: "The provider refused your own API key",
+    408: "The request body did not arrive within the body timeout (`BODY_TIMEOUT`); the "
+    "connection is closed",
     409: "This idempotency key was used for a different request, or its call is running",
     413: "The request body is too large",
     415: "The body is not application/json",
     429: "Rate limited by the provider; retry after `Retry-After` seconds",
     500: "Internal error",
-    503: "The token ledger or the provider is unavailable; retry later",
+    503: "The token ledger or the provider is unavailable, or the gateway is at capacity "
+    "(`TOO_MANY_STREAMS`, `TOO_MANY_CONNECTIONS`, with `Retry-After`); retry later",
     504: "The provider did not answer in time",
 }
 RETRY_AFTER = {
@@ -301,7 +304,7 @@ def _query(name: str, schema: Schema, description: str) -> Schema:
 
 SIGNED_IN: list[dict[str, list[str]]] = [{"bearer": []}]
 SIGNED_IN_OR_PUBLIC: list[dict[str, list[str]]] = [{"bearer": []}, {}]
-GENERATE_ERRORS = (400, 401, 402, 403, 409, 413, 415, 429, 500, 503, 504)
+GENERATE_ERRORS = (400, 401, 402, 403, 408, 409, 413, 415, 429, 500, 503, 504)
 READ_ERRORS = (400, 401, 500, 503)
 
 OPENAPI: dict[str, Any] = {
@@ -423,7 +426,7 @@ OPENAPI: dict[str, Any] = {
                 },
                 "responses": {
                     "200": _json("The answer", ref("Eligibility")),
-                    **_errors(400, 401, 413, 415, 500, 503),
+                    **_errors(400, 401, 408, 413, 415, 500, 503),
                 },
             }
         },

@@ -1,5 +1,6 @@
-"""What the HTTP handlers share through the aiohttp Application: the core, the JWT verifier, and
-the edge's own state (requests in flight, draining for a graceful shutdown)."""
+"""What the HTTP handlers share through the aiohttp Application: the core, the JWT verifier, the
+edge's own state (requests in flight, draining for a graceful shutdown), and the process's stream
+slots (gateway_service.stream_slots, shared with the gRPC server)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway_service.auth import JwtVerifier
 from gateway_service.core import Gateway
+from gateway_service.stream_slots import StreamSlots
 
 
 class EdgeState:
@@ -64,3 +66,4 @@ class EdgeState:
 GATEWAY = web.AppKey("gateway", Gateway)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
 STATE = web.AppKey("edge_state", EdgeState)
+STREAMS = web.AppKey("stream_slots", StreamSlots)

@@ -9,6 +9,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from gateway_service.providers.base import OPENAI, Completion, CompletionRequest, token_count
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from gateway_service.providers.http_client import provider_http_client
 from gateway_service.providers.sdk import SdkProvider
 from gateway_service.providers.stream import ProviderStream, SdkStream
 
@@ -34,6 +35,7 @@ class OpenAIProvider(SdkProvider[openai.AsyncOpenAI]):
             base_url=base_url,
             timeout=timeout_seconds,
             max_retries=0,
+            http_client=provider_http_client(),  # a bounded read-ahead: see http_client
         )
         super().__init__(client, bool(api_key), default_model)
 
