@@ -50,27 +50,43 @@ def main() -> int:
         sim = processes.start("provider_sim", {"PROVIDER_SIM_ADDR": "127.0.0.1:0"})
         started.append(sim)
         provider_url = f"http://{sim.address}"
-        gateway = processes.start(
+        gateway_env = {
+            "GATEWAY_ADDR": "127.0.0.1:0",
+            "HTTP_ADDR": "127.0.0.1:0",
+            "LEDGER_ADDR": ledger.address,
+            "LEDGER_SERVICE_TOKEN": ledger_bench.TOKEN,
+            "JWT_SECRET": gateway_bench.JWT_SECRET,
+            "JWT_ISSUER": "",
+            "JWT_AUDIENCE": "",
+            "ANTHROPIC_BASE_URL": provider_url,
+            "ANTHROPIC_API_KEY": "bench-key",
+            "OPENAI_BASE_URL": f"{provider_url}/v1",
+            "OPENAI_API_KEY": "bench-key",
+            "LOG_LEVEL": "WARNING",
+            "DATA_DIR": ".data/bench",
+        }
+        unlimited = processes.start(
+            "gateway_service", {**gateway_env, "RATE_LIMITS": gateway_bench.NO_LIMITS}
+        )
+        started.append(unlimited)
+        redis = processes.start_redis(processes.free_port())
+        started.append(redis)
+        limited = processes.start(
             "gateway_service",
             {
-                "GATEWAY_ADDR": "127.0.0.1:0",
-                "HTTP_ADDR": "127.0.0.1:0",
-                "LEDGER_ADDR": ledger.address,
-                "LEDGER_SERVICE_TOKEN": ledger_bench.TOKEN,
-                "JWT_SECRET": gateway_bench.JWT_SECRET,
-                "JWT_ISSUER": "",
-                "JWT_AUDIENCE": "",
-                "ANTHROPIC_BASE_URL": provider_url,
-                "ANTHROPIC_API_KEY": "bench-key",
-                "OPENAI_BASE_URL": f"{provider_url}/v1",
-                "OPENAI_API_KEY": "bench-key",
-                "LOG_LEVEL": "WARNING",
-                "DATA_DIR": ".data/bench",
+                **gateway_env,
+                "RATE_LIMITS": gateway_bench.HIGH_LIMITS,
+                "REDIS_URL": f"redis://{redis.address}/0",
             },
         )
-        started.append(gateway)
+        started.append(limited)
         result = gateway_bench.measure(
-            gateway.address, provider_url, ledger_bench.USERS, concurrency, seconds
+            unlimited.address,
+            limited.address,
+            provider_url,
+            ledger_bench.USERS,
+            concurrency,
+            seconds,
         )
         print(gateway_bench.render(result, concurrency), flush=True)
     finally:

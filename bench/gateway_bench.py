@@ -1,9 +1,12 @@
 """Gateway benchmark: metered GenerateText calls per second through the gateway (JWT auth,
-Reserve, provider call over HTTP through the official SDK, Settle), beside the same calls made
-straight to the local provider with the same SDK, in the same run."""
+Reserve, provider call over HTTP through the official SDK, Settle), with rate limits off and on
+(every call through the requests, tokens and in-flight limits, shared in Redis; limits high
+enough to refuse nothing), beside the same calls made straight to the local provider with the
+same SDK, in the same run."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +25,25 @@ MODEL = "claude-haiku-4-5"
 PROMPT = "[[usage:20,12]] Write one short sentence about the sea."
 MAX_TOKENS = 64
 Op = Callable[[int], Awaitable[None]]
+NO_LIMITS = json.dumps(
+    {
+        "public": {"requests_per_minute": 0, "calls_in_flight": 0},
+        "byok": {"requests_per_minute": 0, "calls_in_flight": 0},
+        "subscription": {"default": {"requests_per_minute": 0, "calls_in_flight": 0}},
+        "failed_key_attempts_per_minute": 0,
+    }
+)
+HIGH_LIMITS = json.dumps(
+    {
+        "subscription": {
+            "default": {
+                "requests_per_minute": 10**6,
+                "tokens_per_minute": 10**9,
+                "calls_in_flight": 1000,
+            }
+        }
+    }
+)
 Cleanup = Callable[[], Awaitable[None]]
 
 
@@ -62,15 +84,17 @@ async def direct(base_url: str, worker: int, callers: int) -> tuple[Op, Cleanup]
 @dataclass
 class GatewayFigures:
     gateway: LoadResult
+    limited: LoadResult
     direct: LoadResult
 
 
 def measure(
-    gateway: str, provider: str, users: int, concurrency: int, seconds: float
+    unlimited: str, limited: str, provider: str, users: int, concurrency: int, seconds: float
 ) -> GatewayFigures:
     straight = run_load(partial(direct, provider), concurrency, seconds)
-    through = run_load(partial(via_gateway, gateway, users), concurrency, seconds)
-    return GatewayFigures(through, straight)
+    through = run_load(partial(via_gateway, unlimited, users), concurrency, seconds)
+    with_limits = run_load(partial(via_gateway, limited, users), concurrency, seconds)
+    return GatewayFigures(through, with_limits, straight)
 
 
 def render(f: GatewayFigures, concurrency: int) -> str:
@@ -86,10 +110,15 @@ def render(f: GatewayFigures, concurrency: int) -> str:
         ]
         for name, r in (
             ("through the gateway (metered)", f.gateway),
+            ("metered, rate limits on (Redis)", f.limited),
             ("straight to provider", f.direct),
         )
     ]
     added = f.gateway.percentile(50) - f.direct.percentile(50)
+    cost = 1 - f.limited.rate / f.gateway.rate if f.gateway.rate else 0.0
     title = f"Gateway: GenerateText calls per second, {concurrency} concurrent callers"
     body = table(["path", "calls/s", "p50 ms", "p99 ms", "errors"], rows)
-    return f"{title}\n{body}\ngateway's added latency at p50: {added:.1f} ms"
+    return (
+        f"{title}\n{body}\ngateway's added latency at p50: {added:.1f} ms\n"
+        f"rate limiter's cost: {cost:.1%} of the metered rate (target: under 10%)"
+    )

@@ -67,7 +67,7 @@ async def raw_pairs(url: str, users: int, worker: int, callers: int) -> tuple[Op
         user = user_for(users, worker, caller, counter[0])
         async with pool.acquire() as conn:
             answer = await conn.fetchval(
-                "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, true)::text",
+                "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, true, 0, 'UTC', NULL)::text",
                 str(uuid.uuid4()), request_hash("reserve", user=user, estimated=ESTIMATE, ttl=0),
                 user, 125, 300, 25,
             )  # fmt: skip

@@ -8,10 +8,20 @@ import logging
 from dataclasses import dataclass
 
 from gateway_service.auth import JwtVerifier
+from gateway_service.client_address import ClientAddresses, parse_networks
 from gateway_service.core import CallLimits, Gateway
 from gateway_service.http import HttpServer, create_http_app
 from gateway_service.interceptor import JwtInterceptor
 from gateway_service.ledger_client import LedgerClient
+from gateway_service.limits.config import load_limits
+from gateway_service.limits.gate import RateGate
+from gateway_service.limits.limiter import (
+    Limiter,
+    LocalLimiter,
+    RedisLimiter,
+    ResilientLimiter,
+    shared_client,
+)
 from gateway_service.outbox import Outbox
 from gateway_service.providers import Providers, build_providers
 from gateway_service.servicer import SERVICE_NAME, GatewayServicer
@@ -53,6 +63,7 @@ class GatewayApp:
 
     async def aclose_resources(self, grace: float = 5) -> None:
         await self.gateway.wait_background()
+        await self.gateway.gate.close()
         if not await self.outbox.drain(grace):
             log.warning("outbox: %d ledger writes kept for the next start", self.outbox.pending)
         await self.outbox.close()
@@ -64,6 +75,25 @@ class GatewayApp:
 def _secret(value: object) -> str | None:
     getter = getattr(value, "get_secret_value", None)
     return getter() if getter else None
+
+
+def build_rate_gate(settings: Settings) -> RateGate:
+    """The configured limits, on Redis when REDIS_URL is set (shared by every replica), else in
+    this process."""
+    config = load_limits(settings.rate_limits, settings.rate_limits_file)
+    local = LocalLimiter()
+    limiter: Limiter = local
+    url = _secret(settings.redis_url)
+    if url:
+        timeout = settings.rate_limit_redis_timeout_seconds
+        limiter = ResilientLimiter(
+            RedisLimiter(shared_client(url, timeout)),
+            local,
+            settings.rate_limit_redis_failure,
+            timeout=timeout,
+        )
+    # A call's slot is let go by itself after the longest a call may run (a crashed replica's).
+    return RateGate(limiter, config, lease_seconds=settings.stream_max_seconds + 60)
 
 
 def create_app(settings: Settings) -> GatewayApp:
@@ -93,6 +123,7 @@ def create_app(settings: Settings) -> GatewayApp:
             raise ValueError(f"unknown outbox method {method}")
 
     outbox = Outbox(send, settings.data_dir / "gateway-outbox.sqlite3")
+    gate = build_rate_gate(settings)
     gateway = Gateway(
         ledger,
         providers,
@@ -106,6 +137,7 @@ def create_app(settings: Settings) -> GatewayApp:
             stream_seconds=settings.stream_max_seconds,
             write_timeout_seconds=settings.stream_write_timeout_seconds,
         ),
+        gate=gate,
     )
     grpc_app = GrpcApp(
         [SERVICE_NAME],
@@ -114,8 +146,9 @@ def create_app(settings: Settings) -> GatewayApp:
     )
     # One cap on streams for the whole process: gRPC and HTTP count against the same slots.
     streams = StreamSlots(settings.max_concurrent_streams)
+    addresses = ClientAddresses(parse_networks(settings.trusted_proxies))
     gateway_pb2_grpc.add_AiGatewayServicer_to_server(
-        GatewayServicer(gateway, streams=streams), grpc_app.server
+        GatewayServicer(gateway, addresses, streams=streams), grpc_app.server
     )
     webhooks = LemonSqueezyProcessor(
         ledger, Catalog.parse(settings.lemonsqueezy_variant_tokens), settings.lemonsqueezy_test_mode

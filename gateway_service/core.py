@@ -21,13 +21,19 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway_service.auth import Identity
 from gateway_service.errors import Failure, GatewayError, invalid
 from gateway_service.ledger_client import LedgerClient, is_definitive
+from gateway_service.limits.config import UNLIMITED
+from gateway_service.limits.gate import Admission, Caller, RateGate, RateInfo
+from gateway_service.limits.limiter import LocalLimiter
 from gateway_service.metering import (
     CallCut,
     HoldLease,
@@ -69,6 +75,9 @@ class GenerateRequest:
     max_tokens: int = 0
     api_key: str = ""
     idempotency_key: str = ""
+    # Where the call comes from (set by the transport, trusted proxies resolved): public callers
+    # are rate-limited by it.
+    client_address: str = ""
 
     def __repr__(self) -> str:  # never show the caller's key or prompt in a log line
         return f"GenerateRequest(provider={self.provider!r}, model={self.model!r})"
@@ -99,6 +108,8 @@ class GenerateResult:
     stop_reason: str
     token_usage: TokenUsage | None = None
     usage_info: UsageInfo | None = None
+    # The caller's requests-per-minute state after this call (RateLimit-* headers).
+    rate: RateInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +117,14 @@ class Delta:
     text: str
 
 
-StreamEvent = Delta | GenerateResult
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A stream's first event: the call passed its limits (and their state, for headers)."""
+
+    rate: RateInfo | None
+
+
+StreamEvent = Admitted | Delta | GenerateResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +137,21 @@ class Eligibility:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsStatus:
+    requests_per_minute: int
+    tokens_per_minute: int
+    calls_in_flight: int
+    requests_remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaStatus:
+    quota_tokens: int
+    used_tokens: int
+    resets_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class UserStatus:
     user_type: int
     has_subscription: bool
@@ -127,6 +160,8 @@ class UserStatus:
     reserved_tokens: int
     subscription_tier: str | None
     quota: int | None
+    limits: LimitsStatus | None = None
+    month: QuotaStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +170,8 @@ class _Plan:
     request: CompletionRequest
     byok: bool
     user_id: str | None
+    tier: str | None = None
+    quota_claim: int | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -171,6 +208,13 @@ class CallLimits:
         return min(self.hold_ttl_seconds / 2, self.write_timeout_seconds + 5)
 
 
+@dataclass
+class _Spent:
+    """Provider tokens a stream consumed, known once it ends (for its tokens-per-minute)."""
+
+    tokens: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Hold:
     reply: lpb.ReserveResponse
@@ -199,10 +243,16 @@ class Gateway:
         default_max_tokens: int,
         max_prompt_chars: int,
         limits: CallLimits | None = None,
+        gate: RateGate | None = None,
+        quota_clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.ledger = ledger
         self.providers = providers
         self.outbox = outbox
+        # Unlimited unless given (the app always gives one, from the configured limits).
+        self.gate = gate or RateGate(LocalLimiter(), UNLIMITED, 3600)
+        # When set, monthly quotas count the month of this clock instead of the ledger's (tests).
+        self.quota_clock = quota_clock
         self.default_max_tokens = default_max_tokens
         self.max_prompt_chars = max_prompt_chars
         self.limits = limits or CallLimits()
@@ -238,7 +288,22 @@ class Gateway:
             system_prompt=req.system_prompt,
             api_key=req.api_key or None,
         )
-        return _Plan(provider.name, request, byok, caller.user_id if caller else None)
+        if caller is None:
+            return _Plan(provider.name, request, byok, None)
+        return _Plan(provider.name, request, byok, caller.user_id, caller.tier, caller.quota)
+
+    def _limited(self, plan: _Plan, req: GenerateRequest) -> Caller:
+        """The call's caller as its rate limits see it."""
+        return Caller(plan.user_id, plan.byok, plan.tier, req.client_address, req.api_key)
+
+    async def _admit(self, plan: _Plan, req: GenerateRequest) -> Admission:
+        """Takes the call's share of its limits (the tokens of its hold size), or refuses it
+        before any hold or provider call."""
+        return await self.gate.admit(self._limited(plan, req), hold_estimate(plan.request))
+
+    def _key_refused(self, plan: _Plan, req: GenerateRequest, exc: GatewayError) -> None:
+        if exc.reason == "PROVIDER_KEY_REFUSED" and plan.user_id is None:
+            self._spawn(self.gate.key_refused(self._limited(plan, req)))
 
     def _reserve_key(self, plan: _Plan, req: GenerateRequest) -> str:
         if req.idempotency_key:
@@ -270,6 +335,21 @@ class Gateway:
 
     async def generate(self, caller: Identity | None, req: GenerateRequest) -> GenerateResult:
         plan = self._plan(caller, req)
+        admission = await self._admit(plan, req)
+        used = 0
+        try:
+            result = await self._generate(plan, req)
+            used = result.input_tokens + result.output_tokens
+            return replace(result, rate=admission.rate)
+        except GatewayError as exc:
+            self._key_refused(plan, req, exc)
+            raise
+        finally:
+            # Its slot and unused tokens go back whatever happened (in the background: a
+            # cancelled call still gives them back).
+            self._spawn(admission.finish(used))
+
+    async def _generate(self, plan: _Plan, req: GenerateRequest) -> GenerateResult:
         provider = self.providers.get(plan.provider_name)
         if plan.byok:
             try:
@@ -312,10 +392,27 @@ class Gateway:
     async def stream(
         self, caller: Identity | None, req: GenerateRequest
     ) -> AsyncGenerator[StreamEvent]:
-        """Deltas, then one GenerateResult. Closing the iterator early (the caller went away, a
-        write timed out) stops the provider stream and charges what was consumed; a stream that
-        would outlive its hold is cut the same way. No hold is left behind."""
+        """`Admitted`, deltas, then one GenerateResult. Closing the iterator early (the caller
+        went away, a write timed out) stops the provider stream and charges what was consumed;
+        a stream that would outlive its hold is cut the same way. No hold is left behind."""
         plan = self._plan(caller, req)
+        admission = await self._admit(plan, req)
+        spent = _Spent()
+        events = self._stream(plan, req, spent)
+        try:
+            yield Admitted(admission.rate)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        except GatewayError as exc:
+            self._key_refused(plan, req, exc)
+            raise
+        finally:
+            self._spawn(admission.finish(spent.tokens))
+
+    async def _stream(
+        self, plan: _Plan, req: GenerateRequest, spent: _Spent
+    ) -> AsyncGenerator[Delta | GenerateResult]:
         provider = self.providers.get(plan.provider_name)
         hold: _Hold | None = None
         if not plan.byok:
@@ -354,6 +451,7 @@ class Gateway:
             except CallCut:
                 raise call_cut() from None
             usage = stream.usage
+            spent.tokens = usage.total
             # From here the call is metered below, shielded from cancellation: the cleanup in
             # `finally` must not meter it a second time.
             metered = True
@@ -378,6 +476,7 @@ class Gateway:
                 consumed = stream.usage
                 if failed and not delivered:
                     consumed = Usage(0, 0, estimated=True)
+                spent.tokens = consumed.total
                 if hold is not None:
                     metering = self._spawn(self._finish(hold.reply, plan, consumed))
                 elif consumed.total:
@@ -391,7 +490,14 @@ class Gateway:
     # ---- reads ----------------------------------------------------------------------------
 
     async def user_status(self, caller: Identity) -> UserStatus:
-        s = await self.ledger.user_status(caller.user_id)
+        """The caller's balance, and the limits and quota its calls (without a key of its own)
+        run under, with what is left of them now."""
+        as_limited = Caller(caller.user_id, False, caller.tier)
+        s, now = await asyncio.gather(
+            self.ledger.user_status(caller.user_id), self.gate.check(as_limited, 0)
+        )
+        limit = self.gate.limit_of(as_limited)
+        quota = self.gate.monthly_quota(caller.tier, caller.quota)
         return UserStatus(
             user_type=s.user_type,
             has_subscription=s.has_subscription,
@@ -400,6 +506,17 @@ class Gateway:
             reserved_tokens=s.balance.reserved_tokens,
             subscription_tier=caller.tier,
             quota=caller.quota,
+            limits=LimitsStatus(
+                requests_per_minute=limit.requests_per_minute,
+                tokens_per_minute=limit.tokens_per_minute,
+                calls_in_flight=limit.calls_in_flight,
+                requests_remaining=now.remaining if now.allowed else 0,
+            ),
+            month=QuotaStatus(
+                quota_tokens=quota,
+                used_tokens=s.month.charged_tokens + s.month.held_tokens,
+                resets_at=s.month.resets_at.ToDatetime(UTC),
+            ),
         )
 
     async def eligibility(
@@ -433,14 +550,22 @@ class Gateway:
             return Eligibility(
                 False, "sign in or bring your own API key", lpb.USER_TYPE_UNKNOWN, 0, 0
             )
-        status, quote = await asyncio.gather(
+        quota = self.gate.monthly_quota(caller.tier, caller.quota)
+        status, quote, limits = await asyncio.gather(
             self.ledger.user_status(caller.user_id),
-            self.ledger.quote(caller.user_id, max(1, estimated_tokens)),
+            self.ledger.quote(caller.user_id, max(1, estimated_tokens), quota),
+            self.gate.check(Caller(caller.user_id, False, caller.tier), estimated_tokens),
         )
-        ok = quote.sufficient
+        reason = ""
+        if not limits.allowed:
+            reason = _REFUSALS.get(limits.reason, "rate limited")
+        elif not quote.within_quota:
+            reason = "monthly quota exceeded"
+        elif not quote.sufficient:
+            reason = "insufficient balance"
         return Eligibility(
-            ok,
-            "" if ok else "insufficient balance",
+            not reason,
+            reason,
             status.user_type,
             quote.required_tokens,
             quote.balance.available_tokens,
@@ -489,6 +614,8 @@ class Gateway:
                     ttl_seconds=self.limits.hold_ttl_seconds,
                     request_fingerprint=plan.fingerprint,
                     transient_key=not req.idempotency_key,
+                    monthly_quota=self.gate.monthly_quota(plan.tier, plan.quota_claim),
+                    quota_at=_timestamp(self.quota_clock()) if self.quota_clock else None,
                 )
             )
             if not (hold.replayed and hold.status in ("released", "expired")):
@@ -620,6 +747,21 @@ class Gateway:
     async def wait_background(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+# Why eligibility says no, for each limit.
+_REFUSALS = {
+    "RATE_LIMITED": "rate limited",
+    "TOKENS_PER_MINUTE_EXCEEDED": "tokens per minute exceeded",
+    "TOO_MANY_CALLS_IN_FLIGHT": "too many calls in flight",
+    "UNAVAILABLE": "rate limiter unavailable",
+}
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
 
 
 def _token_usage(s: lpb.SettleResponse) -> TokenUsage:

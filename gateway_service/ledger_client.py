@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -49,6 +50,7 @@ DEFINITIVE_CODES = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
 
@@ -82,6 +84,16 @@ def ledger_failure(exc: grpc.aio.AioRpcError) -> LedgerError:
     info = error_info(exc)
     reason = info.reason if info else exc.code().name
     metadata = dict(info.metadata) if info else {}
+    if reason == "MONTHLY_QUOTA_EXCEEDED":
+        resets_at = datetime.fromisoformat(metadata["resets_at"])
+        return LedgerError(
+            Failure.RATE_LIMITED,
+            reason,
+            "this month's token quota is used up",
+            metadata,
+            retry_after=max(1.0, (resets_at - datetime.now(UTC)).total_seconds()),
+            definitive=definitive,
+        )
     if reason == "INSUFFICIENT_BALANCE":
         return LedgerError(
             Failure.INSUFFICIENT_BALANCE,
@@ -146,10 +158,14 @@ class LedgerClient:
     async def user_status(self, user_id: str) -> lpb.GetUserStatusResponse:
         return await self.call(self.stub.GetUserStatus, lpb.GetUserStatusRequest(user_id=user_id))
 
-    async def quote(self, user_id: str, estimated: int) -> lpb.QuoteReserveResponse:
+    async def quote(
+        self, user_id: str, estimated: int, monthly_quota: int = 0
+    ) -> lpb.QuoteReserveResponse:
         return await self.call(
             self.stub.QuoteReserve,
-            lpb.QuoteReserveRequest(user_id=user_id, estimated_tokens=estimated),
+            lpb.QuoteReserveRequest(
+                user_id=user_id, estimated_tokens=estimated, monthly_quota=monthly_quota
+            ),
         )
 
     async def usage_analytics(

@@ -130,6 +130,7 @@ class Outbox:
         self._refused = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._journal: _Journal | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
 
@@ -215,6 +216,7 @@ class Outbox:
         return not self._pending
 
     async def close(self) -> None:
+        self._closing = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -243,7 +245,7 @@ class Outbox:
 
     async def _run(self) -> None:
         backoff = self._initial
-        while True:
+        while not self._closing:
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
@@ -276,6 +278,10 @@ class Outbox:
                 backoff = self._initial
                 continue
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11, wait_for swallows a cancellation that
+            # lands as the event is set (drain sets it), and the loop outlived close() by the
+            # whole backoff ladder.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), backoff)
+                async with asyncio.timeout(backoff):
+                    await self._wake.wait()
             backoff = min(self._max, backoff * 2)

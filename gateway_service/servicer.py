@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 
 from gateway_service import stream_slots
 from gateway_service.auth import Identity
+from gateway_service.client_address import ClientAddresses
 from gateway_service.core import (
+    Admitted,
+    Delta,
     Gateway,
     GenerateRequest,
     GenerateResult,
-    StreamEvent,
     TokenUsage,
     UsageInfo,
 )
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.interceptor import DOMAIN, current_identity
+from gateway_service.limits.gate import RateInfo
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as pb
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.rich_errors import rich_status
@@ -52,10 +59,35 @@ Resp = TypeVar("Resp")
 
 async def abort(context: Context, exc: GatewayError) -> None:
     metadata = dict(exc.metadata)
+    extra: list[Message] = []
     if exc.retry_after is not None:
-        metadata["retry_after_seconds"] = f"{exc.retry_after:.0f}"
+        metadata["retry_after_seconds"] = f"{math.ceil(exc.retry_after)}"
+        delay = Duration()
+        delay.FromMilliseconds(math.ceil(exc.retry_after * 1000))
+        extra.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if exc.failure is Failure.RATE_LIMITED:
+        extra.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject="caller", description=f"{exc.reason}: {exc.message}"
+                    )
+                ]
+            )
+        )
     await context.abort_with_status(
-        rich_status(GRPC_CODES[exc.failure], exc.message, exc.reason, DOMAIN, metadata)
+        rich_status(GRPC_CODES[exc.failure], exc.message, exc.reason, DOMAIN, metadata, extra)
+    )
+
+
+def rate_metadata(rate: RateInfo | None) -> tuple[tuple[str, str], ...]:
+    """The caller's requests-per-minute state, as the HTTP edge's RateLimit-* headers."""
+    if rate is None:
+        return ()
+    return (
+        ("ratelimit-limit", str(rate.limit)),
+        ("ratelimit-remaining", str(rate.remaining)),
+        ("ratelimit-reset", str(math.ceil(rate.reset_seconds))),
     )
 
 
@@ -112,8 +144,9 @@ def signed_in() -> Identity:
     return identity
 
 
-def generate_request(request: pb.GenerateTextRequest) -> GenerateRequest:
+def generate_request(request: pb.GenerateTextRequest, address: str = "") -> GenerateRequest:
     return GenerateRequest(
+        client_address=address,
         content=request.content,
         system_prompt=request.system_prompt,
         provider=request.provider,
@@ -157,7 +190,7 @@ def client_stalled() -> GatewayError:
     )
 
 
-def _stream_message(event: StreamEvent) -> pb.StreamTextResponse:
+def _stream_message(event: Delta | GenerateResult) -> pb.StreamTextResponse:
     if isinstance(event, GenerateResult):
         return pb.StreamTextResponse(
             done=True,
@@ -172,16 +205,33 @@ def _stream_message(event: StreamEvent) -> pb.StreamTextResponse:
 
 
 class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
-    def __init__(self, gateway: Gateway, streams: stream_slots.StreamSlots | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        addresses: ClientAddresses | None = None,
+        streams: stream_slots.StreamSlots | None = None,
+    ) -> None:
         self.gateway = gateway
         # The process-wide cap on streams, shared with the HTTP edge (none when not given).
         self.streams = streams or stream_slots.StreamSlots(None)
+        self.addresses = addresses or ClientAddresses()
+
+    def _address(self, context: Context) -> str:
+        forwarded = next(
+            (str(v) for k, v in context.invocation_metadata() or () if k == "x-forwarded-for"),
+            None,
+        )
+        return self.addresses.of_grpc_peer(context.peer() or "", forwarded)
 
     @unary
     async def GenerateText(
         self, request: pb.GenerateTextRequest, context: Context
     ) -> pb.GenerateTextResponse:
-        r = await self.gateway.generate(current_identity(), generate_request(request))
+        r = await self.gateway.generate(
+            current_identity(), generate_request(request, self._address(context))
+        )
+        if r.rate is not None:
+            await context.send_initial_metadata(rate_metadata(r.rate))
         return pb.GenerateTextResponse(
             text=r.text,
             provider=r.provider,
@@ -199,11 +249,16 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
         """Written with context.write (not yielded) so that each write can time out: a client
         that stops reading is cut after STREAM_WRITE_TIMEOUT_SECONDS, and closing the core's
         stream settles what was consumed before the caller is told."""
-        events = self.gateway.stream(current_identity(), generate_request(request))
+        events = self.gateway.stream(
+            current_identity(), generate_request(request, self._address(context))
+        )
         stalled = False
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
+                    if isinstance(event, Admitted):
+                        await context.send_initial_metadata(rate_metadata(event.rate))
+                        continue
                     try:
                         async with asyncio.timeout(self.gateway.limits.write_timeout_seconds):
                             await context.write(_stream_message(event))
@@ -230,6 +285,19 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
         )
         if s.quota is not None:
             response.quota = s.quota
+        if s.limits is not None:
+            response.limits.CopyFrom(
+                pb.RateLimits(
+                    requests_per_minute=s.limits.requests_per_minute,
+                    tokens_per_minute=s.limits.tokens_per_minute,
+                    calls_in_flight=s.limits.calls_in_flight,
+                    requests_remaining=s.limits.requests_remaining,
+                )
+            )
+        if s.month is not None:
+            response.month.quota_tokens = s.month.quota_tokens
+            response.month.used_tokens = s.month.used_tokens
+            response.month.resets_at.FromDatetime(s.month.resets_at)
         return response
 
     @unary

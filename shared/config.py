@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     # A stream whose client reads nothing for this long is cut and settled for what it got.
     stream_write_timeout_seconds: float = Field(default=20.0, gt=0)
 
+    # --- gateway: rate limits (gateway_service/limits/config.py documents the format)
+    # JSON overriding the default limits, or a .json/.toml file of them.
+    rate_limits: str = ""
+    rate_limits_file: Path | None = None
+    # Shared counters for every gateway replica; without it each process limits on its own.
+    redis_url: SecretStr | None = None
+    # While Redis cannot answer: limit each process on its own ("local") or refuse ("refuse").
+    rate_limit_redis_failure: Literal["local", "refuse"] = "local"
+    rate_limit_redis_timeout_seconds: float = Field(default=0.25, gt=0)
+    # Proxies whose X-Forwarded-For is believed (CIDRs or addresses, comma-separated).
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+
     # --- gateway: JWT
     jwt_secret: SecretStr | None = None
     jwt_jwks_url: str | None = None
@@ -157,7 +169,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("jwt_algorithms", "http_cors_origins", mode="before")
+    @field_validator("jwt_algorithms", "http_cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         # `JWT_ALGORITHMS=RS256,ES256` reads better in an environment than a JSON list.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -77,3 +78,29 @@ def start(module: str, env: dict[str, str], timeout: float = 60, echo: bool = Fa
             break
     proc.kill()
     raise RuntimeError(f"{module} did not start:\n{''.join(seen)[-4000:]}")
+
+
+def start_redis(port: int, timeout: float = 10) -> Service:
+    """A throwaway `redis-server` on 127.0.0.1:port, keeping nothing on disk."""
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*command, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return Service(proc, f"127.0.0.1:{port}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

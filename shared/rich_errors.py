@@ -5,11 +5,12 @@ Servers build them with `rich_status`; clients read the reason back with `error_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -22,11 +23,16 @@ def rich_status(
     reason: str,
     domain: str,
     metadata: Mapping[str, str] | None = None,
+    extra: Sequence[Message] = (),
 ) -> grpc.Status:
+    """`extra`: further google.rpc details (RetryInfo, QuotaFailure...) after the ErrorInfo."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    proto = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    details = []
+    for message_detail in (info, *extra):
+        detail = any_pb2.Any()
+        detail.Pack(message_detail)
+        details.append(detail)
+    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
     status: grpc.Status = rpc_status.to_status(proto)
     return status
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from gateway_service.auth import JwtVerifier
+from gateway_service.client_address import ClientAddresses, parse_networks
 from gateway_service.core import Gateway
 from gateway_service.http.connections import (
     CONNECTIONS,
@@ -31,7 +32,7 @@ from gateway_service.http.cors import CorsPolicy
 from gateway_service.http.errors import error_middleware
 from gateway_service.http.handlers import routes
 from gateway_service.http.protocol import EdgeRunner, server_header
-from gateway_service.http.state import GATEWAY, STATE, STREAMS, VERIFIER, EdgeState
+from gateway_service.http.state import ADDRESSES, GATEWAY, STATE, STREAMS, VERIFIER, EdgeState
 from gateway_service.stream_slots import StreamSlots
 from shared.config import Settings
 
@@ -68,6 +69,7 @@ def create_http_app(
     app[CONNECTIONS] = guard
     app[STREAMS] = stream_slots or StreamSlots(settings.max_concurrent_streams)
     app[GATEWAY] = gateway
+    app[ADDRESSES] = ClientAddresses(parse_networks(settings.trusted_proxies))
     app[VERIFIER] = verifier
     app[STATE] = state
     app.router.add_routes(routes)

@@ -17,8 +17,8 @@ from gateway_service.http.auth import caller, signed_in
 from gateway_service.http.disconnect import ClientGone, until_disconnected
 from gateway_service.http.errors import error_response
 from gateway_service.http.openapi import OPENAPI
-from gateway_service.http.sse import SseStream
-from gateway_service.http.state import GATEWAY, STATE
+from gateway_service.http.sse import SseStream, rate_headers
+from gateway_service.http.state import ADDRESSES, GATEWAY, STATE
 from gateway_service.http.stream_cap import one_stream_slot
 
 routes = web.RouteTableDef()
@@ -34,9 +34,10 @@ PURCHASE_PARAMS = frozenset({"page_size", "page_token"})
 DEFAULT_USAGE_DAYS = 30
 
 
-def generate_request(obj: dict[str, Any]) -> GenerateRequest:
+def generate_request(obj: dict[str, Any], address: str = "") -> GenerateRequest:
     # Ranges beyond the transport's own (int32) are the core's to check, as over gRPC.
     return GenerateRequest(
+        client_address=address,
         content=body.string(obj, "content", required=True),
         system_prompt=body.string(obj, "systemPrompt"),
         provider=body.string(obj, "provider"),
@@ -47,19 +48,26 @@ def generate_request(obj: dict[str, Any]) -> GenerateRequest:
     )
 
 
+def address_of(request: web.Request) -> str:
+    """The caller's address: the peer, or X-Forwarded-For's last untrusted hop behind a trusted
+    proxy (see gateway_service.client_address)."""
+    peer = request.remote or "unknown"
+    return request.app[ADDRESSES].resolve(peer, request.headers.get("X-Forwarded-For"))
+
+
 @routes.post("/v1/generate")
 async def generate(request: web.Request) -> web.Response:
     identity = await caller(request)
-    req = generate_request(await body.read_object(request, GENERATE_FIELDS))
+    req = generate_request(await body.read_object(request, GENERATE_FIELDS), address_of(request))
     result = await until_disconnected(request, request.app[GATEWAY].generate(identity, req))
-    return web.json_response(views.generate(result))
+    return web.json_response(views.generate(result), headers=rate_headers(result.rate))
 
 
 @routes.post("/v1/generate/stream")
 @one_stream_slot
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     identity = await caller(request)
-    req = generate_request(await body.read_object(request, GENERATE_FIELDS))
+    req = generate_request(await body.read_object(request, GENERATE_FIELDS), address_of(request))
     sse = SseStream(request, request.app[GATEWAY].limits.write_timeout_seconds)
     events = request.app[GATEWAY].stream(identity, req)
     try:

@@ -159,6 +159,27 @@ SCHEMAS: dict[str, Schema] = {
             "reservedTokens": COUNT,
             "subscriptionTier": nullable(described(STRING, "from the JWT's tier claim")),
             "quota": nullable(described(INT, "from the JWT's quota claim")),
+            "limits": nullable(
+                obj(
+                    {
+                        "requestsPerMinute": described(COUNT, "0: unlimited"),
+                        "tokensPerMinute": described(COUNT, "0: unlimited"),
+                        "callsInFlight": described(COUNT, "0: unlimited"),
+                        "requestsRemaining": described(COUNT, "requests left right now"),
+                    },
+                    description="The caller's rate limits and what is left of them now.",
+                )
+            ),
+            "month": nullable(
+                obj(
+                    {
+                        "quotaTokens": described(COUNT, "tokens a calendar month; 0: no quota"),
+                        "usedTokens": described(COUNT, "charged plus held this month"),
+                        "resetsAt": described(STRING, "RFC 3339, UTC: when the month ends"),
+                    },
+                    description="The monthly quota and this month's use of it.",
+                )
+            ),
         }
     ),
     "EligibilityRequest": obj(

@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from aiohttp import hdrs, web
 
-from gateway_service.core import GenerateResult, StreamEvent
+from gateway_service.core import Admitted, Delta, GenerateResult, StreamEvent
 from gateway_service.errors import GatewayError
 from gateway_service.http import views
 from gateway_service.http.errors import error_body, gateway_error, gateway_error_response
+from gateway_service.limits.gate import RateInfo
 
 HEADERS = {
     hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
@@ -38,6 +40,18 @@ def encode(event: str, data: Mapping[str, Any]) -> bytes:
     # json.dumps never emits a raw newline, so one `data:` line carries the whole payload.
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def rate_headers(rate: RateInfo | None) -> dict[str, str]:
+    """RateLimit-Limit / -Remaining / -Reset (the IETF draft's names): the caller's
+    requests-per-minute state after this call."""
+    if rate is None:
+        return {}
+    return {
+        "RateLimit-Limit": str(rate.limit),
+        "RateLimit-Remaining": str(rate.remaining),
+        "RateLimit-Reset": str(math.ceil(rate.reset_seconds)),
+    }
 
 
 class ClientStalled(Exception):
@@ -59,11 +73,15 @@ class SseStream:
 
     async def run(self, events: AsyncGenerator[StreamEvent]) -> web.StreamResponse:
         async with contextlib.aclosing(events):
+            rate: RateInfo | None = None
             try:
                 event = await anext(events)
+                if isinstance(event, Admitted):
+                    rate = event.rate
+                    event = await anext(events)
             except GatewayError as exc:
                 return gateway_error_response(exc)
-            response = self.response = web.StreamResponse(headers=HEADERS)
+            response = self.response = web.StreamResponse(headers={**HEADERS, **rate_headers(rate)})
             await response.prepare(self.request)
             try:
                 while True:
@@ -71,7 +89,8 @@ class SseStream:
                         await self._write(response, encode("usage", views.stream_usage(event)))
                         await self._write(response, encode("done", {}))
                         break
-                    await self._write(response, encode("delta", {"text": event.text}))
+                    if isinstance(event, Delta):
+                        await self._write(response, encode("delta", {"text": event.text}))
                     event = await anext(events)
             except GatewayError as exc:
                 _, body, _ = gateway_error(exc)

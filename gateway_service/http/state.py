@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway_service.auth import JwtVerifier
+from gateway_service.client_address import ClientAddresses
 from gateway_service.core import Gateway
 from gateway_service.stream_slots import StreamSlots
 
@@ -64,6 +65,7 @@ class EdgeState:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+ADDRESSES = web.AppKey("client_addresses", ClientAddresses)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
 STATE = web.AppKey("edge_state", EdgeState)
 STREAMS = web.AppKey("stream_slots", StreamSlots)

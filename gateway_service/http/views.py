@@ -84,6 +84,21 @@ def status(s: UserStatus) -> dict[str, Any]:
         "reservedTokens": s.reserved_tokens,
         "subscriptionTier": s.subscription_tier,
         "quota": s.quota,
+        "limits": None
+        if s.limits is None
+        else {
+            "requestsPerMinute": s.limits.requests_per_minute,
+            "tokensPerMinute": s.limits.tokens_per_minute,
+            "callsInFlight": s.limits.calls_in_flight,
+            "requestsRemaining": s.limits.requests_remaining,
+        },
+        "month": None
+        if s.month is None
+        else {
+            "quotaTokens": s.month.quota_tokens,
+            "usedTokens": s.month.used_tokens,
+            "resetsAt": s.month.resets_at.isoformat().replace("+00:00", "Z"),
+        },
     }
 
 

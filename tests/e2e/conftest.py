@@ -3,6 +3,7 @@ provider stand-in over HTTP, and the gateway; plus JWT minting for callers."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,14 @@ JWT_SECRET = "e2e-jwt-secret-that-is-long-enough-for-hs256"
 ISSUER = "https://auth.rpcai.test"
 AUDIENCE = "rpcai-gateway"
 PLATFORM_KEY = "sk-platform-e2e"
+NO_LIMITS = json.dumps(
+    {
+        "public": {"requests_per_minute": 0, "calls_in_flight": 0},
+        "byok": {"requests_per_minute": 0, "calls_in_flight": 0},
+        "subscription": {"default": {"requests_per_minute": 0, "calls_in_flight": 0}},
+        "failed_key_attempts_per_minute": 0,
+    }
+)
 
 
 def mint(sub: str, secret: str = JWT_SECRET, **claims: Any) -> str:
@@ -64,6 +73,8 @@ def gateway_settings(ledger_addr: str, sim_url: str, **overrides: Any) -> Settin
         "provider_timeout_seconds": 5,
         "ledger_timeout_seconds": 2,
         "data_dir": f"/tmp/rpcai-e2e-{uuid.uuid4().hex[:8]}",
+        # Tests not about limits run without them; the limit tests set their own.
+        "rate_limits": NO_LIMITS,
     }
     values.update(overrides)
     return Settings(**values)

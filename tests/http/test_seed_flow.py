@@ -63,6 +63,14 @@ async def test_purchase_then_metered_call_then_stream(edge: Edge) -> None:
         "reservedTokens": 0,
         "subscriptionTier": None,
         "quota": None,
+        # The test stack runs without limits (tests.e2e.conftest.NO_LIMITS) and no quota.
+        "limits": {
+            "requestsPerMinute": 0,
+            "tokensPerMinute": 0,
+            "callsInFlight": 0,
+            "requestsRemaining": 0,
+        },
+        "month": {"quotaTokens": 0, "usedTokens": 0, "resetsAt": me.body["month"]["resetsAt"]},
     }
 
     usage_reply = await edge.call(

@@ -278,6 +278,8 @@ class GetUserStatusResponse(_message.Message):
     SUBSCRIPTION_TIER_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
     user_type: Global___UserType.ValueType
     has_subscription: _builtins.bool
     has_purchases: _builtins.bool
@@ -286,6 +288,14 @@ class GetUserStatusResponse(_message.Message):
     """From the JWT's tier and quota claims (names are configuration); empty / unset when absent."""
     quota: _builtins.int
     reserved_tokens: _builtins.int
+    @_builtins.property
+    def limits(self) -> Global___RateLimits:
+        """The caller's rate limits (0: unlimited) and what is left of them now."""
+
+    @_builtins.property
+    def month(self) -> Global___MonthlyQuota:
+        """The caller's monthly quota and this month's use of it (quota 0: none)."""
+
     def __init__(
         self,
         *,
@@ -296,16 +306,74 @@ class GetUserStatusResponse(_message.Message):
         subscription_tier: _builtins.str = ...,
         quota: _builtins.int | None = ...,
         reserved_tokens: _builtins.int = ...,
+        limits: Global___RateLimits | None = ...,
+        month: Global___MonthlyQuota | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_quota", b"_quota", "quota", b"quota"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_quota", b"_quota", "limits", b"limits", "month", b"month", "quota", b"quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quota", b"_quota", "available_tokens", b"available_tokens", "has_purchases", b"has_purchases", "has_subscription", b"has_subscription", "quota", b"quota", "reserved_tokens", b"reserved_tokens", "subscription_tier", b"subscription_tier", "user_type", b"user_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quota", b"_quota", "available_tokens", b"available_tokens", "has_purchases", b"has_purchases", "has_subscription", b"has_subscription", "limits", b"limits", "month", b"month", "quota", b"quota", "reserved_tokens", b"reserved_tokens", "subscription_tier", b"subscription_tier", "user_type", b"user_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__quota: _TypeAlias = _typing.Literal["quota"]  # noqa: Y015
     _WhichOneofArgType__quota: _TypeAlias = _typing.Literal["_quota", b"_quota"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__quota) -> _WhichOneofReturnType__quota | None: ...
 
 Global___GetUserStatusResponse: _TypeAlias = GetUserStatusResponse  # noqa: Y015
+
+@_typing.final
+class RateLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    CALLS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    REQUESTS_REMAINING_FIELD_NUMBER: _builtins.int
+    requests_per_minute: _builtins.int
+    tokens_per_minute: _builtins.int
+    calls_in_flight: _builtins.int
+    requests_remaining: _builtins.int
+    """Requests the caller may still make right now (0 when no per-minute limit applies)."""
+    def __init__(
+        self,
+        *,
+        requests_per_minute: _builtins.int = ...,
+        tokens_per_minute: _builtins.int = ...,
+        calls_in_flight: _builtins.int = ...,
+        requests_remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_in_flight", b"calls_in_flight", "requests_per_minute", b"requests_per_minute", "requests_remaining", b"requests_remaining", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimits: _TypeAlias = RateLimits  # noqa: Y015
+
+@_typing.final
+class MonthlyQuota(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_TOKENS_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    quota_tokens: _builtins.int
+    used_tokens: _builtins.int
+    """Charged plus held (calls in flight) this month."""
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        quota_tokens: _builtins.int = ...,
+        used_tokens: _builtins.int = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota_tokens", b"quota_tokens", "resets_at", b"resets_at", "used_tokens", b"used_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonthlyQuota: _TypeAlias = MonthlyQuota  # noqa: Y015
 
 @_typing.final
 class CheckRequestEligibilityRequest(_message.Message):

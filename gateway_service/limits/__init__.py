@@ -1,0 +1,1 @@
+"""Rate limits (per user type and tier, shared through Redis) and monthly quotas."""

@@ -1,0 +1,180 @@
+"""The limiters' decisions, the same on a real Redis (one Lua script) as in one process: a limit
+of N per minute serves exactly N at once and then one every 60/N s; tokens per minute are taken
+at the hold size and the unused part given back; calls in flight hold leased slots; a decision
+over several buckets takes from all or none; a Redis that goes away falls back as configured and
+comes back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from gateway_service.limits.config import Limit
+from gateway_service.limits.limiter import (
+    Bucket,
+    Limiter,
+    LocalLimiter,
+    RedisLimiter,
+    ResilientLimiter,
+    shared_client,
+)
+from tests.redis_server import RedisServer, redis_server
+
+
+class Clock:
+    """Time as a parameter: the local limiter reads this instead of the wall clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "redis"])
+async def limiter(request: pytest.FixtureRequest, redis_srv: RedisServer) -> AsyncIterator[Limiter]:
+    if request.param == "local":
+        yield LocalLimiter()
+        return
+    shared = RedisLimiter(shared_client(redis_srv.url), prefix=f"t{uuid.uuid4().hex}:")
+    yield shared
+    await shared.close()
+
+
+def bucket(limit: Limit, tokens: int = 0) -> Bucket:
+    return Bucket(f"user-{uuid.uuid4().hex[:8]}", limit, tokens)
+
+
+async def test_n_per_minute_serves_exactly_n_at_once(limiter: Limiter) -> None:
+    b = bucket(Limit(requests_per_minute=50))
+    decisions = await asyncio.gather(
+        *(limiter.acquire([b], uuid.uuid4().hex, 60_000) for _ in range(200))
+    )
+    allowed = [d for d in decisions if d.allowed]
+    refused = [d for d in decisions if not d.allowed]
+    assert len(allowed) == 50
+    assert {d.reason for d in refused} == {"RATE_LIMITED"}
+    assert all(1.0 < d.retry_after <= 1.21 for d in refused)  # one more every 60/50 s
+    assert allowed[-1].limit == 50
+    assert min(d.remaining for d in allowed) == 0
+
+
+async def test_retry_after_is_honoured(limiter: Limiter) -> None:
+    b = bucket(Limit(requests_per_minute=60))
+    for _ in range(60):
+        assert (await limiter.acquire([b], uuid.uuid4().hex, 60_000)).allowed
+    refused = await limiter.acquire([b], uuid.uuid4().hex, 60_000)
+    assert not refused.allowed
+    await asyncio.sleep(refused.retry_after + 0.05)
+    assert (await limiter.acquire([b], uuid.uuid4().hex, 60_000)).allowed
+
+
+async def test_tokens_are_taken_at_the_hold_size_and_the_rest_given_back(
+    limiter: Limiter,
+) -> None:
+    limit = Limit(tokens_per_minute=1500)
+    key = f"tpm-{uuid.uuid4().hex[:8]}"
+    first = Bucket(key, limit, 1000)
+    assert (await limiter.acquire([first], "a", 60_000)).allowed
+    second = await limiter.acquire([Bucket(key, limit, 1000)], "b", 60_000)
+    assert (second.allowed, second.reason) == (False, "TOKENS_PER_MINUTE_EXCEEDED")
+    await limiter.release([first], "a", unused_tokens=800)  # the call used 200
+    assert (await limiter.acquire([Bucket(key, limit, 1000)], "c", 60_000)).allowed
+
+
+async def test_a_call_bigger_than_the_limit_is_told_to_wait_a_minute(limiter: Limiter) -> None:
+    decision = await limiter.acquire([bucket(Limit(tokens_per_minute=100), 101)], "x", 60_000)
+    assert (decision.allowed, decision.reason) == (False, "TOKENS_PER_MINUTE_EXCEEDED")
+    assert decision.retry_after == 60
+
+
+async def test_calls_in_flight_hold_slots_until_released(limiter: Limiter) -> None:
+    b = bucket(Limit(calls_in_flight=2))
+    assert (await limiter.acquire([b], "a", 60_000)).allowed
+    assert (await limiter.acquire([b], "b", 60_000)).allowed
+    third = await limiter.acquire([b], "c", 60_000)
+    assert (third.allowed, third.reason) == (False, "TOO_MANY_CALLS_IN_FLIGHT")
+    await limiter.release([b], "a", 0)
+    assert (await limiter.acquire([b], "c", 60_000)).allowed
+
+
+async def test_a_crashed_callers_slots_come_back_when_their_lease_ends(limiter: Limiter) -> None:
+    b = bucket(Limit(calls_in_flight=1))
+    assert (await limiter.acquire([b], "lost", 200)).allowed  # never released
+    assert not (await limiter.acquire([b], "next", 60_000)).allowed
+    await asyncio.sleep(0.25)
+    assert (await limiter.acquire([b], "next", 60_000)).allowed
+
+
+async def test_several_buckets_are_taken_together_or_not_at_all(limiter: Limiter) -> None:
+    address = bucket(Limit(requests_per_minute=10))
+    key = bucket(Limit(requests_per_minute=1))
+    assert (await limiter.acquire([address, key], "a", 60_000)).allowed
+    for _ in range(5):
+        assert not (await limiter.acquire([address, key], uuid.uuid4().hex, 60_000)).allowed
+    # The refusals took nothing from the address's bucket: nine of ten are left.
+    for _ in range(9):
+        assert (await limiter.acquire([address], uuid.uuid4().hex, 60_000)).allowed
+    assert not (await limiter.acquire([address], "full", 60_000)).allowed
+
+
+async def test_peek_takes_nothing(limiter: Limiter) -> None:
+    b = bucket(Limit(requests_per_minute=1, calls_in_flight=1))
+    for _ in range(5):
+        assert (await limiter.peek([b])).allowed
+    assert (await limiter.acquire([b], "a", 60_000)).allowed
+    assert not (await limiter.peek([b])).allowed
+
+
+async def test_the_local_limiter_follows_its_clock() -> None:
+    clock = Clock()
+    local = LocalLimiter(clock)
+    b = bucket(Limit(requests_per_minute=2))
+    assert (await local.acquire([b], "a", 60_000)).allowed
+    assert (await local.acquire([b], "b", 60_000)).allowed
+    refused = await local.acquire([b], "c", 60_000)
+    assert refused.retry_after == pytest.approx(30)
+    clock.now += 30
+    assert (await local.acquire([b], "c", 60_000)).allowed
+
+
+async def test_without_redis_the_fallback_limits_locally_or_refuses(redis_srv: RedisServer) -> None:
+    if redis_srv.process is None:
+        pytest.skip("uses a Redis of its own (stops and restarts it)")
+    b = bucket(Limit(requests_per_minute=3))
+    client = shared_client(redis_srv.url, timeout=0.2)
+    local = ResilientLimiter(RedisLimiter(client), LocalLimiter(), "local", timeout=0.2,
+                             retry_seconds=0.5)  # fmt: skip
+    refuse_client = shared_client(redis_srv.url, timeout=0.2)
+    refusing = ResilientLimiter(RedisLimiter(refuse_client), LocalLimiter(), "refuse",
+                                timeout=0.2, retry_seconds=0.5)  # fmt: skip
+    try:
+        assert (await local.acquire([b], "a", 60_000)).allowed  # counted in Redis
+        redis_srv.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        decisions = [await local.acquire([b], uuid.uuid4().hex, 60_000) for _ in range(5)]
+        assert loop.time() - started < 1.5  # nobody waits on a Redis that is gone
+        assert [d.allowed for d in decisions] == [True, True, True, False, False]  # local: 3
+        refused = await refusing.acquire([b], "r", 60_000)
+        assert (refused.allowed, refused.reason) == (False, "UNAVAILABLE")
+        redis_srv.start()
+        await asyncio.sleep(0.6)  # past retry_seconds: Redis is tried again
+        # The local limiter has used its 3: an admission now can only come from Redis (which
+        # restarted empty, as a Redis without persistence does).
+        later = [await local.acquire([b], uuid.uuid4().hex, 60_000) for _ in range(4)]
+        assert [d.allowed for d in later] == [True, True, True, False]
+    finally:
+        if redis_srv.process is None or redis_srv.process.poll() is not None:
+            redis_srv.start()
+        await local.close()
+        await refusing.close()
