@@ -32,8 +32,9 @@ from gateway_service.auth import Identity
 from gateway_service.errors import Failure, GatewayError, invalid
 from gateway_service.ledger_client import LedgerClient, is_definitive
 from gateway_service.limits.config import UNLIMITED
-from gateway_service.limits.gate import Admission, Caller, RateGate, RateInfo
+from gateway_service.limits.gate import Admission, Caller, RateGate
 from gateway_service.limits.limiter import LocalLimiter
+from gateway_service.limits.rate import RateInfo
 from gateway_service.metering import (
     CallCut,
     HoldLease,
@@ -142,6 +143,8 @@ class LimitsStatus:
     tokens_per_minute: int
     calls_in_flight: int
     requests_remaining: int
+    tokens_remaining: int
+    calls_in_flight_now: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +513,9 @@ class Gateway:
                 requests_per_minute=limit.requests_per_minute,
                 tokens_per_minute=limit.tokens_per_minute,
                 calls_in_flight=limit.calls_in_flight,
-                requests_remaining=now.remaining if now.allowed else 0,
+                requests_remaining=now.remaining,
+                tokens_remaining=now.tokens_remaining,
+                calls_in_flight_now=now.in_flight,
             ),
             month=QuotaStatus(
                 quota_tokens=quota,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
+from gateway_service.limits.rate import RateInfo
+
 
 class Failure(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
@@ -30,6 +32,7 @@ class GatewayError(Exception):
         message: str,
         metadata: Mapping[str, str] | None = None,
         retry_after: float | None = None,
+        rate: RateInfo | None = None,
     ) -> None:
         super().__init__(message)
         self.failure = failure
@@ -37,6 +40,7 @@ class GatewayError(Exception):
         self.message = message
         self.metadata = dict(metadata or {})
         self.retry_after = retry_after
+        self.rate = rate  # the caller's rate limit state, when a limit refused the call
 
 
 def invalid(field: str, problem: str) -> GatewayError:

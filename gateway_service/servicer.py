@@ -28,7 +28,7 @@ from gateway_service.core import (
 )
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.interceptor import DOMAIN, current_identity
-from gateway_service.limits.gate import RateInfo
+from gateway_service.limits.rate import rate_metadata
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as pb
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.rich_errors import rich_status
@@ -76,18 +76,15 @@ async def abort(context: Context, exc: GatewayError) -> None:
             )
         )
     await context.abort_with_status(
-        rich_status(GRPC_CODES[exc.failure], exc.message, exc.reason, DOMAIN, metadata, extra)
-    )
-
-
-def rate_metadata(rate: RateInfo | None) -> tuple[tuple[str, str], ...]:
-    """The caller's requests-per-minute state, as the HTTP edge's RateLimit-* headers."""
-    if rate is None:
-        return ()
-    return (
-        ("ratelimit-limit", str(rate.limit)),
-        ("ratelimit-remaining", str(rate.remaining)),
-        ("ratelimit-reset", str(math.ceil(rate.reset_seconds))),
+        rich_status(
+            GRPC_CODES[exc.failure],
+            exc.message,
+            exc.reason,
+            DOMAIN,
+            metadata,
+            extra,
+            trailing=rate_metadata(exc.rate),
+        )
     )
 
 
@@ -292,6 +289,8 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
                     tokens_per_minute=s.limits.tokens_per_minute,
                     calls_in_flight=s.limits.calls_in_flight,
                     requests_remaining=s.limits.requests_remaining,
+                    tokens_remaining=s.limits.tokens_remaining,
+                    calls_in_flight_now=s.limits.calls_in_flight_now,
                 )
             )
         if s.month is not None:

@@ -6,7 +6,7 @@ Servers build them with `rich_status`; clients read the reason back with `error_
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import cast
+from typing import NamedTuple, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -17,6 +17,16 @@ from grpc_status import rpc_status
 DETAILS_KEY = "grpc-status-details-bin"
 
 
+class _Fields(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _Status(_Fields, grpc.Status):
+    """What `abort_with_status` takes: code, message, trailing metadata."""
+
+
 def rich_status(
     code: grpc.StatusCode,
     message: str,
@@ -24,8 +34,10 @@ def rich_status(
     domain: str,
     metadata: Mapping[str, str] | None = None,
     extra: Sequence[Message] = (),
+    trailing: Sequence[tuple[str, str]] = (),
 ) -> grpc.Status:
-    """`extra`: further google.rpc details (RetryInfo, QuotaFailure...) after the ErrorInfo."""
+    """`extra`: further google.rpc details (RetryInfo, QuotaFailure...) after the ErrorInfo;
+    `trailing`: plain metadata sent beside them."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
     details = []
     for message_detail in (info, *extra):
@@ -33,8 +45,8 @@ def rich_status(
         detail.Pack(message_detail)
         details.append(detail)
     proto = status_pb2.Status(code=code.value[0], message=message, details=details)
-    status: grpc.Status = rpc_status.to_status(proto)
-    return status
+    status = rpc_status.to_status(proto)
+    return _Status(status.code, status.details, (*status.trailing_metadata, *trailing))
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:

@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 from gateway_service.http.errors import error_response
 
 ALLOWED_HEADERS = "Authorization, Content-Type"
-EXPOSED_HEADERS = "Retry-After"
+EXPOSED_HEADERS = "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
 MAX_AGE_SECONDS = 600
 
 

@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 from gateway_service.auth import AuthError
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.http.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
+from gateway_service.limits.rate import rate_headers
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def gateway_error(exc: GatewayError) -> tuple[int, dict[str, Any], dict[str, str
     """Status, JSON body and headers for a core refusal (also used for an SSE `error` event)."""
     status = HTTP_STATUS[exc.failure]
     message, field = _camel(exc)
-    headers: dict[str, str] = {}
+    headers = rate_headers(exc.rate)
     if (wait := retry_after(exc)) is not None:
         headers[hdrs.RETRY_AFTER] = wait
     if status == 401:

@@ -17,9 +17,10 @@ from gateway_service.http.auth import caller, signed_in
 from gateway_service.http.disconnect import ClientGone, until_disconnected
 from gateway_service.http.errors import error_response
 from gateway_service.http.openapi import OPENAPI
-from gateway_service.http.sse import SseStream, rate_headers
+from gateway_service.http.sse import SseStream
 from gateway_service.http.state import ADDRESSES, GATEWAY, STATE
 from gateway_service.http.stream_cap import one_stream_slot
+from gateway_service.limits.rate import rate_headers
 
 routes = web.RouteTableDef()
 

@@ -166,6 +166,8 @@ SCHEMAS: dict[str, Schema] = {
                         "tokensPerMinute": described(COUNT, "0: unlimited"),
                         "callsInFlight": described(COUNT, "0: unlimited"),
                         "requestsRemaining": described(COUNT, "requests left right now"),
+                        "tokensRemaining": described(COUNT, "provider tokens left this minute"),
+                        "callsInFlightNow": described(COUNT, "the caller's calls running now"),
                     },
                     description="The caller's rate limits and what is left of them now.",
                 )
@@ -288,17 +290,29 @@ _ERRORS = {
     409: "This idempotency key was used for a different request, or its call is running",
     413: "The request body is too large",
     415: "The body is not application/json",
-    429: "Rate limited by the provider; retry after `Retry-After` seconds",
+    429: "Refused by a rate limit (reason `RATE_LIMITED`, `TOKENS_PER_MINUTE_EXCEEDED`, "
+    "`TOO_MANY_CALLS_IN_FLIGHT`) or the monthly quota (`MONTHLY_QUOTA_EXCEEDED`), or rate "
+    "limited by the provider; retry after `Retry-After` seconds",
     500: "Internal error",
     503: "The token ledger or the provider is unavailable, or the gateway is at capacity "
     "(`TOO_MANY_STREAMS`, `TOO_MANY_CONNECTIONS`, with `Retry-After`); retry later",
     504: "The provider did not answer in time",
 }
+_SECONDS = {"type": "integer", "minimum": 0}
+RATE_LIMIT = {
+    "RateLimit-Limit": {
+        "description": "the caller's requests per minute (sent when that is limited)",
+        "schema": _SECONDS,
+    },
+    "RateLimit-Remaining": {"description": "requests left now", "schema": _SECONDS},
+    "RateLimit-Reset": {"description": "seconds until all are left again", "schema": _SECONDS},
+}
 RETRY_AFTER = {
     "Retry-After": {
         "description": "seconds to wait before retrying",
         "schema": {"type": "integer", "minimum": 1},
-    }
+    },
+    **RATE_LIMIT,
 }
 
 
@@ -349,7 +363,9 @@ OPENAPI: dict[str, Any] = {
                     "content": {"application/json": {"schema": ref("GenerateRequest")}},
                 },
                 "responses": {
-                    "200": _json("The answer and what it cost", ref("GenerateResponse")),
+                    "200": _json(
+                        "The answer and what it cost", ref("GenerateResponse"), RATE_LIMIT
+                    ),
                     **_errors(*GENERATE_ERRORS),
                 },
             }
@@ -371,6 +387,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": {
                         "description": "text/event-stream of delta, usage, done (or error)",
+                        "headers": RATE_LIMIT,
                         "content": {
                             "text/event-stream": {
                                 "schema": {"type": "string"},

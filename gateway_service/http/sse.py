@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -27,7 +26,7 @@ from gateway_service.core import Admitted, Delta, GenerateResult, StreamEvent
 from gateway_service.errors import GatewayError
 from gateway_service.http import views
 from gateway_service.http.errors import error_body, gateway_error, gateway_error_response
-from gateway_service.limits.gate import RateInfo
+from gateway_service.limits.rate import RateInfo, rate_headers
 
 HEADERS = {
     hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
@@ -40,18 +39,6 @@ def encode(event: str, data: Mapping[str, Any]) -> bytes:
     # json.dumps never emits a raw newline, so one `data:` line carries the whole payload.
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"event: {event}\ndata: {payload}\n\n".encode()
-
-
-def rate_headers(rate: RateInfo | None) -> dict[str, str]:
-    """RateLimit-Limit / -Remaining / -Reset (the IETF draft's names): the caller's
-    requests-per-minute state after this call."""
-    if rate is None:
-        return {}
-    return {
-        "RateLimit-Limit": str(rate.limit),
-        "RateLimit-Remaining": str(rate.remaining),
-        "RateLimit-Reset": str(math.ceil(rate.reset_seconds)),
-    }
 
 
 class ClientStalled(Exception):

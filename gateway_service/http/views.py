@@ -91,6 +91,8 @@ def status(s: UserStatus) -> dict[str, Any]:
             "tokensPerMinute": s.limits.tokens_per_minute,
             "callsInFlight": s.limits.calls_in_flight,
             "requestsRemaining": s.limits.requests_remaining,
+            "tokensRemaining": s.limits.tokens_remaining,
+            "callsInFlightNow": s.limits.calls_in_flight_now,
         },
         "month": None
         if s.month is None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.limits.config import Limit, LimitsConfig
 from gateway_service.limits.limiter import Bucket, Decision, Limiter
+from gateway_service.limits.rate import RateInfo
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ class Caller:
         return "byok" if self.byok else "subscription"
 
 
-@dataclass(frozen=True, slots=True)
-class RateInfo:
-    """The caller's requests-per-minute state after this call (RateLimit-* headers)."""
-
-    limit: int
-    remaining: int
-    reset_seconds: float
-
-
 @dataclass
 class Admission:
     """An admitted call's share of its limits, given back (once) when it ends."""
@@ -81,6 +73,12 @@ class Admission:
             log.exception("rate limiter: releasing a call failed (its slot's lease ends it)")
 
 
+def _rate(decision: Decision) -> RateInfo | None:
+    if not decision.limit:
+        return None
+    return RateInfo(decision.limit, decision.remaining, decision.reset)
+
+
 def limited(decision: Decision, detail: str = "") -> GatewayError:
     reason = decision.reason or "RATE_LIMITED"
     if reason == "UNAVAILABLE":
@@ -96,6 +94,7 @@ def limited(decision: Decision, detail: str = "") -> GatewayError:
         detail or _MESSAGES[reason],
         {"retry_after_seconds": f"{max(1, round(decision.retry_after))}"},
         retry_after=max(1.0, decision.retry_after),
+        rate=_rate(decision),
     )
 
 
@@ -144,10 +143,7 @@ class RateGate:
         decision = await self.limiter.acquire(buckets, call_id, self._lease_ms)
         if not decision.allowed:
             raise limited(decision)
-        rate = (
-            RateInfo(decision.limit, decision.remaining, decision.reset) if decision.limit else None
-        )
-        return Admission(self, buckets, call_id, tokens, rate)
+        return Admission(self, buckets, call_id, tokens, _rate(decision))
 
     async def check(self, caller: Caller, tokens: int) -> Decision:
         """What `admit` would decide now, taking nothing (eligibility, status)."""

@@ -56,6 +56,9 @@ class Decision:
     limit: int = 0
     remaining: int = 0
     reset: float = 0.0  # seconds until the bucket is full again
+    # The first bucket's tokens left this minute and calls in flight now (status).
+    tokens_remaining: int = 0
+    in_flight: int = 0
 
 
 class Limiter(Protocol):
@@ -132,7 +135,7 @@ class LocalLimiter:
             for name, per_minute, cost, reason in checks:
                 ok, tat, retry = _gcra(state.tats.get(name, now), now, per_minute, cost)
                 if not ok:
-                    return Decision(False, reason, retry / 1000)
+                    return _headers(buckets, state, now, False, reason, retry / 1000)
                 new_tats[name] = tat
             if limit.calls_in_flight:
                 slots = state.slots.setdefault(f"{bucket.key}:inflight", {})
@@ -140,13 +143,13 @@ class LocalLimiter:
                     if expiry <= now:
                         del slots[held]
                 if len(slots) >= limit.calls_in_flight:
-                    return Decision(False, "TOO_MANY_CALLS_IN_FLIGHT", 1.0)
+                    return _headers(buckets, state, now, False, "TOO_MANY_CALLS_IN_FLIGHT", 1.0)
         if take:
             state.tats.update(new_tats)
             for bucket in buckets:
                 if bucket.limit.calls_in_flight:
                     state.slots[f"{bucket.key}:inflight"][call_id] = now + lease_ms
-        return _headers(buckets, state.tats, now, allowed=True)
+        return _headers(buckets, state, now, allowed=True)
 
     async def acquire(self, buckets: Sequence[Bucket], call_id: str, lease_ms: int) -> Decision:
         now = self._now()
@@ -183,14 +186,39 @@ class LocalLimiter:
 
 
 def _headers(
-    buckets: Sequence[Bucket], tats: dict[str, float], now: float, allowed: bool
+    buckets: Sequence[Bucket],
+    state: _State,
+    now: float,
+    allowed: bool,
+    reason: Reason = "",
+    retry_after: float = 0.0,
 ) -> Decision:
-    first = next((b for b in buckets if b.limit.requests_per_minute), None)
-    if first is None:
-        return Decision(allowed)
-    per_minute = first.limit.requests_per_minute
-    remaining, reset = _remaining(tats.get(f"{first.key}:rpm", now), now, per_minute)
-    return Decision(allowed, limit=per_minute, remaining=remaining, reset=reset)
+    """The decision, with the first bucket's state (headers and status)."""
+    if not buckets:
+        return Decision(allowed, reason, retry_after)
+    first = buckets[0]
+    limit = first.limit
+    remaining, reset = 0, 0.0
+    if limit.requests_per_minute:
+        remaining, reset = _remaining(
+            state.tats.get(f"{first.key}:rpm", now), now, limit.requests_per_minute
+        )
+    tokens = 0
+    if limit.tokens_per_minute:
+        tokens, _ = _remaining(
+            state.tats.get(f"{first.key}:tpm", now), now, limit.tokens_per_minute
+        )
+    slots = state.slots.get(f"{first.key}:inflight", {})
+    return Decision(
+        allowed,
+        reason,
+        retry_after,
+        limit=limit.requests_per_minute,
+        remaining=remaining,
+        reset=reset,
+        tokens_remaining=tokens,
+        in_flight=sum(1 for expiry in slots.values() if expiry > now),
+    )
 
 
 # ---- Redis: the same decision, in one atomic Lua script shared by every replica ---------------
@@ -202,6 +230,23 @@ local take = ARGV[1] == '1'
 local call_id = ARGV[2]
 local lease = tonumber(ARGV[3])
 local n = #KEYS / 3
+-- The decision, with the first bucket's state after it: requests and tokens left, calls in
+-- flight (for headers and status, refusals included).
+local function left(key, per_minute)
+  if per_minute <= 0 then return 0, 0 end
+  local tat = tonumber(redis.call('GET', key)) or now
+  local used = math.max(0, tat - now)
+  return math.max(0, math.floor((60000 - used) / (60000 / per_minute))), used
+end
+local function state(allowed, reason, retry)
+  if n == 0 then return {allowed, reason, retry, 0, 0, '0', 0, 0} end
+  local rpm = tonumber(ARGV[4])
+  local remaining, used = left(KEYS[1], rpm)
+  local tokens_left = left(KEYS[2], tonumber(ARGV[5]))
+  local in_flight = 0
+  if tonumber(ARGV[6]) > 0 then in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') end
+  return {allowed, reason, retry, rpm, remaining, tostring(used), tokens_left, in_flight}
+end
 local taken = {}
 for i = 0, n - 1 do
   local rpm = tonumber(ARGV[4 + i * 4])
@@ -220,19 +265,22 @@ for i = 0, n - 1 do
     if new_tat - now > 60000 then
       local retry = new_tat - 60000 - now
       if c[3] > c[2] then retry = 60000 end
-      return {0, c[4], tostring(retry)}
+      return state(0, c[4], tostring(retry))
     end
     taken[#taken + 1] = {c[1], new_tat}
   end
   if slots > 0 then
     local key = KEYS[i * 3 + 3]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZCARD', key) >= slots then return {0, 'TOO_MANY_CALLS_IN_FLIGHT', '1000'} end
+    if redis.call('ZCARD', key) >= slots then
+      return state(0, 'TOO_MANY_CALLS_IN_FLIGHT', '1000')
+    end
   end
 end
 if take then
   for _, v in ipairs(taken) do
-    redis.call('SET', v[1], tostring(v[2]), 'PX', math.ceil(v[2] - now) + 1000)
+    -- %.17g: tostring keeps 14 digits, which would round a TAT (ms since 1970) to 0.1 ms
+    redis.call('SET', v[1], string.format('%.17g', v[2]), 'PX', math.ceil(v[2] - now) + 1000)
   end
   for i = 0, n - 1 do
     if tonumber(ARGV[6 + i * 4]) > 0 then
@@ -241,16 +289,7 @@ if take then
     end
   end
 end
-for i = 0, n - 1 do
-  local rpm = tonumber(ARGV[4 + i * 4])
-  if rpm > 0 then
-    local tat = tonumber(redis.call('GET', KEYS[i * 3 + 1])) or now
-    local used = math.max(0, tat - now)
-    local remaining = math.max(0, math.floor((60000 - used) / (60000 / rpm)))
-    return {1, '', '0', rpm, remaining, tostring(used)}
-  end
-end
-return {1, '', '0', 0, 0, '0'}
+return state(1, '', '0')
 """
 
 _RELEASE = """
@@ -261,7 +300,8 @@ for i = 0, #KEYS / 2 - 1 do
   if tpm > 0 and unused > 0 then
     local tat = tonumber(redis.call('GET', KEYS[i * 2 + 1]))
     if tat then
-      redis.call('SET', KEYS[i * 2 + 1], tostring(tat - unused * 60000 / tpm), 'KEEPTTL')
+      local back = string.format('%.17g', tat - unused * 60000 / tpm)
+      redis.call('SET', KEYS[i * 2 + 1], back, 'KEEPTTL')
     end
   end
   redis.call('ZREM', KEYS[i * 2 + 2], call_id)
@@ -310,11 +350,22 @@ class RedisLimiter:
                 b.tokens,
             ]
         answer = await self._acquire(keys=self._keys(buckets), args=args)
-        if int(answer[0]) == 0:
-            reason = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
-            return Decision(False, _reason(reason), float(answer[2]) / 1000)
+        allowed = int(answer[0]) == 1
+        reason: Reason = ""
+        if not allowed:
+            text = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
+            reason = _reason(text)
         limit, remaining, used = int(answer[3]), int(answer[4]), float(answer[5])
-        return Decision(True, limit=limit, remaining=remaining, reset=used / 1000)
+        return Decision(
+            allowed,
+            reason,
+            float(answer[2]) / 1000,
+            limit=limit,
+            remaining=remaining,
+            reset=used / 1000,
+            tokens_remaining=int(answer[6]),
+            in_flight=int(answer[7]),
+        )
 
     async def acquire(self, buckets: Sequence[Bucket], call_id: str, lease_ms: int) -> Decision:
         return await self._decide(buckets, True, call_id, lease_ms)

@@ -147,6 +147,10 @@ async def test_two_gateway_processes_sharing_redis_enforce_one_limit(
             (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
         }
         assert all(_has_quota_failure(r) for r in refused)
+        first = refused[0]
+        assert isinstance(first, grpc.aio.AioRpcError)
+        trailing = dict(first.trailing_metadata() or ())
+        assert (trailing["ratelimit-limit"], trailing["ratelimit-remaining"]) == ("50", "0")
         delay = max(_retry_delay(r) for r in refused)
         assert 0 < delay <= 2
         assert len(await usage_rows(ledger, user)) == 50  # refused calls made no hold, no call
@@ -189,6 +193,11 @@ async def test_one_process_without_redis_and_its_http_headers(
             assert all(h["RateLimit-Limit"] == "50" for h in ok)
             assert sorted(int(h["RateLimit-Remaining"]) for h in ok)[0] == 0
             assert all(int(h["Retry-After"]) >= 1 for h in limited)
+            # The refusals tell the same state: none left, full again in under a minute.
+            assert all(
+                (h["RateLimit-Limit"], h["RateLimit-Remaining"]) == ("50", "0") for h in limited
+            )
+            assert all(1 <= int(h["RateLimit-Reset"]) <= 60 for h in limited)
             wait = min(int(h["Retry-After"]) for h in limited)
             await asyncio.sleep(wait + 0.05)
             status, _ = await call()
@@ -369,3 +378,73 @@ async def test_status_and_eligibility_show_the_limits_and_the_month(
             gpb.CheckRequestEligibilityRequest(estimated_tokens=10), metadata=auth
         )
         assert (limited.can_make_request, limited.reason) == (False, "rate limited")
+
+
+# ---- a tier's own limits ------------------------------------------------------------------------
+
+
+async def test_a_tier_has_its_own_tokens_calls_in_flight_and_quota(
+    ledger: LedgerHarness, own_sim: Sim
+) -> None:
+    none = {"requests_per_minute": 0, "calls_in_flight": 0}
+    pro = {"tokens_per_minute": 1000, "calls_in_flight": 2, "monthly_quota": 400}
+    config = json.dumps(
+        {"public": none, "byok": none, "subscription": {"default": none, "pro": pro}}
+    )
+    slow = gpb.GenerateTextRequest(content="[[delay:0.5]] [[usage:10,10]] hi", max_tokens=20)
+    async with gateway_on(ledger, own_sim.url, rate_limits=config) as stack:
+        user = f"pro-{uuid.uuid4().hex[:8]}"
+        await credit(ledger.stub, user, 10**6)
+        auth = bearer(mint(user, tier="pro"))
+
+        # Two calls in flight at most: of four at once, two are served, two refused at once.
+        calls = [asyncio.ensure_future(stack.stub.GenerateText(slow, metadata=auth)) for _ in "ab"]
+        await asyncio.sleep(0.2)
+        status = await stack.stub.GetUserStatus(gpb.GetUserStatusRequest(), metadata=auth)
+        assert status.limits.calls_in_flight_now == 2
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stack.stub.GenerateText(slow, metadata=auth)
+        assert rpc_error(refused.value) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_CALLS_IN_FLIGHT",
+        )
+        assert _has_quota_failure(refused.value)
+        assert _retry_delay(refused.value) > 0
+        assert all(r.text for r in await asyncio.gather(*calls))
+        assert len(await usage_rows(ledger, user)) == 2  # the refused call held nothing
+
+        # Tokens per minute are taken at the hold size and settled at what the provider
+        # reported: after a 20-token call, about 980 of 1000 are left, not 1000 - hold.
+        await asyncio.sleep(0.1)  # the slots and unused tokens go back in the background
+        status = await stack.stub.GetUserStatus(gpb.GetUserStatusRequest(), metadata=auth)
+        assert status.limits.tokens_per_minute == 1000
+        assert 1000 - 2 * 20 <= status.limits.tokens_remaining < 1000
+        assert status.limits.calls_in_flight_now == 0
+        big = gpb.GenerateTextRequest(content="hi", max_tokens=1500)  # holds more than 1000
+        with pytest.raises(grpc.aio.AioRpcError) as too_big:
+            await stack.stub.GenerateText(big, metadata=auth)
+        assert rpc_error(too_big.value) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOKENS_PER_MINUTE_EXCEEDED",
+        )
+        assert len(await usage_rows(ledger, user)) == 2
+
+        # The tier's monthly quota applies when the JWT names none; its quota claim wins.
+        assert status.month.quota_tokens == 400
+        medium = gpb.GenerateTextRequest(content="hi", max_tokens=400)  # holds over 400 more
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await stack.stub.GenerateText(medium, metadata=auth)
+        assert rpc_error(over.value) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "MONTHLY_QUOTA_EXCEEDED",
+        )
+        claimed = bearer(mint(user, tier="pro", quota=10**6))
+        assert (await stack.stub.GenerateText(medium, metadata=claimed)).text
+
+        # A tier with no configuration of its own gets the default: unlimited here.
+        other = bearer(mint(user, tier="enterprise-trial"))
+        served = await asyncio.gather(
+            *(stack.stub.GenerateText(slow, metadata=other) for _ in range(4))
+        )
+        assert all(r.text for r in served)
+    await assert_audit_ok(ledger)

@@ -135,6 +135,21 @@ async def test_peek_takes_nothing(limiter: Limiter) -> None:
     assert not (await limiter.peek([b])).allowed
 
 
+async def test_a_decision_tells_what_is_left_even_when_it_refuses(limiter: Limiter) -> None:
+    b = bucket(Limit(requests_per_minute=10, tokens_per_minute=1000, calls_in_flight=2))
+    taken = Bucket(b.key, b.limit, 300)
+    first = await limiter.acquire([taken], "a", 60_000)
+    assert (first.remaining, first.tokens_remaining, first.in_flight) == (9, 700, 1)
+    await limiter.release([taken], "a", unused_tokens=200)  # used 100
+    await limiter.acquire([b], "b", 60_000)
+    await limiter.acquire([b], "c", 60_000)
+    full = await limiter.peek([b])
+    assert (full.allowed, full.reason) == (False, "TOO_MANY_CALLS_IN_FLIGHT")
+    # Tokens refill as time passes (16.7 a second here): 900 left, give or take a second's.
+    assert (full.limit, full.remaining, full.in_flight) == (10, 7, 2)
+    assert 900 <= full.tokens_remaining <= 917
+
+
 async def test_the_local_limiter_follows_its_clock() -> None:
     clock = Clock()
     local = LocalLimiter(clock)

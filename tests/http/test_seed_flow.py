@@ -69,6 +69,8 @@ async def test_purchase_then_metered_call_then_stream(edge: Edge) -> None:
             "tokensPerMinute": 0,
             "callsInFlight": 0,
             "requestsRemaining": 0,
+            "tokensRemaining": 0,
+            "callsInFlightNow": 0,
         },
         "month": {"quotaTokens": 0, "usedTokens": 0, "resetsAt": me.body["month"]["resetsAt"]},
     }

@@ -327,11 +327,17 @@ class RateLimits(_message.Message):
     TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     CALLS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     REQUESTS_REMAINING_FIELD_NUMBER: _builtins.int
+    TOKENS_REMAINING_FIELD_NUMBER: _builtins.int
+    CALLS_IN_FLIGHT_NOW_FIELD_NUMBER: _builtins.int
     requests_per_minute: _builtins.int
     tokens_per_minute: _builtins.int
     calls_in_flight: _builtins.int
     requests_remaining: _builtins.int
     """Requests the caller may still make right now (0 when no per-minute limit applies)."""
+    tokens_remaining: _builtins.int
+    """Provider tokens the caller may still use this minute (0 when no such limit applies)."""
+    calls_in_flight_now: _builtins.int
+    """The caller's calls running now (counted only when calls in flight are limited)."""
     def __init__(
         self,
         *,
@@ -339,10 +345,12 @@ class RateLimits(_message.Message):
         tokens_per_minute: _builtins.int = ...,
         calls_in_flight: _builtins.int = ...,
         requests_remaining: _builtins.int = ...,
+        tokens_remaining: _builtins.int = ...,
+        calls_in_flight_now: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_in_flight", b"calls_in_flight", "requests_per_minute", b"requests_per_minute", "requests_remaining", b"requests_remaining", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_in_flight", b"calls_in_flight", "calls_in_flight_now", b"calls_in_flight_now", "requests_per_minute", b"requests_per_minute", "requests_remaining", b"requests_remaining", "tokens_per_minute", b"tokens_per_minute", "tokens_remaining", b"tokens_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
