@@ -399,6 +399,8 @@ class ResilientLimiter:
     limiter's ("local") or a refusal ("refuse"); Redis is tried again every `retry_seconds`, so
     the shared limits come back by themselves. No call waits longer than `timeout` on Redis."""
 
+    RELEASE_TRIES = 3
+
     def __init__(
         self,
         shared: RedisLimiter,
@@ -451,16 +453,23 @@ class ResilientLimiter:
         return await self._local.peek(buckets)
 
     async def release(self, buckets: Sequence[Bucket], call_id: str, unused_tokens: int) -> None:
+        """Frees the call's slot in Redis even when the call was admitted locally: an acquire
+        that timed out may still have landed there, and a slot left behind would stay taken
+        for its whole lease (the longest a call may run). A failed release is retried while
+        Redis comes back; this runs in the background, never on a call's path."""
         if call_id in self._local_calls:
             self._local_calls.discard(call_id)
             await self._local.release(buckets, call_id, unused_tokens)
-            return
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._shared.release(buckets, call_id, unused_tokens)
-        except (redis.RedisError, OSError, TimeoutError) as exc:
-            # The slot's lease lets it go by itself; the unused tokens stay taken a minute.
-            self._failed(exc)
+            unused_tokens = 0  # no tokens were taken in Redis; only a slot may have been
+        for attempt in range(self.RELEASE_TRIES):
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._shared.release(buckets, call_id, unused_tokens)
+                return
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+                if attempt + 1 < self.RELEASE_TRIES:
+                    await asyncio.sleep(self._retry)
 
     async def close(self) -> None:
         await self._shared.close()

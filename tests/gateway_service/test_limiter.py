@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio as redis
 
 from gateway_service.limits.config import Limit
 from gateway_service.limits.limiter import (
@@ -193,3 +194,28 @@ async def test_without_redis_the_fallback_limits_locally_or_refuses(redis_srv: R
             redis_srv.start()
         await local.close()
         await refusing.close()
+
+
+async def test_a_slot_an_acquire_left_in_redis_after_timing_out_is_freed(
+    redis_srv: RedisServer,
+) -> None:
+    """Redis too slow for the limiter's timeout: the call is admitted locally, but the script
+    still runs once Redis answers and takes a slot there. Ending the call frees that slot
+    too, instead of leaving it taken for the lease (an hour by default)."""
+    b = bucket(Limit(calls_in_flight=1))
+    shared = RedisLimiter(shared_client(redis_srv.url, timeout=2), prefix=f"t{uuid.uuid4().hex}:")
+    resilient = ResilientLimiter(shared, LocalLimiter(), "local", timeout=0.1, retry_seconds=0.3)
+    admin = redis.Redis.from_url(redis_srv.url)
+    try:
+        await admin.client_pause(300)
+        admitted = await resilient.acquire([b], "late", 3_600_000)
+        assert admitted.allowed  # by the local limiter: Redis did not answer in time
+        await asyncio.sleep(0.4)
+        # What a script that ran but whose answer came too late leaves behind (redis-py drops
+        # a cancelled command's connection, so a test cannot make Redis run it late itself).
+        assert (await shared.acquire([b], "late", 3_600_000)).in_flight == 1
+        await resilient.release([b], "late", 0)
+        assert (await shared.peek([b])).in_flight == 0
+    finally:
+        await admin.aclose()
+        await resilient.close()
