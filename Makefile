@@ -35,7 +35,12 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
 
+# wrk (a C HTTP load generator, from Debian's packages) drives the HTTP edge's figures.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
+	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q wrk >/dev/null) \
+		|| echo "wrk could not be installed: the HTTP edge figures will be skipped"
 	$(PY) -m bench
 
 # The ledger's full chaos run (make test runs a short one): random operations from many workers
