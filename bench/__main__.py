@@ -15,10 +15,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from bench import gateway_bench, http_bench, ledger_bench
 from bench.ledger_bench import table
+from bench.load import run_load
 from ledger_service.store.database import plain_url, start_embedded, with_database
 from shared import processes
 
@@ -145,7 +147,13 @@ def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
                 direct[callers] = http_bench.run_wrk(
                     http_bench.direct_target(provider_url), callers, seconds
                 )
-            report.add("straight to provider", callers, direct[callers])
+            report.add("wrk straight to provider", callers, direct[callers])
+        sdk = {}
+        for callers in CALLERS:
+            # What an app would do without us: the official SDK, from a Python client.
+            loaded = run_load(partial(gateway_bench.direct, provider_url), callers, seconds)
+            sdk[callers] = http_bench.WrkResult.of_load(loaded)
+            report.add("SDK straight to provider", callers, sdk[callers])
         metered = {}
         by_workers = {}
         for workers in (2, 1):
@@ -164,11 +172,12 @@ def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
                 by_workers[workers] = r
         lines.append(report.render())
         for callers, target in TARGET_RATE.items():
-            share = metered[callers].rate / direct[callers].rate if direct[callers].rate else 0
+            m = metered[callers].rate
             lines.append(
-                f"at {callers} callers: {metered[callers].rate:.0f}/s metered"
-                f" (target >= {target:.0f}), {share:.0%} of straight to provider"
+                f"at {callers} callers: {m:.0f}/s metered (target >= {target:.0f});"
+                f" {m / sdk[callers].rate:.0%} of the SDK straight to provider"
                 + (f" (target >= {TARGET_SHARE_OF_DIRECT:.0%})" if callers == 32 else "")
+                + f", {m / direct[callers].rate:.0%} of wrk straight to provider"
             )
         lines.append(
             f"at 1 caller: p50 {metered[1].p50_ms:.1f} ms metered (target <= "

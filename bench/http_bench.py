@@ -23,6 +23,7 @@ import asyncpg
 import psutil
 
 from bench.gateway_bench import MAX_TOKENS, MODEL, PROMPT, token_for
+from bench.load import LoadResult
 from ledger_service.audit import run_audit
 
 CHARGED_PER_CALL = 40  # the prompt's [[usage:20,12]]: 32 used + 8 fee
@@ -91,6 +92,19 @@ class WrkResult:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @classmethod
+    def of_load(cls, r: LoadResult) -> WrkResult:
+        """The same figures from the Python load generator (bench/load.py)."""
+        return cls(
+            requests=r.ops + r.errors,
+            seconds=r.seconds,
+            non2xx=r.errors,
+            socket_errors=0,
+            p50_ms=r.percentile(50),
+            p90_ms=r.percentile(90),
+            p99_ms=r.percentile(99),
+        )
 
     @property
     def served(self) -> int:
