@@ -3,6 +3,12 @@ HTTP_ADDR until SIGTERM or SIGINT, then drain both within SHUTDOWN_GRACE_SECONDS
 its open-file soft limit to the hard limit (shared.open_files) and warns if that is too low for the
 connection and stream caps.
 
+With WORKERS=N (N>1; unset: one per available core when REDIS_URL is set, else 1) it supervises N
+worker processes that share both addresses (shared/workers.py). They share the outbox file too
+(SQLite in WAL mode is safe across processes; a worker loads every pending job when it starts, so
+a replaced worker delivers what a dead one left, and the ledger's keys make a job delivered twice
+change nothing).
+
 `python -m gateway_service replay-dead-letters`: apply the parked LemonSqueezy events again (after
 the configuration was fixed); prints what became of each, resolves the ones that applied."""
 
@@ -22,6 +28,7 @@ from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.logging_setup import configure_logging
 from shared.open_files import raise_open_file_limit
+from shared.workers import available_cores, become_worker, is_worker, reserve_address, supervise
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +115,51 @@ async def replay_dead_letters(settings: Settings) -> int:
         await app.close()
 
 
+def worker_count(settings: Settings) -> int:
+    if settings.workers is not None:
+        if settings.workers > 1 and settings.redis_url is None:
+            log.warning(
+                "WORKERS=%d without REDIS_URL: each worker enforces the per-caller rate limits"
+                " on its own (a caller gets up to %d times its limit)",
+                settings.workers,
+                settings.workers,
+            )
+        return settings.workers
+    return available_cores() if settings.redis_url is not None else 1
+
+
+def supervise_workers(settings: Settings, workers: int) -> int:
+    grpc_addr, grpc_holder = reserve_address(settings.gateway_addr)
+    http_addr, http_holder = reserve_address(settings.http_addr)
+    try:
+        env = {"GATEWAY_ADDR": grpc_addr, "HTTP_ADDR": http_addr}
+        return supervise(
+            "gateway_service",
+            ["serve"],
+            workers,
+            env,
+            expect_lines=2,
+            grace=settings.shutdown_grace_seconds,
+        )
+    finally:
+        for holder in (grpc_holder, http_holder):
+            if holder is not None:
+                holder.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="gateway_service")
     parser.add_argument(
         "command", nargs="?", default="serve", choices=["serve", "replay-dead-letters"]
     )
     args = parser.parse_args()
+    become_worker()
     settings = Settings()
     configure_logging(settings.log_level)
     if args.command == "replay-dead-letters":
         return eventloop.run(replay_dead_letters(settings))
+    if not is_worker() and (workers := worker_count(settings)) > 1:
+        return supervise_workers(settings, workers)
     _open_files(settings)
     eventloop.run(serve(settings))
     return 0

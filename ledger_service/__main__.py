@@ -1,4 +1,8 @@
-"""`python -m ledger_service [serve|migrate|audit]`."""
+"""`python -m ledger_service [serve|migrate|audit]`.
+
+`serve` runs WORKERS processes (default: one per available core) on LEDGER_ADDR: the supervisor
+(shared/workers.py) starts the embedded Postgres and applies the migrations once, then every
+worker serves the same port; the hold sweeper and retention run in each, safely (SKIP LOCKED)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from shared.config import Settings
 from shared.grpc_server import run_until_signal
 from shared.logging_setup import configure_logging
 from shared.open_files import raise_open_file_limit
+from shared.workers import available_cores, become_worker, is_worker, reserve_address, supervise
 
 log = logging.getLogger("ledger_service")
 
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "command", nargs="?", default="serve", choices=["serve", "migrate", "audit"]
     )
     args = parser.parse_args(argv)
+    become_worker()
     settings = Settings()
     configure_logging(settings.log_level)
     url = resolve_database_url(settings.database_url, settings.data_dir)
@@ -49,10 +55,28 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run_audit(url))
         print(report.render())
         return 0 if report.ok else 1
-    migrate(url)
+    if not is_worker():  # a worker's supervisor migrated already
+        migrate(url)
     if args.command == "migrate":
         print("migrations applied")
         return 0
+    workers = settings.workers or available_cores()
+    if workers > 1 and not is_worker():
+        addr, holder = reserve_address(settings.ledger_addr)
+        try:
+            # The workers join this process's database (embedded or not) by its URL.
+            env = {"DATABASE_URL": url, "LEDGER_ADDR": addr}
+            return supervise(
+                "ledger_service",
+                ["serve"],
+                workers,
+                env,
+                expect_lines=1,
+                grace=settings.shutdown_grace_seconds,
+            )
+        finally:
+            if holder is not None:
+                holder.close()
     raise_open_file_limit()  # every gRPC connection and pooled database connection is one
     eventloop.run(serve(settings, url))
     return 0

@@ -19,6 +19,7 @@ from ledger_service.sweeper import retain_forever, sweep_forever
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.grpc_server import GrpcApp, server_options
+from shared.workers import is_worker
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,11 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
         [SERVICE_NAME],
         interceptors=[ServiceTokenInterceptor(token)],
         # The gateway carries every call on one connection: no per-connection call cap.
-        options=[("grpc.so_reuseport", 0), *server_options(settings, per_connection_streams=False)],
+        # One process: the port is its alone (a second ledger fails to bind). WORKERS: shared.
+        options=[
+            ("grpc.so_reuseport", int(is_worker())),
+            *server_options(settings, per_connection_streams=False),
+        ],
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
     app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger)

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(default=16, ge=1)
     log_level: str = "INFO"
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Worker processes sharing the service's addresses (SO_REUSEPORT; shared/workers.py). Unset:
+    # the ledger runs one per available core; the gateway too when REDIS_URL is set, else one
+    # (without Redis each process would enforce the rate limits on its own).
+    workers: int | None = Field(default=None, ge=1)
 
     # --- the money rules (every journal transaction records the rates it used)
     purchase_user_share_percent: int = Field(default=80, ge=0, le=100)

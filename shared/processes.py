@@ -60,16 +60,26 @@ def start(module: str, env: dict[str, str], timeout: float = 60, echo: bool = Fa
         text=True,
     )
     assert proc.stdout is not None
+    # Read byte by byte from the descriptor, not through proc.stdout: its buffer could swallow
+    # the listening line behind a log line, where select() never reports it, and whatever
+    # follows the line must stay unread for the caller.
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
     seen: list[str] = []
+    line = bytearray()
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
+            byte = os.read(fd, 1)
+            if not byte:
                 break
-            seen.append(line)
-            match = LISTENING.search(line)
+            line += byte
+            if byte != b"\n":
+                continue
+            text = line.decode(errors="replace")
+            line.clear()
+            seen.append(text)
+            match = LISTENING.search(text)
             if match:
                 if echo:
                     _forward(proc)

@@ -106,6 +106,8 @@ def ledger_env(database_url: str, port: int) -> dict[str, str]:
         "SWEEP_INTERVAL_SECONDS": "0.2",
         "RESERVE_DEFAULT_TTL_SECONDS": "3600",
         "LOG_LEVEL": "WARNING",
+        # One process per ledger: a SIGKILL is then a real crash, not a supervisor's drain.
+        "WORKERS": "1",
         # The model assumes the default rates, whatever the caller's environment says.
         "PURCHASE_USER_SHARE_PERCENT": "80",
         "USAGE_FEE_PERCENT": "25",
