@@ -51,6 +51,7 @@ class LedgerApp:
     grpc: GrpcApp
     pool: asyncpg.Pool
     ledger: Ledger
+    store: PostgresStore
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self, addr: str) -> int:
@@ -66,6 +67,8 @@ class LedgerApp:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # The gRPC server has drained: apply what it handed over, then close the pool.
+        await self.store.aclose()
         await self.pool.close()
 
 
@@ -78,7 +81,8 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
             "LEDGER_SERVICE_TOKEN is required: the ledger never serves unauthenticated"
         )
     pool = await create_pool(database_url, settings.db_pool_min, settings.db_pool_max)
-    ledger = build_ledger(PostgresStore(pool), settings)
+    store = PostgresStore(pool)
+    ledger = build_ledger(store, settings)
     grpc_app = GrpcApp(
         [SERVICE_NAME],
         interceptors=[ServiceTokenInterceptor(token)],
@@ -90,7 +94,7 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
         ],
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
-    app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger)
+    app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger, store=store)
     if run_sweeper:
         app.background = [
             asyncio.create_task(

@@ -1,7 +1,8 @@
 """The ledger's store on Postgres, through asyncpg.
 
 Hot-path mutations (Reserve, Settle, Release, ExtendHold) and analytics records are one call of
-a SQL function each (see migrations/versions/0002, 0005, 0006): one round trip, one transaction.
+a SQL function each (see migrations/versions/0002, 0005, 0006), and concurrent ones are applied
+together, one transaction per group (`group_commit.py`, migration 0008).
 Payment operations run in a `PgPaymentsTx`, one transaction the domain drives step by step. Reads
 are single statements. This module turns answers (jsonb, or rows) into domain results and domain
 errors; it holds no money rule of its own.
@@ -66,6 +67,7 @@ from ledger_service.domain.types import (
     UserStatus,
     UserType,
 )
+from ledger_service.store.group_commit import GroupCommit, GroupCommitStats, HotItem
 
 HISTORY_LIMIT = 1000
 Answer = Mapping[str, Any]
@@ -331,11 +333,21 @@ class PgPaymentsTx:
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, batches: GroupCommit | None = None) -> None:
         self.pool = pool
+        # At most one batch per connection: the rest of the pool serves reads and payments.
+        self.batches = batches or GroupCommit(pool, max_in_flight=max(1, pool.get_max_size() // 2))
 
-    async def _call(self, sql: str, *args: object) -> Answer:
-        answer: Answer = await self.pool.fetchval(sql, *args)
+    @property
+    def batch_stats(self) -> GroupCommitStats:
+        return self.batches.stats
+
+    async def aclose(self) -> None:
+        """Applies the hot-path calls still waiting; call before closing the pool."""
+        await self.batches.aclose()
+
+    async def _hot(self, item: HotItem) -> Answer:
+        answer = await self.batches.submit(item)
         _raise_if_error(answer)
         return answer
 
@@ -362,18 +374,20 @@ class PostgresStore:
         transient_key: bool,
         quota: MonthlyQuota | None,
     ) -> Reservation:
-        a = await self._call(
-            "SELECT ledger_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            key,
-            request_hash,
-            user_id,
-            amount,
-            ttl_seconds,
-            usage_fee_percent,
-            transient_key,
-            quota.tokens if quota else 0,
-            quota.timezone if quota else "UTC",
-            quota.at if quota else None,
+        a = await self._hot(
+            HotItem(
+                "reserve",
+                user_id=user_id,
+                key=key,
+                hash=request_hash,
+                amount=amount,
+                ttl_seconds=ttl_seconds,
+                fee_percent=usage_fee_percent,
+                transient=transient_key,
+                quota=quota.tokens if quota else 0,
+                tz=quota.timezone if quota else "UTC",
+                at=quota.at if quota else None,
+            )
         )
         answer = a.get("answer")
         settled = a.get("settlement")
@@ -390,7 +404,7 @@ class PostgresStore:
 
     @_guarded
     async def extend_hold(self, reservation_id: uuid.UUID, ttl_seconds: int) -> HoldExtension:
-        a = await self._call("SELECT ledger_extend_hold($1, $2)", reservation_id, ttl_seconds)
+        a = await self._hot(HotItem("extend", hold_id=reservation_id, ttl_seconds=ttl_seconds))
         return HoldExtension(expires_at=_moment_us(a["expires_at_us"]))
 
     @_guarded
@@ -405,16 +419,27 @@ class PostgresStore:
         cost_micro_usd: int | None,
         answer: bytes | None,
     ) -> Settlement:
-        a = await self._call(
-            "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            reservation_id, request_hash, tokens_used, fee, usage_fee_percent, usage.provider,
-            usage.model, usage.input_tokens, usage.output_tokens, cost_micro_usd, answer,
-        )  # fmt: skip
+        a = await self._hot(
+            HotItem(
+                "settle",
+                hold_id=reservation_id,
+                hash=request_hash,
+                amount=tokens_used,
+                fee=fee,
+                fee_percent=usage_fee_percent,
+                provider=usage.provider,
+                model=usage.model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost=cost_micro_usd,
+                answer=answer,
+            )
+        )
         return _settlement(a)
 
     @_guarded
     async def release(self, reservation_id: uuid.UUID) -> Release:
-        a = await self._call("SELECT ledger_release($1)", reservation_id)
+        a = await self._hot(HotItem("release", hold_id=reservation_id))
         return Release(
             released_tokens=int(a["released_tokens"]),
             balance=_balance(a),
@@ -432,11 +457,20 @@ class PostgresStore:
         usage: Usage,
         cost_micro_usd: int | None,
     ) -> UsageRecorded:
-        a = await self._call(
-            "SELECT ledger_record_usage($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            key, request_hash, user_id, user_type.value, usage.provider, usage.model,
-            usage.input_tokens, usage.output_tokens, cost_micro_usd,
-        )  # fmt: skip
+        a = await self._hot(
+            HotItem(
+                "usage",
+                user_id=user_id,
+                key=key,
+                hash=request_hash,
+                user_type=user_type.value,
+                provider=usage.provider,
+                model=usage.model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost=cost_micro_usd,
+            )
+        )
         return UsageRecorded(usage_id=str(a["usage_id"]), replayed=bool(a.get("replayed", False)))
 
     @_guarded

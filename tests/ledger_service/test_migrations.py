@@ -55,6 +55,7 @@ LEDGER_FUNCTIONS = {
     "ledger_quota_hold_resolved",
     "ledger_quota_charged",
     "ledger_record_usage",
+    "ledger_hot_batch",
     "ledger_upsert_subscription",
     "ledger_record_dead_letter",
     "ledger_resolve_dead_letter",

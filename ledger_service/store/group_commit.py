@@ -1,0 +1,279 @@
+"""Group commit for the hot path: concurrent Reserve, Settle, Release, ExtendHold and RecordUsage
+calls applied together in one statement, one transaction (`ledger_hot_batch`, migration 0008).
+
+One transaction per call costs Postgres a commit (a WAL flush) and the ledger a round trip each;
+for a batch they are paid once. The rules this module keeps:
+
+- Natural batching, no fixed delay: with no batch in flight an item goes at once (a lone call
+  waits for nothing). Items that arrive while batches are in flight wait for the next one, which
+  leaves as soon as a batch finishes, when the oldest waiting item has waited `max_wait`, or when
+  `max_items` are waiting; at most `max_in_flight` batches run at once (one connection each).
+- An item is answered only after its batch committed: the statement is its own transaction, so a
+  crash before the commit applied nothing and the client's retry (same key) starts afresh.
+- Each item gets its own answer; a refusal is an answer, so it never fails the others. If the
+  batch raises (an unexpected error, a deadlock or serialization failure: nothing was applied),
+  its items run again one by one, a batch of one each, so only a faulty item gets an error. A
+  lost connection fails every item of the batch with it: whether it committed is unknown, and
+  the caller's retry with the same key is what resolves that.
+- Answers do not depend on batching: every item runs through the same per-item SQL function a
+  lone call uses; items of one account run in arrival order (a repeated key or hold replays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+Answer = Mapping[str, Any]
+
+# Defaults, until the ledger's settings carry them (BATCH_MAX_ITEMS, BATCH_MAX_WAIT_MS).
+MAX_ITEMS = 64
+MAX_WAIT_SECONDS = 0.002
+# A failed batch's items are run alone; one that Postgres rolls back to break a conflict (a
+# deadlock with a transaction outside the batches, e.g. the sweeper) is tried this many times.
+SOLO_ATTEMPTS = 3
+STATS_LOG_SECONDS = 60.0
+
+_SQL = "SELECT item, answer FROM ledger_hot_batch($1::ledger_hot_item[])"
+
+# Failures of the connection, not of the batch's content: running its items again one by one
+# would only fail them again (and whether the batch committed is unknown).
+_CONNECTION_LOST = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+class HotItem(NamedTuple):
+    """One call, field for field the `ledger_hot_item` composite type (asyncpg sends a tuple)."""
+
+    op: str
+    user_id: str | None = None
+    hold_id: uuid.UUID | None = None
+    key: str | None = None
+    hash: bytes | None = None
+    amount: int | None = None
+    fee: int | None = None
+    ttl_seconds: int | None = None
+    fee_percent: int | None = None
+    transient: bool | None = None
+    quota: int | None = None
+    tz: str | None = None
+    at: object = None  # datetime | None; `object` keeps the tuple cheap to build
+    user_type: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost: int | None = None
+    answer: bytes | None = None
+
+
+# Batch sizes are counted in power-of-two buckets: a batch of n lands in the first bound >= n.
+SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class GroupCommitStats:
+    """Counters of the batching, cumulative since start (what a Prometheus exporter reads)."""
+
+    batches: int = 0
+    items: int = 0
+    # Batches per size bucket, SIZE_BOUNDS[i] the bucket's upper bound (a histogram).
+    size_buckets: list[int] = field(default_factory=lambda: [0] * len(SIZE_BOUNDS))
+    # How long items waited from their call to their batch's start (sum and largest).
+    wait_seconds_sum: float = 0.0
+    wait_seconds_max: float = 0.0
+    # Batches that raised and whose items were run again one by one; items that failed alone.
+    batches_split: int = 0
+    items_failed: int = 0
+    in_flight_max: int = 0
+
+    def observe(self, size: int, waited_sum: float, waited_max: float) -> None:
+        self.batches += 1
+        self.items += size
+        for i, bound in enumerate(SIZE_BOUNDS):
+            if size <= bound:
+                self.size_buckets[i] += 1
+                break
+        else:
+            self.size_buckets[-1] += 1
+        self.wait_seconds_sum += waited_sum
+        self.wait_seconds_max = max(self.wait_seconds_max, waited_max)
+
+    def summary(self) -> str:
+        mean = self.items / self.batches if self.batches else 0.0
+        wait_ms = 1000 * self.wait_seconds_sum / self.items if self.items else 0.0
+        sizes = " ".join(
+            f"<={bound}:{n}" for bound, n in zip(SIZE_BOUNDS, self.size_buckets, strict=True) if n
+        )
+        return (
+            f"group commit: {self.batches} batches, {self.items} items ({mean:.1f} per batch;"
+            f" {sizes or 'none'}), wait mean {wait_ms:.2f} ms max"
+            f" {1000 * self.wait_seconds_max:.2f} ms, {self.in_flight_max} in flight at most,"
+            f" {self.batches_split} batches split, {self.items_failed} items failed"
+        )
+
+
+class _Waiting(NamedTuple):
+    item: HotItem
+    future: asyncio.Future[Answer]
+    since: float
+
+
+class GroupCommit:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        max_in_flight: int,
+        max_items: int = MAX_ITEMS,
+        max_wait: float = MAX_WAIT_SECONDS,
+        stats: GroupCommitStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_in_flight < 1 or max_items < 1 or max_wait < 0:
+            raise ValueError("group commit needs max_in_flight >= 1, max_items >= 1, max_wait >= 0")
+        self.pool = pool
+        self.max_in_flight = max_in_flight
+        self.max_items = max_items
+        self.max_wait = max_wait
+        self.stats = stats or GroupCommitStats()
+        self._clock = clock
+        self._waiting: list[_Waiting] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._logged_at = clock()
+        self._logged_items = 0
+
+    async def submit(self, item: HotItem) -> Answer:
+        """The item's answer, once the batch that carried it committed."""
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(item, future, self._clock()))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if not self._waiting or self._in_flight >= self.max_in_flight:
+            return
+        if self._in_flight == 0 or len(self._waiting) >= self.max_items:
+            self._flush()
+        elif self._timer is None:
+            due = self._waiting[0].since + self.max_wait
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, due - self._clock()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._waiting and self._in_flight < self.max_in_flight:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # A caller that gave up (cancelled) before its batch left is not applied.
+        batch: list[_Waiting] = []
+        taken = 0
+        for waiting in self._waiting:
+            taken += 1
+            if not waiting.future.done():
+                batch.append(waiting)
+                if len(batch) == self.max_items:
+                    break
+        del self._waiting[:taken]
+        if batch:
+            self._in_flight += 1
+            self.stats.in_flight_max = max(self.stats.in_flight_max, self._in_flight)
+            task = asyncio.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._waiting:
+            self._schedule()
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        now = self._clock()
+        waits = [now - w.since for w in batch]
+        self.stats.observe(len(batch), sum(waits), max(waits))
+        try:
+            await self._apply(batch)
+        finally:
+            self._in_flight -= 1
+            self._maybe_log(now)
+            self._schedule()
+
+    async def _apply(self, batch: list[_Waiting]) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(_SQL, [w.item for w in batch])
+        except Exception as exc:
+            if len(batch) == 1 or isinstance(exc, _CONNECTION_LOST):
+                self._fail(batch, exc)
+                return
+            self.stats.batches_split += 1
+            log.warning(
+                "a batch of %d failed (%s); running its items one by one",
+                len(batch),
+                type(exc).__name__,
+            )
+            for waiting in batch:
+                await self._apply_alone(waiting)
+            return
+        for row in rows:
+            waiting = batch[row["item"] - 1]
+            if not waiting.future.done():
+                waiting.future.set_result(row["answer"])
+
+    async def _apply_alone(self, waiting: _Waiting) -> None:
+        for attempt in range(1, SOLO_ATTEMPTS + 1):
+            try:
+                async with self.pool.acquire() as conn:
+                    rows = await conn.fetch(_SQL, [waiting.item])
+            except asyncpg.exceptions.TransactionRollbackError as exc:
+                if attempt < SOLO_ATTEMPTS:
+                    continue
+                self._fail([waiting], exc)
+            except Exception as exc:
+                self._fail([waiting], exc)
+            else:
+                if not waiting.future.done():
+                    waiting.future.set_result(rows[0]["answer"])
+            return
+
+    def _fail(self, batch: list[_Waiting], exc: Exception) -> None:
+        for waiting in batch:
+            self.stats.items_failed += 1
+            if not waiting.future.done():
+                waiting.future.set_exception(exc)
+
+    def _maybe_log(self, now: float) -> None:
+        if now - self._logged_at >= STATS_LOG_SECONDS and self.stats.items > self._logged_items:
+            self._logged_at = now
+            self._logged_items = self.stats.items
+            log.info("%s", self.stats.summary())
+
+    async def aclose(self) -> None:
+        """Applies what is waiting, waits for the batches in flight, logs the summary."""
+        while self._waiting or self._tasks:
+            if self._waiting and self._in_flight < self.max_in_flight:
+                self._flush()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.stats.batches:
+            log.info("%s", self.stats.summary())
