@@ -9,8 +9,9 @@ fails the others. An unexpected error or a deadlock aborts the whole statement, 
 the ledger then runs the items one at a time (a batch of one each), so only the faulty one fails.
 
 Lock order, the same in every batch so that concurrent batches cannot deadlock each other: first
-every hold the batch names (by id), then account by account in id order (the order the sweeper
-locks accounts in), each account's month row before its account row as on every path (0007).
+the idempotency keys the batch claims (an advisory lock each, in key order), then every hold it
+names (by id), then account by account in id order (the order the sweeper locks accounts in),
+each account's month row before its account row as on every path (0007).
 Items of one account run in arrival order, so a key or a hold named twice in one batch replays
 its first use exactly as a second transaction would.
 
@@ -43,43 +44,72 @@ CREATE TYPE ledger_hot_item AS (
   cost bigint, answer bytea
 );
 
--- Group commit: applies the items in one transaction, each by its own per-item function, in the
--- lock order above; answers each item's 1-based position with its answer.
+-- One item, by the per-item function a lone call of its kind uses.
+CREATE FUNCTION ledger_hot_apply(p ledger_hot_item) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN
+  IF p.op = 'reserve' THEN
+    RETURN ledger_reserve(p.key, p.hash, p.user_id, p.amount, p.ttl_seconds, p.fee_percent,
+                          p.transient, p.quota, p.tz, p.at);
+  ELSIF p.op = 'settle' THEN
+    RETURN ledger_settle(p.hold_id, p.hash, p.amount, p.fee, p.fee_percent, p.provider, p.model,
+                         p.input_tokens, p.output_tokens, p.cost, p.answer);
+  ELSIF p.op = 'release' THEN
+    RETURN ledger_release(p.hold_id);
+  ELSIF p.op = 'extend' THEN
+    RETURN ledger_extend_hold(p.hold_id, p.ttl_seconds);
+  ELSIF p.op = 'usage' THEN
+    RETURN ledger_record_usage(p.key, p.hash, p.user_id, p.user_type, p.provider, p.model,
+                               p.input_tokens, p.output_tokens, p.cost);
+  END IF;
+  RAISE EXCEPTION 'unknown hot-path operation %', p.op;
+END $$;
+
+-- An idempotency key a hot-path call claims, locked for the rest of the transaction before the
+-- call takes any row lock: a copy of the call in another transaction (a client's retry, a
+-- duplicate) then waits here holding nothing it could need, instead of holding an account row
+-- while it waits for the key row (two batches would deadlock).
+CREATE FUNCTION ledger_lock_hot_key(p_op text, p_key text) RETURNS void LANGUAGE sql AS $$
+  SELECT pg_advisory_xact_lock(hashtextextended(p_op || ':' || p_key, 8270008))
+$$;
+
+-- Group commit: applies the items in one transaction in the lock order above; answers each
+-- item's 1-based position with its answer. A batch of one (a quiet moment, or an item run alone
+-- after its batch failed) needs no ordering.
 CREATE FUNCTION ledger_hot_batch(p_items ledger_hot_item[])
 RETURNS TABLE (item int, answer jsonb) LANGUAGE plpgsql AS $$
 DECLARE
   v record;
 BEGIN
+  IF cardinality(p_items) = 1 THEN
+    IF p_items[1].key IS NOT NULL THEN
+      PERFORM ledger_lock_hot_key(p_items[1].op, p_items[1].key);
+    END IF;
+    item := 1;
+    answer := ledger_hot_apply(p_items[1]);
+    RETURN NEXT;
+    RETURN;
+  END IF;
+  FOR v IN
+    SELECT DISTINCT i.op, i.key FROM unnest(p_items) AS i WHERE i.key IS NOT NULL
+     ORDER BY i.op, i.key
+  LOOP
+    PERFORM ledger_lock_hot_key(v.op, v.key);
+  END LOOP;
+  -- Index lookups item by item (= ANY, scalar subqueries): a join would let a generic plan
+  -- scan whole tables.
   PERFORM 1 FROM holds
-   WHERE id IN (SELECT i.hold_id FROM unnest(p_items) AS i WHERE i.hold_id IS NOT NULL)
+   WHERE id = ANY (ARRAY(SELECT i.hold_id FROM unnest(p_items) AS i WHERE i.hold_id IS NOT NULL))
    ORDER BY id FOR NO KEY UPDATE;
   FOR v IN
-    SELECT i.*
-      FROM unnest(p_items) WITH ORDINALITY
-             AS i(op, user_id, hold_id, key, hash, amount, fee, ttl_seconds, fee_percent,
-                  transient, quota, tz, at, user_type, provider, model, input_tokens,
-                  output_tokens, cost, answer, n)
-      LEFT JOIN holds h ON h.id = i.hold_id
-      LEFT JOIN accounts a ON a.user_id = i.user_id
-     ORDER BY coalesce(h.account_id, a.id), i.n
+    SELECT g.n
+      FROM generate_subscripts(p_items, 1) AS g(n)
+     ORDER BY coalesce(
+                (SELECT h.account_id FROM holds h WHERE h.id = (p_items[g.n]).hold_id),
+                (SELECT a.id FROM accounts a WHERE a.user_id = (p_items[g.n]).user_id)),
+              g.n
   LOOP
     item := v.n;
-    IF v.op = 'reserve' THEN
-      answer := ledger_reserve(v.key, v.hash, v.user_id, v.amount, v.ttl_seconds, v.fee_percent,
-                               v.transient, v.quota, v.tz, v.at);
-    ELSIF v.op = 'settle' THEN
-      answer := ledger_settle(v.hold_id, v.hash, v.amount, v.fee, v.fee_percent, v.provider,
-                              v.model, v.input_tokens, v.output_tokens, v.cost, v.answer);
-    ELSIF v.op = 'release' THEN
-      answer := ledger_release(v.hold_id);
-    ELSIF v.op = 'extend' THEN
-      answer := ledger_extend_hold(v.hold_id, v.ttl_seconds);
-    ELSIF v.op = 'usage' THEN
-      answer := ledger_record_usage(v.key, v.hash, v.user_id, v.user_type, v.provider, v.model,
-                                    v.input_tokens, v.output_tokens, v.cost);
-    ELSE
-      RAISE EXCEPTION 'unknown hot-path operation %', v.op;
-    END IF;
+    answer := ledger_hot_apply(p_items[v.n]);
     RETURN NEXT;
   END LOOP;
 END $$;
@@ -87,6 +117,8 @@ END $$;
 
 DROP = """
 DROP FUNCTION IF EXISTS ledger_hot_batch(ledger_hot_item[]);
+DROP FUNCTION IF EXISTS ledger_hot_apply(ledger_hot_item);
+DROP FUNCTION IF EXISTS ledger_lock_hot_key(text, text);
 DROP TYPE IF EXISTS ledger_hot_item;
 """
 

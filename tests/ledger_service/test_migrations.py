@@ -56,6 +56,8 @@ LEDGER_FUNCTIONS = {
     "ledger_quota_charged",
     "ledger_record_usage",
     "ledger_hot_batch",
+    "ledger_hot_apply",
+    "ledger_lock_hot_key",
     "ledger_upsert_subscription",
     "ledger_record_dead_letter",
     "ledger_resolve_dead_letter",
