@@ -47,13 +47,13 @@ _SQL = "SELECT item, answer FROM ledger_hot_batch($1::ledger_hot_item[])"
 
 # Failures of the connection, not of the batch's content: running its items again one by one
 # would only fail them again (and whether the batch committed is unknown).
-_CONNECTION_LOST = (
-    OSError,
+CONNECTION_LOST = (
+    OSError,  # refused, reset, unreachable
     TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.InterfaceError,  # the connection closed under us
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, restart, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
 )
 
 
@@ -220,7 +220,7 @@ class GroupCommit:
             async with self.pool.acquire() as conn:
                 rows = await conn.fetch(_SQL, [w.item for w in batch])
         except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, _CONNECTION_LOST):
+            if len(batch) == 1 or isinstance(exc, CONNECTION_LOST):
                 self._fail(batch, exc)
                 return
             self.stats.batches_split += 1
@@ -236,6 +236,10 @@ class GroupCommit:
             waiting = batch[row["item"] - 1]
             if not waiting.future.done():
                 waiting.future.set_result(row["answer"])
+        # Every item answers one row; should one not, its caller must not wait forever.
+        unanswered = [w for w in batch if not w.future.done()]
+        if unanswered:
+            self._fail(unanswered, RuntimeError("ledger_hot_batch gave this item no answer"))
 
     async def _apply_alone(self, waiting: _Waiting) -> None:
         for attempt in range(1, SOLO_ATTEMPTS + 1):

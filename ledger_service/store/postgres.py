@@ -67,7 +67,12 @@ from ledger_service.domain.types import (
     UserStatus,
     UserType,
 )
-from ledger_service.store.group_commit import GroupCommit, GroupCommitStats, HotItem
+from ledger_service.store.group_commit import (
+    CONNECTION_LOST,
+    GroupCommit,
+    GroupCommitStats,
+    HotItem,
+)
 
 HISTORY_LIMIT = 1000
 # Hot-path batches in flight at once (one connection each). More only makes batches smaller:
@@ -161,14 +166,7 @@ def _raise_stored_refusal(answer: Answer) -> None:
 
 
 # Failures of the connection, not of the request: the caller may retry with the same key.
-_UNAVAILABLE = (
-    OSError,  # refused, reset, unreachable
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
-    asyncpg.exceptions.InterfaceError,  # the connection closed under us
-    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, restart, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
-)
+_UNAVAILABLE = CONNECTION_LOST
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
