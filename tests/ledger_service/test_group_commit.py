@@ -7,6 +7,7 @@ integer arithmetic, not from the ledger's own code."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -331,3 +332,29 @@ async def test_a_lone_call_goes_at_once_and_shutdown_applies_what_waits(
     final = await balance(ledger.stub, "quiet")
     assert (final.available_tokens, final.reserved_tokens) == (8000 - 250, 250)
     assert "3 batches, 3 items" in store.batch_stats.summary()
+
+
+async def test_batch_counters_are_logged_once_a_minute_while_busy(
+    ledger: LedgerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    pool = await create_pool(ledger.database_url, 1, 2)
+    store = PostgresStore(pool, GroupCommit(pool, max_in_flight=1, clock=lambda: now[0]))
+    await credit(ledger.stub, "logged", 10_000)
+    caplog.set_level(logging.INFO, logger="ledger_service.store.group_commit")
+    try:
+        await reserve(store, "logged", new_key(), 100)
+        now[0] = 59.0
+        await reserve(store, "logged", new_key(), 100)
+        assert not caplog.records  # not a minute yet
+        now[0] = 60.5
+        await reserve(store, "logged", new_key(), 100)
+        [line] = [r.getMessage() for r in caplog.records]
+        assert line.startswith("group commit: 3 batches, 3 items (1.0 per batch; <=1:3)")
+        caplog.clear()
+        now[0] = 200.0
+        await store.aclose()  # and once more at shutdown
+        [line] = [r.getMessage() for r in caplog.records]
+        assert line.startswith("group commit: 3 batches, 3 items")
+    finally:
+        await pool.close()
