@@ -1,5 +1,6 @@
-"""The ledger as a real process that can be SIGKILLed and restarted on the same port, and a
-client that retries every call with the identical request until the answer is definitive."""
+"""Ledgers as real processes (several on one database) that can be SIGKILLed and restarted on
+the same port, and a client that spreads its calls over all of them and retries every call with
+the identical request, on any of them, until the answer is definitive."""
 
 from __future__ import annotations
 
@@ -144,24 +145,27 @@ class Stats:
 
 
 class Client:
-    """One grpc.aio channel for every worker: it reconnects by itself after a restart."""
+    """One grpc.aio channel per ledger, each reconnecting by itself after a restart. Every
+    attempt goes to a ledger picked at random: a call and its retries land on either."""
 
-    def __init__(self, address: str, stats: Stats) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
+    def __init__(self, addresses: list[str], stats: Stats) -> None:
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for address in addresses
+        ]
+        self.stubs = [ledger_pb2_grpc.LedgerServiceStub(channel) for channel in self.channels]
         self.stats = stats
-        self.jitter = random.Random()  # timing only: the operations come from the seed
+        self.jitter = random.Random()  # timing and routing only: the operations come from the seed
 
     async def close(self) -> None:
-        await self.channel.close()
+        await asyncio.gather(*(channel.close() for channel in self.channels))
 
     async def call(self, rpc: str, request: Message) -> Outcome:
         """The definitive answer: a response or a (code, reason) refusal. Anything transient is
         retried with the identical request; an unexpected code fails the test."""
-        method: Callable[..., Awaitable[Message]] = getattr(self.stub, rpc)
         deadline = time.monotonic() + DEFINITIVE_WITHIN
         backoff = 0.02
         while True:
+            method: Callable[..., Awaitable[Message]] = getattr(self.jitter.choice(self.stubs), rpc)
             try:
                 return await method(request, metadata=AUTH, timeout=ATTEMPT_TIMEOUT)
             except grpc.aio.AioRpcError as exc:

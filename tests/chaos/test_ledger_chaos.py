@@ -1,10 +1,11 @@
 """A randomized, model-based chaos test of the ledger over gRPC.
 
-The ledger runs as a real process on a fresh database. Many workers, each owning its own users,
+Two ledgers run as real processes on one fresh database. Many workers, each owning its own users,
 send random operations (purchases, reserves, settles under and over the hold, releases, expiries
-by the ledger's own sweeper, late settles, refunds by tokens, by running total and by share,
-replays, reused keys, concurrent duplicates) while the ledger is SIGKILLed several times and
-restarted on the same port. Every call is retried with its key until its answer is definitive,
+by the ledgers' own sweepers, late settles, refunds by tokens, by running total and by share,
+replays, reused keys, concurrent duplicates) while either ledger is SIGKILLed several times and
+restarted on the same port. Each attempt of a call goes to either ledger (concurrent duplicates
+too, so both ledgers race on one key) and is retried with its key until its answer is definitive,
 and every answer must be the one a plain model of the money rules predicts. At the end every
 balance, hold and purchase equals the model, the platform accounts equal the model's sums, the
 ledger's audit passes and earlier operations still replay like their originals.
@@ -35,6 +36,7 @@ CHAOS_SEED = int(os.environ.get("CHAOS_SEED", "20261125"))
 CHAOS_OPS = int(os.environ.get("CHAOS_OPS", "800"))
 CHAOS_KILLS = int(os.environ.get("CHAOS_KILLS", "2"))
 WORKERS = 8
+LEDGERS = 2
 USERS_PER_WORKER = 3
 FINAL_REPLAYS_PER_USER = 5
 
@@ -46,7 +48,11 @@ def kill_points(rng: random.Random, ops: int, kills: int) -> list[int]:
 
 
 async def chaos_monkey(
-    ledger: LedgerProcess, points: list[int], progress: Progress, stats: Stats, seed: int
+    ledgers: list[LedgerProcess],
+    points: list[int],
+    progress: Progress,
+    stats: Stats,
+    seed: int,
 ) -> None:
     rng = random.Random(f"{seed}:monkey")
     loop = asyncio.get_running_loop()
@@ -54,23 +60,24 @@ async def chaos_monkey(
         while progress.done < point:
             await asyncio.sleep(0.005)
         await asyncio.sleep(rng.uniform(0, 0.02))  # somewhere among the calls in flight
+        ledger = rng.choice(ledgers)
         ledger.kill()
         stats.kills += 1
-        await asyncio.sleep(rng.uniform(0.05, 0.5))  # the clients retry against nothing meanwhile
+        await asyncio.sleep(rng.uniform(0.05, 0.5))  # the clients retry on the other meanwhile
         # Shielded: a failing run must not leave a ledger starting behind its back.
         ledger.restarting = loop.run_in_executor(None, ledger.start)
         await asyncio.shield(ledger.restarting)
 
 
 async def run_workload(
-    workers: list[Worker], ledger: LedgerProcess, stats: Stats, progress: Progress
+    workers: list[Worker], ledgers: list[LedgerProcess], stats: Stats, progress: Progress
 ) -> None:
     share, extra = divmod(CHAOS_OPS, WORKERS)
     points = kill_points(random.Random(f"{CHAOS_SEED}:kills"), CHAOS_OPS, CHAOS_KILLS)
     tasks = [
         asyncio.create_task(worker.run(share + (i < extra))) for i, worker in enumerate(workers)
     ]
-    tasks.append(asyncio.create_task(chaos_monkey(ledger, points, progress, stats, CHAOS_SEED)))
+    tasks.append(asyncio.create_task(chaos_monkey(ledgers, points, progress, stats, CHAOS_SEED)))
     try:
         await asyncio.gather(*tasks)
     finally:
@@ -124,32 +131,34 @@ async def test_ledger_keeps_exact_books_through_sigkills(database_url: str) -> N
     assert CHAOS_OPS >= 10 * WORKERS * USERS_PER_WORKER, "too few operations to mean anything"
     stats, progress = Stats(), Progress()
     start = (await run_audit(database_url)).platform_balances
-    ledger = LedgerProcess(ledger_env(database_url, free_port()))
-    await asyncio.to_thread(ledger.start)
-    client = Client(ledger.address, stats)
+    ledgers = [LedgerProcess(ledger_env(database_url, free_port())) for _ in range(LEDGERS)]
+    await asyncio.gather(*(asyncio.to_thread(ledger.start) for ledger in ledgers))
+    client = Client([ledger.address for ledger in ledgers], stats)
     db = await asyncpg.create_pool(database_url, min_size=1, max_size=WORKERS)
     workers = [
         Worker(i, CHAOS_SEED, USERS_PER_WORKER, client, db, stats, progress) for i in range(WORKERS)
     ]
     began = time.monotonic()
     try:
-        await run_workload(workers, ledger, stats, progress)
+        await run_workload(workers, ledgers, stats, progress)
         ops = stats.total
         await asyncio.gather(*(w.final_replays(FINAL_REPLAYS_PER_USER) for w in workers))
-        await check_books(client, ledger.database_url, workers, start)
+        await check_books(client, database_url, workers, start)
     except Exception as exc:
         # The seed and the counts with the failure, whether or not output is captured.
         exc.add_note(stats.render(CHAOS_SEED, time.monotonic() - began))
-        exc.add_note(f"last ledger output:\n{ledger.last_lines()}")
+        for i, ledger in enumerate(ledgers):
+            exc.add_note(f"last output of ledger {i}:\n{ledger.last_lines()}")
         raise
     finally:
         await client.close()
         await db.close()
-        exit_code = await ledger.shutdown()
+        exit_codes = [await ledger.shutdown() for ledger in ledgers]
 
     report = stats.render(CHAOS_SEED, time.monotonic() - began)
     REPORTS.append(report)
     print(report)
     assert ops >= CHAOS_OPS, report
-    assert stats.kills == CHAOS_KILLS == ledger.starts - 1, report
-    assert exit_code == 0, f"the ledger did not stop gracefully: {exit_code}"
+    restarts = sum(ledger.starts - 1 for ledger in ledgers)
+    assert stats.kills == CHAOS_KILLS == restarts, report
+    assert exit_codes == [0] * LEDGERS, f"a ledger did not stop gracefully: {exit_codes}"
