@@ -74,6 +74,14 @@ def service(module: str, env: dict[str, str]) -> Iterator[processes.Service]:
         started.stop()
 
 
+def postgres_pid() -> dict[str, int]:
+    """The embedded Postgres (its backends are its children), when the bench runs it."""
+    pidfile = Path(".data/bench/postgres/postmaster.pid")
+    if os.environ.get("BENCH_DATABASE_URL") or not pidfile.exists():
+        return {}
+    return {"postgres": int(pidfile.read_text().split()[0])}
+
+
 def http_of(env: dict[str, str]) -> str:
     return env["HTTP_ADDR"]
 
@@ -163,6 +171,7 @@ def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
                     "gateway": gateway.proc.pid,
                     "ledger": ledger.proc.pid,
                     "provider": sim.proc.pid,
+                    **postgres_pid(),
                 }
                 name = f"metered, gateway x{workers}"
                 for callers in CALLERS if workers == 2 else (32,):
