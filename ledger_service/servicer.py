@@ -268,7 +268,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def ExtendHold(
         self, request: pb.ExtendHoldRequest, context: Context
     ) -> pb.ExtendHoldResponse:
-        r = await self.ledger.extend_hold(request.reservation_id, request.ttl_seconds)
+        r = await self.ledger.extend_hold(
+            request.reservation_id, request.ttl_seconds, user_id=request.user_id
+        )
         return pb.ExtendHoldResponse(expires_at=_ts(r.expires_at))
 
     @rpc
@@ -283,12 +285,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             _usage(request.usage, request.HasField("usage")),
             cost,
             request.answer,
+            user_id=request.user_id,
         )
         return _settlement_pb(r)
 
     @rpc
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
-        r = await self.ledger.release(request.reservation_id)
+        r = await self.ledger.release(request.reservation_id, user_id=request.user_id)
         return pb.ReleaseResponse(
             released_tokens=r.released_tokens,
             balance=_balance(r.balance),

@@ -162,7 +162,10 @@ class LedgerStore(Protocol):
 
     async def monthly_usage(self, user_id: str, timezone: str) -> MonthlyUsage: ...
 
-    async def extend_hold(self, reservation_id: uuid.UUID, ttl_seconds: int) -> HoldExtension: ...
+    # user_id None: the caller did not say whose hold it names; the store looks it up.
+    async def extend_hold(
+        self, reservation_id: uuid.UUID, ttl_seconds: int, user_id: str | None = None
+    ) -> HoldExtension: ...
 
     async def settle(
         self,
@@ -174,9 +177,10 @@ class LedgerStore(Protocol):
         usage_fee_percent: int,
         cost_micro_usd: int | None,
         answer: bytes | None,
+        user_id: str | None = None,
     ) -> Settlement: ...
 
-    async def release(self, reservation_id: uuid.UUID) -> Release: ...
+    async def release(self, reservation_id: uuid.UUID, user_id: str | None = None) -> Release: ...
 
     async def record_usage(
         self,
@@ -589,10 +593,13 @@ class Ledger:
         moment = _optional_moment("quota_at", at)
         return MonthlyQuota(tokens, self.holds.quota_timezone, moment)
 
-    async def extend_hold(self, reservation_id: str, ttl_seconds: int) -> HoldExtension:
-        """The hold lives at least `ttl_seconds` more (by the database clock) while it is held."""
+    async def extend_hold(
+        self, reservation_id: str, ttl_seconds: int, user_id: str = ""
+    ) -> HoldExtension:
+        """The hold lives at least `ttl_seconds` more (by the database clock) while it is held.
+        A hold of another user than `user_id` (when given) is not found."""
         hold = _uuid("reservation_id", reservation_id)
-        return await self.store.extend_hold(hold, self._ttl(ttl_seconds))
+        return await self.store.extend_hold(hold, self._ttl(ttl_seconds), user_id or None)
 
     def _ttl(self, ttl_seconds: int) -> int:
         ttl = ttl_seconds or self.holds.default_ttl_seconds
@@ -604,6 +611,7 @@ class Ledger:
         usage: Usage | None,
         cost_micro_usd: int | None,
         answer: bytes = b"",
+        user_id: str = "",
     ) -> Settlement:
         hold = _uuid("reservation_id", reservation_id)
         checked = _usage(usage)
@@ -623,7 +631,7 @@ class Ledger:
         # of it learns that it ran, without its text.
         kept = answer if answer and len(answer) <= self.holds.answer_max_bytes else None
         settlement = await self.store.settle(
-            hold, digest, checked, used, fee, fee_percent, cost_micro_usd, kept
+            hold, digest, checked, used, fee, fee_percent, cost_micro_usd, kept, user_id or None
         )
         if settlement.overrun_tokens and not settlement.replayed:
             # Holds are sized from an upper bound on what a call can use: past it, the provider
@@ -636,8 +644,9 @@ class Ledger:
             )
         return settlement
 
-    async def release(self, reservation_id: str) -> Release:
-        return await self.store.release(_uuid("reservation_id", reservation_id))
+    async def release(self, reservation_id: str, user_id: str = "") -> Release:
+        """Voids the hold; a hold of another user than `user_id` (when given) is not found."""
+        return await self.store.release(_uuid("reservation_id", reservation_id), user_id or None)
 
     async def record_usage(
         self,

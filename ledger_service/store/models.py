@@ -17,6 +17,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     LargeBinary,
@@ -91,9 +92,10 @@ class JournalTransaction(Base):
 
     __tablename__ = "journal_transactions"
 
+    # Keys lead with user_id, the distribution column on Citus (docs/scaling.md).
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     kind: Mapped[str] = mapped_column(Text, nullable=False)
-    user_id: Mapped[str | None] = mapped_column(Text)
     purchase_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     hold_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     user_share_percent: Mapped[int | None] = mapped_column(SmallInteger)
@@ -109,12 +111,17 @@ class JournalEntry(Base):
         CheckConstraint("amount <> 0", name="amount_nonzero"),
         Index(None, "account_id"),
         Index(None, "transaction_id"),
+        ForeignKeyConstraint(
+            ["user_id", "transaction_id"],
+            ["journal_transactions.user_id", "journal_transactions.id"],
+            name="fk_journal_entries_user_id_journal_transactions",
+        ),
     )
 
+    # The user of the entry's transaction, also on entries to platform accounts.
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    transaction_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("journal_transactions.id"), nullable=False
-    )
+    transaction_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), nullable=False)
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = _now()
@@ -132,11 +139,13 @@ class Hold(Base):
         ),
         Index("ix_holds_due", "expires_at", postgresql_where=text("status = 'held'")),
         Index(None, "account_id"),
+        # Callers that do not say whose hold they name are answered by id.
+        Index("ix_holds_id", "id"),
     )
 
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), nullable=False)
-    user_id: Mapped[str] = mapped_column(Text, nullable=False)
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
     status: Mapped[str] = mapped_column(Text, nullable=False)
     usage_fee_percent: Mapped[int] = mapped_column(SmallInteger, nullable=False)
@@ -164,11 +173,15 @@ class HoldAnswer(Base):
     __table_args__ = (
         CheckConstraint(f"octet_length(answer) <= {HOLD_ANSWER_MAX_BYTES}", name="answer_bounded"),
         Index("ix_hold_answers_created_at", "created_at"),
+        ForeignKeyConstraint(
+            ["user_id", "hold_id"],
+            ["holds.user_id", "holds.id"],
+            name="fk_hold_answers_user_id_holds",
+        ),
     )
 
-    hold_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("holds.id"), primary_key=True
-    )
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    hold_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     answer: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = _now()
 
@@ -188,10 +201,12 @@ class Purchase(Base):
         ),
         CheckConstraint("purchase_type IN ('subscription', 'one_time')", name="type_known"),
         Index("ix_purchases_user_newest", "user_id", text("created_at DESC"), text("id DESC")),
+        # Refunds name a purchase by id (the payment provider knows no user).
+        Index("ix_purchases_id", "id"),
     )
 
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    user_id: Mapped[str] = mapped_column(Text, nullable=False)
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), nullable=False)
     purchase_type: Mapped[str] = mapped_column(Text, nullable=False)
     tokens_purchased: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -218,10 +233,12 @@ class UsageRecord(Base):
             name="counts_nonnegative",
         ),
         Index("ix_usage_records_user_time", "user_id", "created_at"),
+        # A hold has one user: still one usage record per hold.
+        UniqueConstraint("user_id", "hold_id"),
     )
 
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    user_id: Mapped[str] = mapped_column(Text, nullable=False)
     user_type: Mapped[str] = mapped_column(Text, nullable=False)
     provider: Mapped[str] = mapped_column(Text, nullable=False)
     model: Mapped[str] = mapped_column(Text, nullable=False)
@@ -231,7 +248,7 @@ class UsageRecord(Base):
         BigInteger, nullable=False, server_default=text("0")
     )
     estimated_cost_micro_usd: Mapped[int | None] = mapped_column(BigInteger)
-    hold_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), unique=True)
+    hold_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
     request_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = _now()
@@ -249,6 +266,8 @@ class IdempotencyKey(Base):
     response: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     # The key only guards transport retries of a keyless call: kept for the short retention.
     transient: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    # Who claimed it; NULL for payment keys, claimed before the purchase's user is known.
+    user_id: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
 
 

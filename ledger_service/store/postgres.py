@@ -269,10 +269,16 @@ class PgPaymentsTx:
         return _credited(answer), bool(answer.get("created", False))
 
     async def apply_refund(self, key: str, purchase_id: str, plan: RefundPlan) -> Refund:
+        purchase = uuid.UUID(purchase_id)
+        # The purchase row is ours (purchase_for_update locked it): its user routes the refund.
+        user_id: str = await self.conn.fetchval(
+            "SELECT user_id FROM purchases WHERE id = $1", purchase
+        )
         answer: Answer = await self.conn.fetchval(
-            "SELECT ledger_apply_refund($1, $2, $3, $4, $5)",
+            "SELECT ledger_apply_refund($1, $2, $3, $4, $5, $6)",
+            user_id,
             key,
-            uuid.UUID(purchase_id),
+            purchase,
             plan.tokens,
             plan.user_part,
             plan.fee_part,
@@ -405,8 +411,18 @@ class PostgresStore:
         )
 
     @_guarded
-    async def extend_hold(self, reservation_id: uuid.UUID, ttl_seconds: int) -> HoldExtension:
-        a = await self._hot(HotItem("extend", hold_id=reservation_id, ttl_seconds=ttl_seconds))
+    async def extend_hold(
+        self, reservation_id: uuid.UUID, ttl_seconds: int, user_id: str | None = None
+    ) -> HoldExtension:
+        a = await self._hot(
+            HotItem(
+                "extend",
+                # None: the batch reads the hold's own user (migration 0009).
+                user_id=user_id,
+                hold_id=reservation_id,
+                ttl_seconds=ttl_seconds,
+            )
+        )
         return HoldExtension(expires_at=_moment_us(a["expires_at_us"]))
 
     @_guarded
@@ -420,10 +436,13 @@ class PostgresStore:
         usage_fee_percent: int,
         cost_micro_usd: int | None,
         answer: bytes | None,
+        user_id: str | None = None,
     ) -> Settlement:
         a = await self._hot(
             HotItem(
                 "settle",
+                # None: the batch reads the hold's own user (migration 0009).
+                user_id=user_id,
                 hold_id=reservation_id,
                 hash=request_hash,
                 amount=tokens_used,
@@ -440,8 +459,15 @@ class PostgresStore:
         return _settlement(a)
 
     @_guarded
-    async def release(self, reservation_id: uuid.UUID) -> Release:
-        a = await self._hot(HotItem("release", hold_id=reservation_id))
+    async def release(self, reservation_id: uuid.UUID, user_id: str | None = None) -> Release:
+        a = await self._hot(
+            HotItem(
+                "release",
+                # None: the batch reads the hold's own user (migration 0009).
+                user_id=user_id,
+                hold_id=reservation_id,
+            )
+        )
         return Release(
             released_tokens=int(a["released_tokens"]),
             balance=_balance(a),

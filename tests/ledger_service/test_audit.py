@@ -239,11 +239,13 @@ async def test_detects_an_unbalanced_journal_transaction(tampered: Tampered) -> 
     ledger, _, conn = tampered
     try:
         tx = await conn.fetchval(
-            "INSERT INTO journal_transactions (kind) VALUES ('forged') RETURNING id"
+            "INSERT INTO journal_transactions (kind, user_id) VALUES ('forged', 'forger')"
+            " RETURNING id"
         )
         # 500 fee tokens from nowhere, on a platform account (no cached balance to disagree).
         await conn.execute(
-            "INSERT INTO journal_entries (transaction_id, account_id, amount) VALUES ($1, 2, 500)",
+            "INSERT INTO journal_entries (user_id, transaction_id, account_id, amount)"
+            " VALUES ('forger', $1, 2, 500)",
             tx,
         )
     finally:
@@ -304,9 +306,10 @@ async def test_detects_a_hold_settled_twice(tampered: Tampered) -> None:
             uuid.UUID(activity.settled_hold),
         )
         await conn.execute(
-            "INSERT INTO journal_entries (transaction_id, account_id, amount)"
-            " VALUES ($1, 3, 4), ($1, 4, 1), ($1, 6, -5)",
+            "INSERT INTO journal_entries (user_id, transaction_id, account_id, amount)"
+            " VALUES ($2, $1, 3, 4), ($2, $1, 4, 1), ($2, $1, 6, -5)",
             tx,
+            activity.user,
         )
     finally:
         await conn.close()

@@ -241,11 +241,11 @@ async def test_journal_refuses_update_and_delete(
 async def test_journal_accepts_appends(journaled: asyncpg.Connection) -> None:
     count = await journaled.fetchval("SELECT count(*) FROM journal_entries")
     tx = await journaled.fetchval(
-        "INSERT INTO journal_transactions (kind) VALUES ('test') RETURNING id"
+        "INSERT INTO journal_transactions (kind, user_id) VALUES ('test', 'tester') RETURNING id"
     )
     await journaled.execute(
-        "INSERT INTO journal_entries (transaction_id, account_id, amount)"
-        " VALUES ($1, 2, -5), ($1, 4, 5)",
+        "INSERT INTO journal_entries (user_id, transaction_id, account_id, amount)"
+        " VALUES ('tester', $1, 2, -5), ('tester', $1, 4, 5)",
         tx,
     )
     assert await journaled.fetchval("SELECT count(*) FROM journal_entries") == count + 2
@@ -293,7 +293,7 @@ async def test_the_new_tables_carry_their_named_constraints_and_indexes(database
         ("dead_letters", "ck_dead_letters_raw_body_bounded"),
         ("dead_letters", "ck_dead_letters_resolved_with_note"),
         ("hold_answers", "pk_hold_answers"),
-        ("hold_answers", "fk_hold_answers_hold_id_holds"),
+        ("hold_answers", "fk_hold_answers_user_id_holds"),
         ("hold_answers", "ck_hold_answers_answer_bounded"),
         ("parked_operations", "pk_parked_operations"),
         ("parked_operations", "uq_parked_operations_operation_idempotency_key"),
@@ -314,3 +314,69 @@ async def test_the_new_tables_carry_their_named_constraints_and_indexes(database
         "uq_parked_operations_operation_idempotency_key",
         "ix_parked_operations_waiting",
     }
+
+
+async def test_0009_gives_every_existing_row_its_user_and_steps_back(empty_database: str) -> None:
+    """Rows booked before 0009 (by 0008's functions) get their user: entries (platform ones
+    too) from their transaction, answers from their hold, keys from the hold they answered."""
+    migrate(empty_database, "0008")
+    conn: asyncpg.Connection = await asyncpg.connect(empty_database)
+    try:
+        for user in ("ann", "ben"):
+            await conn.execute(
+                "SELECT ledger_apply_credit($1, '\\x01', $2, 'one_time', 1000, 800, 200, 80,"
+                " 'test', $1)",
+                f"buy-{user}",
+                user,
+            )
+            hold = await conn.fetchval(
+                "SELECT ledger_reserve($1, '\\x02', $2, 125, 300, 25, false, 0, 'UTC', NULL)"
+                " ->> 'reservation_id'",
+                f"hold-{user}",
+                user,
+            )
+            await conn.execute(
+                "SELECT ledger_settle($1, '\\x03', 40, 10, 25, 'anthropic', 'm', 30, 10, NULL,"
+                " 'the answer')",
+                uuid.UUID(hold),
+            )
+        entries = await conn.fetch("SELECT id, account_id, amount FROM journal_entries ORDER BY id")
+    finally:
+        await conn.close()
+
+    migrate(empty_database)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        rows = await conn.fetch(
+            "SELECT e.id, e.account_id, e.amount, e.user_id, t.user_id AS tx_user"
+            " FROM journal_entries e JOIN journal_transactions t ON t.id = e.transaction_id"
+            " ORDER BY e.id"
+        )
+        assert [(r["id"], r["account_id"], r["amount"]) for r in rows] == [
+            tuple(e) for e in entries
+        ]
+        assert all(r["user_id"] == r["tx_user"] for r in rows)
+        assert {r["user_id"] for r in rows if r["account_id"] < 1000} == {"ann", "ben"}
+        assert await conn.fetch(
+            "SELECT a.user_id FROM hold_answers a JOIN holds h ON h.id = a.hold_id"
+            " WHERE h.user_id = a.user_id ORDER BY 1"
+        ) == [("ann",), ("ben",)]
+        keys = await conn.fetch(
+            "SELECT operation, key, user_id FROM idempotency_keys ORDER BY operation, key"
+        )
+        assert [tuple(k) for k in keys] == [
+            ("reserve", "hold-ann", "ann"),
+            ("reserve", "hold-ben", "ben"),
+        ]
+    finally:
+        await conn.close()
+
+    downgrade(empty_database, "0008")
+    conn = await asyncpg.connect(empty_database)
+    try:
+        back = await conn.fetch("SELECT id, account_id, amount FROM journal_entries ORDER BY id")
+        assert back == entries
+    finally:
+        await conn.close()
+    migrate(empty_database)
+    assert schema_differences(empty_database) == []

@@ -386,18 +386,24 @@ class ExtendHoldRequest(_message.Message):
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     ttl_seconds: _builtins.int
     """The hold lives at least this long from now (1..RESERVE_MAX_TTL_SECONDS); 0: the default TTL."""
+    user_id: _builtins.str
+    """The user the hold belongs to (routes the call to the user's shard). Empty: the ledger looks
+    it up; given and not the hold's user: NOT_FOUND.
+    """
     def __init__(
         self,
         *,
         reservation_id: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -431,6 +437,7 @@ class SettleRequest(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     ESTIMATED_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     estimated_cost_micro_usd: _builtins.int
     """The provider's cost of the call, for analytics; unset when unknown."""
@@ -438,6 +445,8 @@ class SettleRequest(_message.Message):
     """The caller's answer to the call, kept with the hold (opaque, at most ANSWER_MAX_BYTES, for
     ANSWER_RETENTION_SECONDS) so that a replayed Reserve can return it. Not part of the replay check.
     """
+    user_id: _builtins.str
+    """The user the hold belongs to, as in ExtendHoldRequest.user_id."""
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     def __init__(
@@ -447,10 +456,11 @@ class SettleRequest(_message.Message):
         usage: Global___Usage | None = ...,
         estimated_cost_micro_usd: _builtins.int | None = ...,
         answer: _builtins.bytes = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "answer", b"answer", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "reservation_id", b"reservation_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "answer", b"answer", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "reservation_id", b"reservation_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["estimated_cost_micro_usd"]  # noqa: Y015
     _WhichOneofArgType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd"]  # noqa: Y015
@@ -520,15 +530,19 @@ class ReleaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
+    user_id: _builtins.str
+    """The user the hold belongs to, as in ExtendHoldRequest.user_id."""
     def __init__(
         self,
         *,
         reservation_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
