@@ -39,16 +39,16 @@ async def grpc_pairs(address: str, users: int, worker: int, callers: int) -> tup
 
     async def op(caller: int) -> None:
         counter[0] += 1
+        user = user_for(users, worker, caller, counter[0])
         hold = await stub.Reserve(
             pb.ReserveRequest(
-                idempotency_key=str(uuid.uuid4()),
-                user_id=user_for(users, worker, caller, counter[0]),
-                estimated_tokens=ESTIMATE,
+                idempotency_key=str(uuid.uuid4()), user_id=user, estimated_tokens=ESTIMATE
             ),
             metadata=auth,
         )
         await stub.Settle(
-            pb.SettleRequest(reservation_id=hold.reservation_id, usage=usage), metadata=auth
+            pb.SettleRequest(reservation_id=hold.reservation_id, user_id=user, usage=usage),
+            metadata=auth,
         )
 
     return op, channel.close
@@ -73,8 +73,8 @@ async def raw_pairs(url: str, users: int, worker: int, callers: int) -> tuple[Op
             )  # fmt: skip
             hold = answer.split('"reservation_id": "', 1)[1].split('"', 1)[0]
             await conn.fetchval(
-                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)::text",
-                uuid.UUID(hold), settle_hash, 100, 25, 25, "anthropic", "bench", 60, 40, None,
+                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL)::text",
+                user, uuid.UUID(hold), settle_hash, 100, 25, 25, "anthropic", "bench", 60, 40, None,
             )  # fmt: skip
 
     return op, pool.close
