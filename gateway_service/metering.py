@@ -114,6 +114,7 @@ class HoldLease:
         self._expires = started + ttl if extend else float("inf")
         self._end = started + max_seconds
         self._scopes: set[asyncio.Timeout] = set()
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -123,10 +124,20 @@ class HoldLease:
 
     def start(self) -> None:
         if self._extend is not None:
-            self._task = asyncio.create_task(self._keep_alive())
+            # A timer, not a task: most calls end before the first extension is due, and a
+            # timer handle costs far less per call than a task created only to be cancelled.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + self._ttl / 3, self._begin_extending)
+
+    def _begin_extending(self) -> None:
+        self._timer = None
+        self._task = asyncio.create_task(self._keep_alive())
 
     def stop(self) -> None:
         """Stops extending (synchronously: call it on every exit path, before metering)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -152,7 +163,7 @@ class HoldLease:
         assert self._extend is not None
         loop = asyncio.get_running_loop()
         every = self._ttl / 3
-        next_at = loop.time() + every
+        next_at = loop.time()  # the first extension is due now (start's timer waited `every`)
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             sent = loop.time()
