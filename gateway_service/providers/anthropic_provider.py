@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anthropic
-from anthropic.types import Message, RawMessageStreamEvent
+import httpx2
+from anthropic.types import RawMessageStreamEvent
 
 from gateway_service.providers.base import ANTHROPIC, Completion, CompletionRequest, token_count
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
@@ -45,7 +47,13 @@ class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
     async def _create(
         self, client: anthropic.AsyncAnthropic, request: CompletionRequest
     ) -> Completion:
-        return _completion(await client.messages.create(**_params(request)))
+        # The raw reply read as JSON, not the SDK's Message: building that pydantic model (and
+        # its content blocks) was about 5% of the gateway's CPU per metered call. `post` is the
+        # SDK's own request path (its headers, timeouts, retries and status errors); only the
+        # parsing of a successful reply is ours. A body that is not JSON is a ValueError, which
+        # map_sdk_error reports as MALFORMED, as the SDK's parse of it was.
+        reply = await client.post("/v1/messages", body=_params(request), cast_to=httpx2.Response)
+        return _completion(json.loads(reply.content))
 
     def stream(self, request: CompletionRequest) -> AnthropicStream:
         return AnthropicStream(self, request)
@@ -104,19 +112,24 @@ def _input_total(base: object, cache_write: object, cache_read: object) -> int:
     return token_count(base) + token_count(cache_write or 0) + token_count(cache_read or 0)
 
 
-def _completion(message: Message) -> Completion:
+def _completion(message: Any) -> Completion:
+    """A Messages API reply (decoded JSON) as a Completion; MALFORMED when it lacks a field the
+    SDK's Message would have lacked too (content, usage and its counts). A block without a type
+    is skipped and a missing model is None, as the SDK's Message had them."""
     try:
-        text = "".join(block.text for block in message.content if block.type == "text")
-        usage = message.usage
+        text = "".join(block["text"] for block in message["content"] if block.get("type") == "text")
+        usage = message["usage"]
         return Completion(
             text=text,
-            model=message.model,
+            model=message.get("model"),
             input_tokens=_input_total(
-                usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens
+                usage["input_tokens"],
+                usage.get("cache_creation_input_tokens"),
+                usage.get("cache_read_input_tokens"),
             ),
-            output_tokens=token_count(usage.output_tokens),
-            stop_reason=message.stop_reason,
+            output_tokens=token_count(usage["output_tokens"]),
+            stop_reason=message.get("stop_reason"),
             provider=ANTHROPIC,
         )
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, KeyError) as exc:
         raise ProviderError(ANTHROPIC, ProviderErrorKind.MALFORMED) from exc
