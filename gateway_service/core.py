@@ -350,7 +350,8 @@ class Gateway:
         finally:
             # Its slot and unused tokens go back whatever happened (in the background: a
             # cancelled call still gives them back).
-            self._spawn(admission.finish(used))
+            if admission.holds_anything:
+                self._spawn(admission.finish(used))
 
     async def _generate(self, plan: _Plan, req: GenerateRequest) -> GenerateResult:
         provider = self.providers.get(plan.provider_name)
@@ -411,7 +412,8 @@ class Gateway:
             self._key_refused(plan, req, exc)
             raise
         finally:
-            self._spawn(admission.finish(spent.tokens))
+            if admission.holds_anything:
+                self._spawn(admission.finish(spent.tokens))
 
     async def _stream(
         self, plan: _Plan, req: GenerateRequest, spent: _Spent

@@ -61,6 +61,11 @@ class Admission:
     rate: RateInfo | None
     _finished: bool = False
 
+    @property
+    def holds_anything(self) -> bool:
+        """False for a call under no limit: `finish` has nothing to give back."""
+        return bool(self.buckets)
+
     async def finish(self, used_tokens: int) -> None:
         if self._finished:
             return
@@ -139,6 +144,9 @@ class RateGate:
             if not record.allowed:
                 raise limited(record, "too many refused provider keys from this address")
         buckets = self._buckets(caller, tokens)
+        if all(bucket.limit.unlimited for bucket in buckets):
+            # Nothing to count or give back: no limiter round trip (a Redis call) either way.
+            return Admission(self, [], "", tokens, None)
         call_id = uuid.uuid4().hex
         decision = await self.limiter.acquire(buckets, call_id, self._lease_ms)
         if not decision.allowed:
