@@ -222,6 +222,8 @@ class _Spent:
 class _Hold:
     reply: lpb.ReserveResponse
     sent_at: float  # event-loop time taken before the Reserve was sent
+    # Named on every later call on the hold, so a ledger sharded by user can route it.
+    user_id: str
 
 
 def provider_failure(exc: ProviderError, byok: bool) -> GatewayError:
@@ -318,11 +320,11 @@ class Gateway:
     def _lease(self, hold: _Hold | None, started: float, max_seconds: float) -> HoldLease:
         extend = None
         if hold is not None:
-            reservation_id = hold.reply.reservation_id
+            reservation_id, user_id = hold.reply.reservation_id, hold.user_id
             started = hold.sent_at
 
             async def extend(ttl: int) -> None:
-                await self.ledger.extend_hold(reservation_id, ttl)
+                await self.ledger.extend_hold(reservation_id, user_id, ttl)
 
         lease = HoldLease(
             extend,
@@ -374,7 +376,7 @@ class Gateway:
         except BaseException as exc:
             # Failed, timed out, cut or cancelled: nothing to charge. Released even when
             # cancelled (the release is shielded; nothing before it awaits).
-            released = self._spawn(self._release(hold.reply.reservation_id))
+            released = self._spawn(self._release(hold.reply.reservation_id, hold.user_id))
             lease.stop()
             await asyncio.shield(released)
             if isinstance(exc, ProviderError):
@@ -603,9 +605,9 @@ class Gateway:
     def _release_abandoned(self, task: asyncio.Task[_Hold]) -> None:
         if task.cancelled() or task.exception() is not None:
             return
-        hold = task.result().reply
-        if not hold.replayed:
-            self._spawn(self._release(hold.reservation_id))
+        hold = task.result()
+        if not hold.reply.replayed:
+            self._spawn(self._release(hold.reply.reservation_id, hold.user_id))
 
     async def _reserve_once(self, plan: _Plan, req: GenerateRequest) -> _Hold:
         assert plan.user_id is not None
@@ -626,7 +628,7 @@ class Gateway:
                 )
             )
             if not (hold.replayed and hold.status in ("released", "expired")):
-                return _Hold(hold, sent_at)
+                return _Hold(hold, sent_at, plan.user_id)
             # The earlier attempt failed and cost nothing: this retry is a new attempt, under a
             # key derived from the failed hold (so concurrent retries converge; fixed length).
             chained = hashlib.sha256(f"{key}\x00{hold.reservation_id}".encode()).hexdigest()
@@ -635,8 +637,8 @@ class Gateway:
             Failure.CONFLICT, "TOO_MANY_ATTEMPTS", "this idempotency key failed too many times"
         )
 
-    async def _release(self, reservation_id: str) -> None:
-        request = lpb.ReleaseRequest(reservation_id=reservation_id)
+    async def _release(self, reservation_id: str, user_id: str) -> None:
+        request = lpb.ReleaseRequest(reservation_id=reservation_id, user_id=user_id)
         try:
             await self.ledger.release(request)
         except GatewayError as exc:
@@ -663,6 +665,7 @@ class Gateway:
         output_tokens = storable_count(usage.output_tokens)
         request = lpb.SettleRequest(
             reservation_id=hold.reservation_id,
+            user_id=plan.user_id or "",
             usage=lpb.Usage(
                 provider=provider,
                 model=model,
@@ -701,7 +704,7 @@ class Gateway:
 
     async def _finish(self, hold: lpb.ReserveResponse, plan: _Plan, consumed: Usage) -> None:
         if consumed.total == 0:
-            await self._release(hold.reservation_id)
+            await self._release(hold.reservation_id, plan.user_id or "")
         else:
             await self._settle(hold, plan, plan.request.model, consumed)
 

@@ -140,11 +140,13 @@ class LedgerClient:
     async def reserve(self, request: lpb.ReserveRequest) -> lpb.ReserveResponse:
         return await self.call(self.stub.Reserve, request)
 
-    async def extend_hold(self, reservation_id: str, ttl_seconds: int) -> lpb.ExtendHoldResponse:
-        return await self.call(
-            self.stub.ExtendHold,
-            lpb.ExtendHoldRequest(reservation_id=reservation_id, ttl_seconds=ttl_seconds),
+    async def extend_hold(
+        self, reservation_id: str, user_id: str, ttl_seconds: int
+    ) -> lpb.ExtendHoldResponse:
+        request = lpb.ExtendHoldRequest(
+            reservation_id=reservation_id, user_id=user_id, ttl_seconds=ttl_seconds
         )
+        return await self.call(self.stub.ExtendHold, request)
 
     async def settle(self, request: lpb.SettleRequest) -> lpb.SettleResponse:
         return await self.call(self.stub.Settle, request)

@@ -25,6 +25,7 @@ class LedgerProxy(grpc.GenericRpcHandler):
         self.target = target
         self.faults: dict[str, Fault] = {}
         self.calls: dict[str, int] = {}
+        self.requests: dict[str, list[bytes]] = {}  # each call's serialized request, by method
         self._channel = grpc.aio.insecure_channel(target)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((self,))
@@ -51,6 +52,7 @@ class LedgerProxy(grpc.GenericRpcHandler):
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             self.calls[name] = self.calls.get(name, 0) + 1
+            self.requests.setdefault(name, []).append(request)
             metadata = tuple(
                 (k, v)
                 for k, v in (context.invocation_metadata() or ())
