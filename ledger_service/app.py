@@ -14,6 +14,7 @@ from ledger_service.domain.ledger import HoldPolicy, Ledger
 from ledger_service.domain.money import Rates
 from ledger_service.domain.types import RetentionPolicy
 from ledger_service.servicer import SERVICE_NAME, LedgerServicer
+from ledger_service.store.group_commit import GroupCommit
 from ledger_service.store.postgres import PostgresStore, create_pool
 from ledger_service.sweeper import retain_forever, sweep_forever
 from shared.config import Settings
@@ -81,7 +82,13 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
             "LEDGER_SERVICE_TOKEN is required: the ledger never serves unauthenticated"
         )
     pool = await create_pool(database_url, settings.db_pool_min, settings.db_pool_max)
-    store = PostgresStore(pool)
+    batches = GroupCommit(
+        pool,
+        max_in_flight=min(settings.batches_in_flight, settings.db_pool_max),
+        max_items=settings.batch_max_items,
+        max_wait=settings.batch_max_wait_ms / 1000,
+    )
+    store = PostgresStore(pool, batches)
     ledger = build_ledger(store, settings)
     grpc_app = GrpcApp(
         [SERVICE_NAME],

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     db_pool_min: int = Field(default=4, ge=1)
     db_pool_max: int = Field(default=16, ge=1)
+    # Ledger group commit (ledger_service/store/group_commit.py): concurrent hot-path calls leave
+    # together, at most this many, after at most this wait, with at most this many batches (and
+    # so pool connections) in flight. A lone call never waits.
+    batch_max_items: int = Field(default=64, ge=1, le=1000)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    batches_in_flight: int = Field(default=4, ge=1)
     log_level: str = "INFO"
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # Worker processes sharing the service's addresses (SO_REUSEPORT; shared/workers.py). Unset:
