@@ -27,7 +27,7 @@ from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.processes import LISTENING
 from tests.conftest import AUTH, SERVICE_TOKEN, LedgerHarness
-from tests.e2e.conftest import AUDIENCE, ISSUER, JWT_SECRET, PLATFORM_KEY, mint
+from tests.e2e.conftest import gateway_process_env, mint
 from tests.e2e.e2e_support import charge_for
 from tests.ledger_service.helpers import credit
 
@@ -212,23 +212,14 @@ async def sim_url() -> AsyncIterator[str]:
 async def test_two_gateway_workers_share_both_ports_and_meter_exactly(
     ledger: LedgerHarness, sim_url: str, tmp_path: Path
 ) -> None:
-    env = {
-        "WORKERS": "2",
-        "LEDGER_ADDR": ledger.address,
-        "LEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
-        "GATEWAY_ADDR": "127.0.0.1:0",
-        "HTTP_ADDR": "127.0.0.1:0",
-        "JWT_SECRET": JWT_SECRET,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-        "ANTHROPIC_BASE_URL": sim_url,
-        "ANTHROPIC_API_KEY": PLATFORM_KEY,
-        "OPENAI_BASE_URL": f"{sim_url}/v1",
-        "OPENAI_API_KEY": PLATFORM_KEY,
-        "DATA_DIR": str(tmp_path),
-        "SHUTDOWN_GRACE_SECONDS": "5",
-        "LOG_LEVEL": "INFO",
-    }
+    env = gateway_process_env(
+        ledger.address,
+        sim_url,
+        str(tmp_path),
+        WORKERS="2",
+        SHUTDOWN_GRACE_SECONDS="5",
+        LOG_LEVEL="INFO",
+    )
     service = processes.start("gateway_service", env)
     try:
         assert service.proc.stdout is not None

@@ -59,6 +59,28 @@ class Stack:
         return sub, bearer(mint(sub))
 
 
+def gateway_process_env(
+    ledger_addr: str, sim_url: str, data_dir: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a gateway run as its own process (`python -m gateway_service`) against
+    this ledger and provider stand-in; `extra` adds or overrides variables."""
+    return {
+        "LEDGER_ADDR": ledger_addr,
+        "LEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
+        "GATEWAY_ADDR": "127.0.0.1:0",
+        "HTTP_ADDR": "127.0.0.1:0",
+        "JWT_SECRET": JWT_SECRET,
+        "JWT_ISSUER": ISSUER,
+        "JWT_AUDIENCE": AUDIENCE,
+        "ANTHROPIC_BASE_URL": sim_url,
+        "ANTHROPIC_API_KEY": PLATFORM_KEY,
+        "OPENAI_BASE_URL": f"{sim_url}/v1",
+        "OPENAI_API_KEY": PLATFORM_KEY,
+        "DATA_DIR": data_dir,
+        **extra,
+    }
+
+
 def gateway_settings(ledger_addr: str, sim_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "ledger_addr": ledger_addr,

@@ -40,8 +40,8 @@ from shared import processes
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.processes import ROOT
-from tests.conftest import SERVICE_TOKEN, LedgerHarness
-from tests.e2e.conftest import AUDIENCE, ISSUER, JWT_SECRET, PLATFORM_KEY, mint
+from tests.conftest import LedgerHarness
+from tests.e2e.conftest import gateway_process_env, mint
 from tests.e2e.e2e_support import Sim, gateway_on, open_holds, own_sim, rpc_error
 from tests.ledger_service.helpers import credit
 
@@ -314,27 +314,18 @@ async def test_streams_whose_clients_read_nothing_keep_the_process_within_its_bo
     sim = processes.start("provider_sim", {"PROVIDER_SIM_ADDR": "127.0.0.1:0"})
     _drain(sim, tail)
     sim_url = f"http://{sim.address}"
-    env = {
-        "LEDGER_ADDR": ledger.address,
-        "LEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
-        "GATEWAY_ADDR": "127.0.0.1:0",
-        "HTTP_ADDR": "127.0.0.1:0",
-        "JWT_SECRET": JWT_SECRET,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-        "ANTHROPIC_BASE_URL": sim_url,
-        "ANTHROPIC_API_KEY": PLATFORM_KEY,
-        "OPENAI_BASE_URL": f"{sim_url}/v1",
-        "OPENAI_API_KEY": PLATFORM_KEY,
-        "DATA_DIR": str(tmp_path),
-        "LOG_LEVEL": "WARNING",
-        "SHUTDOWN_GRACE_SECONDS": "2",
+    env = gateway_process_env(
+        ledger.address,
+        sim_url,
+        str(tmp_path),
+        LOG_LEVEL="WARNING",
+        SHUTDOWN_GRACE_SECONDS="2",
         # The streams must still be running (blocked) while they are measured.
-        "STREAM_WRITE_TIMEOUT_SECONDS": "30",
+        STREAM_WRITE_TIMEOUT_SECONDS="30",
         # A smaller kernel buffer than the default blocks each stream sooner (after fewer
         # deltas: a quicker test); it is the kernel's memory, not the process's.
-        "HTTP_SEND_BUFFER_BYTES": "16384",
-    }
+        HTTP_SEND_BUFFER_BYTES="16384",
+    )
     clients: list[socket.socket] = []
     gateway = _start_with_soft_limit("gateway_service", env, 1024)
     try:

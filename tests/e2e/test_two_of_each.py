@@ -38,8 +38,12 @@ from shared import processes
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from tests.chaos.harness import LedgerProcess, free_port, ledger_env
-from tests.conftest import AUTH, SERVICE_TOKEN
-from tests.e2e.conftest import AUDIENCE, ISSUER, JWT_SECRET, NO_LIMITS, PLATFORM_KEY, mint
+from tests.conftest import AUTH
+from tests.e2e.conftest import (
+    NO_LIMITS,
+    gateway_process_env,
+    mint,
+)
 from tests.e2e.e2e_support import charge_for, held_for
 from tests.ledger_service.helpers import credit
 
@@ -76,28 +80,19 @@ class Gateway:
 
 
 def start_gateway(ledger_addr: str, sim_url: str, data_dir: Path) -> Gateway:
-    env = {
-        "WORKERS": "1",
-        "LEDGER_ADDR": ledger_addr,
-        "LEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
-        "GATEWAY_ADDR": "127.0.0.1:0",
-        "HTTP_ADDR": "127.0.0.1:0",
-        "JWT_SECRET": JWT_SECRET,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-        "ANTHROPIC_BASE_URL": sim_url,
-        "ANTHROPIC_API_KEY": PLATFORM_KEY,
-        "OPENAI_BASE_URL": f"{sim_url}/v1",
-        "OPENAI_API_KEY": PLATFORM_KEY,
-        "DATA_DIR": str(data_dir),
-        "RATE_LIMITS": NO_LIMITS,
-        "LEDGER_TIMEOUT_SECONDS": "2",
+    env = gateway_process_env(
+        ledger_addr,
+        sim_url,
+        str(data_dir),
+        WORKERS="1",
+        RATE_LIMITS=NO_LIMITS,
+        LEDGER_TIMEOUT_SECONDS="2",
         # A hold whose Reserve answer died with the ledger expires soon after the run.
-        "HOLD_TTL_SECONDS": "5",
-        "STREAM_WRITE_TIMEOUT_SECONDS": "2",
-        "SHUTDOWN_GRACE_SECONDS": "10",
-        "LOG_LEVEL": "WARNING",
-    }
+        HOLD_TTL_SECONDS="5",
+        STREAM_WRITE_TIMEOUT_SECONDS="2",
+        SHUTDOWN_GRACE_SECONDS="10",
+        LOG_LEVEL="WARNING",
+    )
     service = processes.start("gateway_service", env)
     assert service.proc.stdout is not None
     second = service.proc.stdout.readline()

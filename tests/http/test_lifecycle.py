@@ -19,8 +19,8 @@ import pytest
 from shared import processes
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
-from tests.conftest import SERVICE_TOKEN, LedgerHarness
-from tests.e2e.conftest import AUDIENCE, ISSUER, JWT_SECRET, PLATFORM_KEY, mint
+from tests.conftest import LedgerHarness
+from tests.e2e.conftest import gateway_process_env, mint
 from tests.e2e.e2e_support import charge_for, fetchval, usage_rows, wait_no_open_holds
 from tests.http.conftest import Edge, parse_sse, start_edge
 from tests.ledger_service.helpers import balance, credit
@@ -154,22 +154,13 @@ def _drain(proc: subprocess.Popen[str], into: list[str]) -> None:
 async def test_the_process_serves_grpc_and_http_and_drains_both_on_sigterm(
     ledger: LedgerHarness, sim_url: str, tmp_path: Path
 ) -> None:
-    env = {
-        "LEDGER_ADDR": ledger.address,
-        "LEDGER_SERVICE_TOKEN": SERVICE_TOKEN,
-        "GATEWAY_ADDR": "127.0.0.1:0",
-        "HTTP_ADDR": "127.0.0.1:0",
-        "JWT_SECRET": JWT_SECRET,
-        "JWT_ISSUER": ISSUER,
-        "JWT_AUDIENCE": AUDIENCE,
-        "ANTHROPIC_BASE_URL": sim_url,
-        "ANTHROPIC_API_KEY": PLATFORM_KEY,
-        "OPENAI_BASE_URL": f"{sim_url}/v1",
-        "OPENAI_API_KEY": PLATFORM_KEY,
-        "DATA_DIR": str(tmp_path),
-        "SHUTDOWN_GRACE_SECONDS": "10",
-        "LOG_LEVEL": "INFO",
-    }
+    env = gateway_process_env(
+        ledger.address,
+        sim_url,
+        str(tmp_path),
+        SHUTDOWN_GRACE_SECONDS="10",
+        LOG_LEVEL="INFO",
+    )
     service = processes.start("gateway_service", env)
     proc = service.proc
     try:
