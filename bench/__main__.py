@@ -2,6 +2,7 @@
 call and memory, each beside its baseline from the same run on the same machine.
 
 Starts its own embedded Postgres (or uses BENCH_DATABASE_URL) and its own service processes.
+BENCH_ONLY (e.g. `ledger,http`; default all of ledger, http, grpc, memory) picks the parts;
 BENCH_SECONDS (default 10) sets each figure's length, BENCH_CONCURRENCY (default 32) the callers
 of the ledger and gRPC figures, BENCH_MEMORY_SECONDS (default 600; 0 skips it) the length of the
 memory run at 32 callers. The HTTP figures need `wrk` (`make bench` installs it when missing).
@@ -293,22 +294,28 @@ def main() -> int:
         f" {seconds:.0f}s per figure",
         flush=True,
     )
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    wanted = only.__contains__ if only else (lambda part: True)
     figures = []
-    for workers in (1, 2):
+    for workers in (1, 2) if wanted("ledger") else ():
         with service("ledger_service", ledger_env(url, workers)) as ledger:
             group = ledger_bench.measure(ledger.address, url, concurrency, seconds)
         for f in group:
             f.name = f"{f.name}, ledger x{workers}"
         figures.append(group)
-    print(ledger_bench.render([f for group in figures for f in group], concurrency), "", sep="\n")
+    if figures:
+        print(ledger_bench.render([f for group in figures for f in group], concurrency), "")
     with service("ledger_service", ledger_env(url, 2)) as ledger:
-        if http_bench.wrk_available():
+        if not wanted("http"):
+            pass
+        elif http_bench.wrk_available():
             print("HTTP edge: POST /v1/generate driven by wrk", flush=True)
             print(http_figures(url, ledger, seconds), "", sep="\n", flush=True)
         else:
             print("HTTP edge: skipped (wrk is not installed; `make bench` installs it)\n")
-        print(grpc_and_limits(url, ledger, concurrency, seconds), "", sep="\n", flush=True)
-        if memory_seconds > 0 and http_bench.wrk_available():
+        if wanted("grpc"):
+            print(grpc_and_limits(url, ledger, concurrency, seconds), "", sep="\n", flush=True)
+        if wanted("memory") and memory_seconds > 0 and http_bench.wrk_available():
             print(memory_run(url, ledger, memory_seconds), flush=True)
     return 0
 

@@ -10,17 +10,20 @@ definitive answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from gateway_service.errors import Failure, GatewayError
+from gateway_service.ledger_batch import BatchUnsupported, WriteBatcher
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
-from shared.rich_errors import error_info
+from shared.rich_errors import error_info, status_info
 
 T = TypeVar("T")
 
@@ -66,6 +69,9 @@ _BY_CODE = {
 }
 
 
+_CODE_OF_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
 class LedgerError(GatewayError):
     """A failed ledger call. `definitive`: the ledger's answer about the request itself."""
 
@@ -80,9 +86,20 @@ def is_definitive(exc: GatewayError) -> bool:
 
 
 def ledger_failure(exc: grpc.aio.AioRpcError) -> LedgerError:
-    definitive = exc.code() in DEFINITIVE_CODES
-    info = error_info(exc)
-    reason = info.reason if info else exc.code().name
+    return failure_of(exc.code(), exc.details() or "", error_info(exc))
+
+
+def status_failure(status: status_pb2.Status) -> LedgerError:
+    """The failure a batched write's status stands for: as if its own call had failed so."""
+    code = _CODE_OF_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    return failure_of(code, status.message, status_info(status))
+
+
+def failure_of(
+    code: grpc.StatusCode, details: str, info: error_details_pb2.ErrorInfo | None
+) -> LedgerError:
+    definitive = code in DEFINITIVE_CODES
+    reason = info.reason if info else code.name
     metadata = dict(info.metadata) if info else {}
     if reason == "MONTHLY_QUOTA_EXCEEDED":
         resets_at = datetime.fromisoformat(metadata["resets_at"])
@@ -102,14 +119,39 @@ def ledger_failure(exc: grpc.aio.AioRpcError) -> LedgerError:
             metadata,
             definitive=definitive,
         )
-    failure = _BY_CODE.get(exc.code(), Failure.INTERNAL)
+    failure = _BY_CODE.get(code, Failure.INTERNAL)
     if failure is Failure.UNAVAILABLE:
         return LedgerError(
             failure, "LEDGER_UNAVAILABLE", "the token ledger is unavailable", definitive=False
         )
     if failure is Failure.INTERNAL:
         return LedgerError(failure, "LEDGER_ERROR", "the token ledger failed", definitive=False)
-    return LedgerError(failure, reason, exc.details() or reason, metadata, definitive=definitive)
+    return LedgerError(failure, reason, details or reason, metadata, definitive=definitive)
+
+
+def _batch_failure(exc: grpc.aio.AioRpcError | None) -> LedgerError:
+    """A batch that failed as a whole (None: no answer for this write, e.g. its deadline passed
+    while it waited to leave): not the ledger's last word on any of its writes."""
+    if exc is not None:
+        return ledger_failure(exc)
+    return LedgerError(
+        Failure.UNAVAILABLE,
+        "LEDGER_UNAVAILABLE",
+        "the token ledger is unavailable",
+        definitive=False,
+    )
+
+
+# The same attempts and backoff as _SERVICE_CONFIG's retry policy gives a lone call.
+_WRITE_ATTEMPTS = 3
+_WRITE_BACKOFF = (0.05, 0.15)
+_RPC_OF = {
+    "reserve": "Reserve",
+    "extend_hold": "ExtendHold",
+    "settle": "Settle",
+    "release": "Release",
+    "record_usage": "RecordUsage",
+}
 
 
 class LedgerClient:
@@ -128,6 +170,43 @@ class LedgerClient:
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
+        self.batcher = WriteBatcher(self._send_batch, _batch_failure, timeout)
+
+    async def _send_batch(
+        self, request: lpb.ApplyBatchRequest, deadline: float
+    ) -> lpb.ApplyBatchResponse:
+        return await self.stub.ApplyBatch(request, metadata=self._metadata, timeout=deadline)
+
+    async def write(self, write: lpb.LedgerWrite) -> lpb.LedgerWriteResult:
+        """One hot-path write, batched with whatever other writes wait at the same moment; its
+        response in the result's oneof, or a LedgerError exactly as its own call would raise."""
+        kind = write.WhichOneof("write")
+        assert kind is not None
+        for attempt in range(_WRITE_ATTEMPTS):
+            if not self.batcher.supported:
+                return await self._write_alone(write, kind)
+            try:
+                result = await self.batcher.write(write)
+            except BatchUnsupported:
+                return await self._write_alone(write, kind)
+            answered = result.WhichOneof("result")
+            if answered == kind:
+                return result
+            if answered != "error":
+                raise _batch_failure(None)
+            # What gRPC's retry policy does for a lone call: UNAVAILABLE is tried again.
+            if result.error.code != grpc.StatusCode.UNAVAILABLE.value[0]:
+                raise status_failure(result.error)
+            if attempt + 1 == _WRITE_ATTEMPTS:
+                raise status_failure(result.error)
+            await asyncio.sleep(_WRITE_BACKOFF[attempt])
+        raise AssertionError("unreachable")
+
+    async def _write_alone(self, write: lpb.LedgerWrite, kind: str) -> lpb.LedgerWriteResult:
+        """The write as its own call: for a ledger without ApplyBatch."""
+        method = getattr(self.stub, _RPC_OF[kind])
+        reply = await self.call(method, getattr(write, kind))
+        return lpb.LedgerWriteResult(**{kind: reply})
 
     async def call(
         self, method: Callable[..., Awaitable[T]], request: Any, deadline: float | None = None
@@ -138,7 +217,7 @@ class LedgerClient:
             raise ledger_failure(exc) from None
 
     async def reserve(self, request: lpb.ReserveRequest) -> lpb.ReserveResponse:
-        return await self.call(self.stub.Reserve, request)
+        return (await self.write(lpb.LedgerWrite(reserve=request))).reserve
 
     async def extend_hold(
         self, reservation_id: str, user_id: str, ttl_seconds: int
@@ -146,16 +225,16 @@ class LedgerClient:
         request = lpb.ExtendHoldRequest(
             reservation_id=reservation_id, user_id=user_id, ttl_seconds=ttl_seconds
         )
-        return await self.call(self.stub.ExtendHold, request)
+        return (await self.write(lpb.LedgerWrite(extend_hold=request))).extend_hold
 
     async def settle(self, request: lpb.SettleRequest) -> lpb.SettleResponse:
-        return await self.call(self.stub.Settle, request)
+        return (await self.write(lpb.LedgerWrite(settle=request))).settle
 
     async def release(self, request: lpb.ReleaseRequest) -> lpb.ReleaseResponse:
-        return await self.call(self.stub.Release, request)
+        return (await self.write(lpb.LedgerWrite(release=request))).release
 
     async def record_usage(self, request: lpb.RecordUsageRequest) -> lpb.RecordUsageResponse:
-        return await self.call(self.stub.RecordUsage, request)
+        return (await self.write(lpb.LedgerWrite(record_usage=request))).record_usage
 
     async def user_status(self, user_id: str) -> lpb.GetUserStatusResponse:
         return await self.call(self.stub.GetUserStatus, lpb.GetUserStatusRequest(user_id=user_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -32,12 +33,14 @@ from ledger_service.domain.types import (
 )
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
-from shared.rich_errors import rich_status
+from shared.rich_errors import rich_status, status_proto
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "ledger.rpcai"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
+# A bound on one ApplyBatch (the gateway sends at most 64).
+MAX_BATCH_WRITES = 256
 
 _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -241,8 +244,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             owed_collected=r.owed_collected,
         )
 
-    @rpc
-    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+    async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         r = await self.ledger.reserve(
             request.idempotency_key,
             request.user_id,
@@ -264,17 +266,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             settlement=None if r.settlement is None else _settlement_pb(r.settlement),
         )
 
-    @rpc
-    async def ExtendHold(
-        self, request: pb.ExtendHoldRequest, context: Context
-    ) -> pb.ExtendHoldResponse:
+    async def _extend_hold(self, request: pb.ExtendHoldRequest) -> pb.ExtendHoldResponse:
         r = await self.ledger.extend_hold(
             request.reservation_id, request.ttl_seconds, user_id=request.user_id
         )
         return pb.ExtendHoldResponse(expires_at=_ts(r.expires_at))
 
-    @rpc
-    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
+    async def _settle(self, request: pb.SettleRequest) -> pb.SettleResponse:
         cost = (
             request.estimated_cost_micro_usd
             if request.HasField("estimated_cost_micro_usd")
@@ -289,8 +287,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
         return _settlement_pb(r)
 
-    @rpc
-    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
+    async def _release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         r = await self.ledger.release(request.reservation_id, user_id=request.user_id)
         return pb.ReleaseResponse(
             released_tokens=r.released_tokens,
@@ -333,10 +330,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             parked=r.parked,
         )
 
-    @rpc
-    async def RecordUsage(
-        self, request: pb.RecordUsageRequest, context: Context
-    ) -> pb.RecordUsageResponse:
+    async def _record_usage(self, request: pb.RecordUsageRequest) -> pb.RecordUsageResponse:
         cost = (
             request.estimated_cost_micro_usd
             if request.HasField("estimated_cost_micro_usd")
@@ -350,6 +344,68 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             cost,
         )
         return pb.RecordUsageResponse(usage_id=r.usage_id, replayed=r.replayed)
+
+    @rpc
+    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+        return await self._reserve(request)
+
+    @rpc
+    async def ExtendHold(
+        self, request: pb.ExtendHoldRequest, context: Context
+    ) -> pb.ExtendHoldResponse:
+        return await self._extend_hold(request)
+
+    @rpc
+    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
+        return await self._settle(request)
+
+    @rpc
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
+        return await self._release(request)
+
+    @rpc
+    async def RecordUsage(
+        self, request: pb.RecordUsageRequest, context: Context
+    ) -> pb.RecordUsageResponse:
+        return await self._record_usage(request)
+
+    @rpc
+    async def ApplyBatch(
+        self, request: pb.ApplyBatchRequest, context: Context
+    ) -> pb.ApplyBatchResponse:
+        if len(request.writes) > MAX_BATCH_WRITES:
+            raise errors.InvalidArgument("writes", f"holds more than {MAX_BATCH_WRITES} writes")
+        # Concurrently, so the writes of one batch share the ledger's group commits.
+        results = await asyncio.gather(*(self._apply(write) for write in request.writes))
+        return pb.ApplyBatchResponse(results=results)
+
+    async def _apply(self, write: pb.LedgerWrite) -> pb.LedgerWriteResult:
+        kind = write.WhichOneof("write")
+        try:
+            if kind == "reserve":
+                return pb.LedgerWriteResult(reserve=await self._reserve(write.reserve))
+            if kind == "settle":
+                return pb.LedgerWriteResult(settle=await self._settle(write.settle))
+            if kind == "release":
+                return pb.LedgerWriteResult(release=await self._release(write.release))
+            if kind == "extend_hold":
+                return pb.LedgerWriteResult(extend_hold=await self._extend_hold(write.extend_hold))
+            if kind == "record_usage":
+                return pb.LedgerWriteResult(
+                    record_usage=await self._record_usage(write.record_usage)
+                )
+            raise errors.InvalidArgument("write", "names no write")
+        except errors.LedgerError as exc:
+            code = _CODES.get(type(exc), grpc.StatusCode.INTERNAL)
+            return pb.LedgerWriteResult(
+                error=status_proto(code, exc.message, exc.reason, DOMAIN, exc.metadata)
+            )
+        except Exception:
+            # What a lone call would answer as INTERNAL; the other writes keep their answers.
+            log.exception("a batched %s failed", kind)
+            return pb.LedgerWriteResult(
+                error=status_proto(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", DOMAIN)
+            )
 
     @rpc
     async def GetBalance(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from google.rpc import status_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +30,13 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
+    # google/rpc/*.proto ship with googleapis-common-protos (a pinned dependency).
+    googleapis = Path(status_pb2.__file__).resolve().parent.parent.parent
     args = [
         "protoc",
         f"-I{PROTOS}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={out}",
         f"--mypy_out={out}",
         f"--grpc_python_out={out}",

@@ -38,15 +38,36 @@ def rich_status(
 ) -> grpc.Status:
     """`extra`: further google.rpc details (RetryInfo, QuotaFailure...) after the ErrorInfo;
     `trailing`: plain metadata sent beside them."""
+    status = rpc_status.to_status(status_proto(code, message, reason, domain, metadata, extra))
+    return _Status(status.code, status.details, (*status.trailing_metadata, *trailing))
+
+
+def status_proto(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    domain: str,
+    metadata: Mapping[str, str] | None = None,
+    extra: Sequence[Message] = (),
+) -> status_pb2.Status:
+    """The google.rpc.Status a rich error carries (what a batch answers for one failed item)."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
     details = []
     for message_detail in (info, *extra):
         detail = any_pb2.Any()
         detail.Pack(message_detail)
         details.append(detail)
-    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
-    status = rpc_status.to_status(proto)
-    return _Status(status.code, status.details, (*status.trailing_metadata, *trailing))
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
+
+
+def status_info(proto: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo among a google.rpc.Status's details, if any."""
+    for detail in proto.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -56,12 +77,7 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     for key, value in cast("Iterable[tuple[str, str | bytes]]", trailing or ()):
         if key != DETAILS_KEY or not isinstance(value, bytes):
             continue
-        proto = status_pb2.Status.FromString(value)
-        for detail in proto.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info
+        return status_info(status_pb2.Status.FromString(value))
     return None
 
 

@@ -1,14 +1,23 @@
 """A gRPC proxy in front of a real ledger, on real sockets, that can fail chosen methods: the
 ledger answering INTERNAL, UNKNOWN, CANCELLED or UNAVAILABLE to a Settle, before applying it or
 after (the answer lost on the way back). Bytes pass through untouched, metadata (the service
-token) and rich error details included."""
+token) and rich error details included.
+
+The gateway sends its hot-path writes inside ApplyBatch calls. Each write in one counts and is
+recorded as a call of its own method (a batched Settle is a "Settle"), and a fault on that method
+fails that write alone, as the ledger would answer it inside a batch: not applied, or applied with
+its answer replaced by the error. A fault on "ApplyBatch" fails the whole call."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
+
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 
 
 @dataclass
@@ -26,6 +35,8 @@ class LedgerProxy(grpc.GenericRpcHandler):
         self.faults: dict[str, Fault] = {}
         self.calls: dict[str, int] = {}
         self.requests: dict[str, list[bytes]] = {}  # each call's serialized request, by method
+        # Awaited before a call of that method goes on (to hold it, or slow it down).
+        self.before: dict[str, Callable[[], Awaitable[None]]] = {}
         self._channel = grpc.aio.insecure_channel(target)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((self,))
@@ -58,15 +69,16 @@ class LedgerProxy(grpc.GenericRpcHandler):
                 for k, v in (context.invocation_metadata() or ())
                 if not k.startswith(":") and not k.startswith("grpc-")
             )
-            fault = self.faults.get(name)
-            if fault is not None and fault.times is not None:
-                fault.times -= 1
-                if fault.times < 0:
-                    fault = None
+            if name in self.before:
+                await self.before[name]()
+            fault = self._take_fault(name)
             if fault is not None and not fault.after_forwarding:
                 await context.abort(fault.code, f"injected {fault.code.name}")
             try:
-                answer: bytes = await forward(request, metadata=metadata, timeout=10)
+                if name == "ApplyBatch":
+                    answer = await self._batch(forward, request, metadata)
+                else:
+                    answer = await forward(request, metadata=metadata, timeout=10)
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
                 raise  # unreachable: abort raises
@@ -75,3 +87,61 @@ class LedgerProxy(grpc.GenericRpcHandler):
             return answer
 
         return grpc.unary_unary_rpc_method_handler(handle)
+
+    def _take_fault(self, name: str) -> Fault | None:
+        fault = self.faults.get(name)
+        if fault is not None and fault.times is not None:
+            fault.times -= 1
+            if fault.times < 0:
+                fault = None
+        return fault
+
+    async def _batch(
+        self,
+        forward: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
+        request: bytes,
+        metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> bytes:
+        batch = lpb.ApplyBatchRequest.FromString(request)
+        results: list[lpb.LedgerWriteResult] = [lpb.LedgerWriteResult() for _ in batch.writes]
+        sent = lpb.ApplyBatchRequest()
+        sent_at: list[int] = []
+        lost: dict[int, Fault] = {}  # applied, then the answer replaced by the fault's error
+        for i, write in enumerate(batch.writes):
+            kind = write.WhichOneof("write")
+            name = _RPC_OF.get(kind or "", "Unknown")
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if kind is not None:
+                self.requests.setdefault(name, []).append(getattr(write, kind).SerializeToString())
+            if name in self.before:
+                await self.before[name]()
+            fault = self._take_fault(name)
+            if fault is not None and not fault.after_forwarding:
+                results[i].error.CopyFrom(_injected(fault))
+                continue
+            if fault is not None:
+                lost[i] = fault
+            sent.writes.append(write)
+            sent_at.append(i)
+        if sent.writes:
+            raw = await forward(sent.SerializeToString(), metadata=metadata, timeout=10)
+            answered = lpb.ApplyBatchResponse.FromString(raw)
+            for i, result in zip(sent_at, answered.results, strict=True):
+                if i in lost:
+                    results[i].error.CopyFrom(_injected(lost[i], " (answer lost)"))
+                else:
+                    results[i].CopyFrom(result)
+        return lpb.ApplyBatchResponse(results=results).SerializeToString()
+
+
+_RPC_OF = {
+    "reserve": "Reserve",
+    "extend_hold": "ExtendHold",
+    "settle": "Settle",
+    "release": "Release",
+    "record_usage": "RecordUsage",
+}
+
+
+def _injected(fault: Fault, note: str = "") -> status_pb2.Status:
+    return status_pb2.Status(code=fault.code.value[0], message=f"injected {fault.code.name}{note}")

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ledger_service.app import LedgerApp, create_app
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
-from shared.rich_errors import error_info
+from shared.rich_errors import error_info, status_info
 from tests import pg
 from tests.conftest import AUTH, SERVICE_TOKEN, ledger_settings
 
@@ -201,6 +201,15 @@ def base_request(rpc: str, s: Seeded) -> Message:
         ),
         "Release": lambda: pb.ReleaseRequest(reservation_id=s.open_hold),
         "ExtendHold": lambda: pb.ExtendHoldRequest(reservation_id=s.open_hold, ttl_seconds=60),
+        "ApplyBatch": lambda: pb.ApplyBatchRequest(
+            writes=[
+                pb.LedgerWrite(
+                    reserve=pb.ReserveRequest(
+                        idempotency_key=_key(), user_id=s.user, estimated_tokens=10, ttl_seconds=60
+                    )
+                )
+            ]
+        ),
         "RefundPurchase": lambda: pb.RefundPurchaseRequest(
             idempotency_key=_key(), purchase_id=s.purchase_id, tokens_to_refund=10
         ),
@@ -282,6 +291,23 @@ async def expect_invalid(s: Seeded, rpc: str, request: Message, field: str) -> N
     assert info.domain == "ledger.rpcai"
     assert info.metadata.get("field") == field, (info.metadata, err.details())
     assert await snapshot(s.conn) == before
+    if rpc in BATCHED:
+        # The same write inside ApplyBatch: the same answer, for that write alone.
+        write = pb.LedgerWrite()
+        getattr(write, BATCHED[rpc]).CopyFrom(request)
+        batch = pb.ApplyBatchRequest(writes=[write])
+        reply = await s.stub.ApplyBatch(batch, metadata=AUTH, timeout=TIMEOUT)
+        (result,) = reply.results
+        assert result.WhichOneof("result") == "error"
+        assert result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        batched_info = status_info(result.error)
+        assert batched_info is not None
+        assert (batched_info.reason, batched_info.metadata.get("field")) == (
+            "INVALID_ARGUMENT",
+            field,
+        )
+        assert result.error.message == err.details()
+        assert await snapshot(s.conn) == before
 
 
 # --- ids and free-text fields ------------------------------------------------------------------
@@ -713,7 +739,16 @@ RPCS = [
     "RecordDeadLetter",
     "ListDeadLetters",
     "ResolveDeadLetter",
+    "ApplyBatch",
 ]
+# The writes ApplyBatch carries: every bad-input case of these is also sent inside a batch.
+BATCHED = {
+    "Reserve": "reserve",
+    "ExtendHold": "extend_hold",
+    "Settle": "settle",
+    "Release": "release",
+    "RecordUsage": "record_usage",
+}
 
 
 def test_every_rpc_of_the_service_is_covered() -> None:
@@ -722,7 +757,8 @@ def test_every_rpc_of_the_service_is_covered() -> None:
     assert set(RPCS) == set(service.methods_by_name)
     # Methods keyed by a UUID only (their cases are in FIELD_CASES).
     by_uuid = {"Settle", "Release", "ExtendHold", "ResolveDeadLetter"}
-    assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - {"RefundPurchase"}
+    assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - {"RefundPurchase", "ApplyBatch"}
+    assert set(BATCHED) | {"ApplyBatch"} <= set(RPCS)
     assert by_uuid <= {rpc for rpc, *_ in FIELD_CASES}
 
 

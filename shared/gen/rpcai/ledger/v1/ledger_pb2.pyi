@@ -14,6 +14,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -777,6 +778,130 @@ class RecordUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
+
+@_typing.final
+class LedgerWrite(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVE_FIELD_NUMBER: _builtins.int
+    EXTEND_HOLD_FIELD_NUMBER: _builtins.int
+    SETTLE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    RECORD_USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reserve(self) -> Global___ReserveRequest: ...
+    @_builtins.property
+    def extend_hold(self) -> Global___ExtendHoldRequest: ...
+    @_builtins.property
+    def settle(self) -> Global___SettleRequest: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseRequest: ...
+    @_builtins.property
+    def record_usage(self) -> Global___RecordUsageRequest: ...
+    def __init__(
+        self,
+        *,
+        reserve: Global___ReserveRequest | None = ...,
+        extend_hold: Global___ExtendHoldRequest | None = ...,
+        settle: Global___SettleRequest | None = ...,
+        release: Global___ReleaseRequest | None = ...,
+        record_usage: Global___RecordUsageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["extend_hold", b"extend_hold", "record_usage", b"record_usage", "release", b"release", "reserve", b"reserve", "settle", b"settle", "write", b"write"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extend_hold", b"extend_hold", "record_usage", b"record_usage", "release", b"release", "reserve", b"reserve", "settle", b"settle", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_write: _TypeAlias = _typing.Literal["reserve", "extend_hold", "settle", "release", "record_usage"]  # noqa: Y015
+    _WhichOneofArgType_write: _TypeAlias = _typing.Literal["write", b"write"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_write) -> _WhichOneofReturnType_write | None: ...
+
+Global___LedgerWrite: _TypeAlias = LedgerWrite  # noqa: Y015
+
+@_typing.final
+class ApplyBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerWrite]: ...
+    def __init__(
+        self,
+        *,
+        writes: _abc.Iterable[Global___LedgerWrite] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["writes", b"writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyBatchRequest: _TypeAlias = ApplyBatchRequest  # noqa: Y015
+
+@_typing.final
+class LedgerWriteResult(_message.Message):
+    """The write's own response, or the status its own call would have failed with (code, message,
+    and a google.rpc.ErrorInfo detail, as in trailers).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVE_FIELD_NUMBER: _builtins.int
+    EXTEND_HOLD_FIELD_NUMBER: _builtins.int
+    SETTLE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    RECORD_USAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reserve(self) -> Global___ReserveResponse: ...
+    @_builtins.property
+    def extend_hold(self) -> Global___ExtendHoldResponse: ...
+    @_builtins.property
+    def settle(self) -> Global___SettleResponse: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseResponse: ...
+    @_builtins.property
+    def record_usage(self) -> Global___RecordUsageResponse: ...
+    @_builtins.property
+    def error(self) -> _status_pb2.Status: ...
+    def __init__(
+        self,
+        *,
+        reserve: Global___ReserveResponse | None = ...,
+        extend_hold: Global___ExtendHoldResponse | None = ...,
+        settle: Global___SettleResponse | None = ...,
+        release: Global___ReleaseResponse | None = ...,
+        record_usage: Global___RecordUsageResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "extend_hold", b"extend_hold", "record_usage", b"record_usage", "release", b"release", "reserve", b"reserve", "result", b"result", "settle", b"settle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "extend_hold", b"extend_hold", "record_usage", b"record_usage", "release", b"release", "reserve", b"reserve", "result", b"result", "settle", b"settle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["reserve", "extend_hold", "settle", "release", "record_usage", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___LedgerWriteResult: _TypeAlias = LedgerWriteResult  # noqa: Y015
+
+@_typing.final
+class ApplyBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerWriteResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___LedgerWriteResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyBatchResponse: _TypeAlias = ApplyBatchResponse  # noqa: Y015
 
 @_typing.final
 class GetBalanceRequest(_message.Message):

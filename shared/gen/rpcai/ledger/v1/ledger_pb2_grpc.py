@@ -69,6 +69,11 @@ class LedgerServiceStub:
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.ApplyBatch = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/ApplyBatch',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.FromString,
+                _registered_method=True)
         self.GetBalance = channel.unary_unary(
                 '/rpcai.ledger.v1.LedgerService/GetBalance',
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceRequest.SerializeToString,
@@ -177,6 +182,16 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyBatch(self, request, context):
+        """The hot-path writes above (Reserve, ExtendHold, Settle, Release, RecordUsage), several in
+        one round trip. Each write is applied exactly as its own call would be (same answer, same
+        idempotency, its own transaction or group commit); one write's error never fails another,
+        and results come back in the order of the writes. At most 256 writes per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetBalance(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -279,6 +294,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.RecordUsage,
                     request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.FromString,
                     response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'ApplyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyBatch,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.SerializeToString,
             ),
             'GetBalance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBalance,
@@ -520,6 +540,33 @@ class LedgerService:
             '/rpcai.ledger.v1.LedgerService/RecordUsage',
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.SerializeToString,
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/ApplyBatch',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,12 @@ class LedgerServiceStub:
     """
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]
     """Analytics only (BYOK calls): changes no balance."""
+    ApplyBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApplyBatchRequest, _ledger_pb2.ApplyBatchResponse]
+    """The hot-path writes above (Reserve, ExtendHold, Settle, Release, RecordUsage), several in
+    one round trip. Each write is applied exactly as its own call would be (same answer, same
+    idempotency, its own transaction or group commit); one write's error never fails another,
+    and results come back in the order of the writes. At most 256 writes per call.
+    """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     QuoteReserve: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.QuoteReserveRequest, _ledger_pb2.QuoteReserveResponse]
     """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
@@ -99,6 +105,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """Analytics only (BYOK calls): changes no balance."""
+    ApplyBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApplyBatchRequest, _ledger_pb2.ApplyBatchResponse]  # type: ignore[assignment]
+    """The hot-path writes above (Reserve, ExtendHold, Settle, Release, RecordUsage), several in
+    one round trip. Each write is applied exactly as its own call would be (same answer, same
+    idempotency, its own transaction or group commit); one write's error never fails another,
+    and results come back in the order of the writes. At most 256 writes per call.
+    """
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     QuoteReserve: _aio.UnaryUnaryMultiCallable[_ledger_pb2.QuoteReserveRequest, _ledger_pb2.QuoteReserveResponse]  # type: ignore[assignment]
     """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
@@ -180,6 +192,18 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.RecordUsageResponse, _abc.Awaitable[_ledger_pb2.RecordUsageResponse]]:
         """Analytics only (BYOK calls): changes no balance."""
+
+    @_abc_1.abstractmethod
+    def ApplyBatch(
+        self,
+        request: _ledger_pb2.ApplyBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ApplyBatchResponse, _abc.Awaitable[_ledger_pb2.ApplyBatchResponse]]:
+        """The hot-path writes above (Reserve, ExtendHold, Settle, Release, RecordUsage), several in
+        one round trip. Each write is applied exactly as its own call would be (same answer, same
+        idempotency, its own transaction or group commit); one write's error never fails another,
+        and results come back in the order of the writes. At most 256 writes per call.
+        """
 
     @_abc_1.abstractmethod
     def GetBalance(
