@@ -4,9 +4,10 @@ calls applied together in one statement, one transaction (`ledger_hot_batch`, mi
 One transaction per call costs Postgres a commit (a WAL flush) and the ledger a round trip each;
 for a batch they are paid once. The rules this module keeps:
 
-- Natural batching, no fixed delay: with no batch in flight an item goes at once (a lone call
-  waits for nothing). Items that arrive while batches are in flight wait for the next one, which
-  leaves as soon as a batch finishes, when the oldest waiting item has waited `max_wait`, or when
+- Natural batching, no fixed delay: with no batch in flight an item goes at once, on the next
+  turn of the event loop (a lone call waits for nothing; the writes of one ApplyBatch go
+  together). Items that arrive while batches are in flight wait for the next one, which leaves
+  as soon as a batch finishes, when the oldest waiting item has waited `max_wait`, or when
   `max_items` are waiting; at most `max_in_flight` batches run at once (one connection each).
 - An item is answered only after its batch committed: the statement is its own transaction, so a
   crash before the commit applied nothing and the client's retry (same key) starts afresh.
@@ -156,6 +157,7 @@ class GroupCommit:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._flush_due = False
         self._logged_at = clock()
         self._logged_items = 0
 
@@ -170,11 +172,20 @@ class GroupCommit:
         if not self._waiting or self._in_flight >= self.max_in_flight:
             return
         if self._in_flight == 0 or len(self._waiting) >= self.max_items:
-            self._flush()
+            # On the next turn of the loop, not now: the items of one ApplyBatch (and any other
+            # calls of this turn) arrive in one turn and so leave together.
+            if not self._flush_due:
+                self._flush_due = True
+                asyncio.get_running_loop().call_soon(self._flush_now)
         elif self._timer is None:
             due = self._waiting[0].since + self.max_wait
             loop = asyncio.get_running_loop()
             self._timer = loop.call_at(loop.time() + max(0.0, due - self._clock()), self._expire)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        if self._waiting and self._in_flight < self.max_in_flight:
+            self._flush()
 
     def _expire(self) -> None:
         self._timer = None
