@@ -221,3 +221,55 @@ async def test_a_slot_an_acquire_left_in_redis_after_timing_out_is_freed(
     finally:
         await admin.aclose()
         await resilient.close()
+
+
+async def test_concurrent_decisions_share_round_trips_and_keep_their_own_answers(
+    redis_srv: RedisServer,
+) -> None:
+    """The scripts of calls made in one turn of the event loop go in one pipeline: 100
+    acquires and their releases take a handful of trips (and one connection each), not 200,
+    and each call still gets its own atomic decision."""
+    client = shared_client(redis_srv.url, timeout=5)
+    shared = RedisLimiter(client, prefix=f"t{uuid.uuid4().hex}:")
+    trips = 0
+    pipeline = client.pipeline
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal trips
+        trips += 1
+        return pipeline(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.pipeline = counted  # type: ignore[method-assign,assignment]
+    b = bucket(Limit(requests_per_minute=1000, calls_in_flight=30))
+    try:
+        ids = [uuid.uuid4().hex for _ in range(100)]
+        decisions = await asyncio.gather(*(shared.acquire([b], i, 60_000) for i in ids))
+        assert sum(d.allowed for d in decisions) == 30
+        assert {d.reason for d in decisions if not d.allowed} == {"TOO_MANY_CALLS_IN_FLIGHT"}
+        await asyncio.gather(
+            *(shared.release([b], i, 0) for i, d in zip(ids, decisions, strict=True) if d.allowed)
+        )
+        assert (await shared.peek([b])).in_flight == 0
+        assert 1 <= trips <= 4  # 100 acquires, 30 releases, 1 peek: every script pipelined
+    finally:
+        await shared.close()
+
+
+async def test_a_flushed_script_cache_loads_the_scripts_again(redis_srv: RedisServer) -> None:
+    """A Redis restarted (or its scripts flushed) between two decisions: the pipelined EVALSHA
+    finds no script, which then loads itself; the decision is still made, and exactly."""
+    shared = RedisLimiter(shared_client(redis_srv.url, timeout=5), prefix=f"t{uuid.uuid4().hex}:")
+    admin = redis.Redis.from_url(redis_srv.url)
+    b = bucket(Limit(requests_per_minute=3))
+    try:
+        assert (await shared.acquire([b], "first", 60_000)).allowed
+        await admin.script_flush()
+        decisions = await asyncio.gather(
+            *(shared.acquire([b], uuid.uuid4().hex, 60_000) for _ in range(4))
+        )
+        assert sum(d.allowed for d in decisions) == 2
+        await admin.script_flush()
+        await shared.release([b], "first", 0)  # a release after a flush, too
+    finally:
+        await admin.aclose()
+        await shared.close()
