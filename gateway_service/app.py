@@ -50,6 +50,7 @@ class GatewayApp:
     async def start(self, addr: str) -> int:
         """Starts the outbox and the gRPC server; returns the gRPC port."""
         await self.outbox.start()
+        await self.gateway.gate.warm()
         return await self.grpc.start(addr)
 
     async def start_http(self, addr: str) -> int:

@@ -83,7 +83,8 @@ def parse_limits(raw: Mapping[str, Any]) -> LimitsConfig:
     subscription = raw.get("subscription", {})
     if not isinstance(subscription, dict):
         raise ValueError("rate limits: subscription must be a table of tiers")
-    for tier, limits in subscription.items():
+    # The default tier first: every other tier starts from it, whatever order they are written in.
+    for tier, limits in sorted(subscription.items(), key=lambda item: item[0] != DEFAULT_TIER):
         tiers[str(tier)] = _limit(f"subscription.{tier}", limits, tiers.get(DEFAULT_TIER, Limit()))
     attempts = raw.get("failed_key_attempts_per_minute", defaults.failed_key_attempts_per_minute)
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:

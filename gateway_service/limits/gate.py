@@ -172,5 +172,8 @@ class RateGate:
         except Exception:
             log.exception("rate limiter: could not count a refused key")
 
+    async def warm(self) -> None:
+        await self.limiter.warm()
+
     async def close(self) -> None:
         await asyncio.shield(self.limiter.close())

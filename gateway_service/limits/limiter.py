@@ -34,6 +34,8 @@ from gateway_service.limits.config import Limit
 log = logging.getLogger(__name__)
 
 MINUTE_MS = 60_000.0
+# How long start-up waits for Redis to be ready (connection, scripts) before serving anyway.
+WARM_SECONDS = 2.0
 
 Reason = Literal[
     "", "RATE_LIMITED", "TOKENS_PER_MINUTE_EXCEEDED", "TOO_MANY_CALLS_IN_FLIGHT", "UNAVAILABLE"
@@ -74,6 +76,10 @@ class Limiter(Protocol):
 
     async def peek(self, buckets: Sequence[Bucket]) -> Decision:
         """What acquire would decide now, taking nothing."""
+        ...
+
+    async def warm(self) -> None:
+        """Readies what the first decisions would otherwise wait for (at start-up)."""
         ...
 
     async def close(self) -> None: ...
@@ -182,6 +188,9 @@ class LocalLimiter:
             for k, s in self._state.slots.items()
             if (live := {c: e for c, e in s.items() if e > now})
         }
+
+    async def warm(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -448,6 +457,12 @@ class RedisLimiter:
         args += [b.limit.tokens_per_minute for b in buckets]
         await self._pipeline.run(self._release, keys, args)
 
+    async def warm(self) -> None:
+        """A connection open and both scripts in Redis's cache before the first burst of calls
+        (which would otherwise pay the connect and a NOSCRIPT reload within the timeout)."""
+        for script in (self._acquire, self._release):
+            script.sha = await self._client.script_load(script.script)
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -539,6 +554,14 @@ class ResilientLimiter:
                 self._failed(exc)
                 if attempt + 1 < self.RELEASE_TRIES:
                     await asyncio.sleep(self._retry)
+
+    async def warm(self) -> None:
+        """Best effort: a Redis not there yet is found by the first calls, as configured."""
+        try:
+            async with asyncio.timeout(max(self._timeout, WARM_SECONDS)):
+                await self._shared.warm()
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            log.warning("rate limiter: Redis not ready at start-up (%s)", type(exc).__name__)
 
     async def close(self) -> None:
         await self._shared.close()

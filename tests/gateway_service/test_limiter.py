@@ -273,3 +273,24 @@ async def test_a_flushed_script_cache_loads_the_scripts_again(redis_srv: RedisSe
     finally:
         await admin.aclose()
         await shared.close()
+
+
+async def test_warming_up_loads_the_scripts_and_never_fails_the_start(
+    redis_srv: RedisServer,
+) -> None:
+    admin = redis.Redis.from_url(redis_srv.url)
+    shared = RedisLimiter(shared_client(redis_srv.url, timeout=5), prefix=f"t{uuid.uuid4().hex}:")
+    try:
+        await admin.script_flush()
+        await shared.warm()
+        shas = [shared._acquire.sha, shared._release.sha]
+        assert await admin.script_exists(*shas) == [True, True]
+    finally:
+        await admin.aclose()
+        await shared.close()
+    # No Redis at all: the start goes on (the first calls fall back as configured).
+    nowhere = RedisLimiter(shared_client("redis://127.0.0.1:1/0", timeout=0.2))
+    resilient = ResilientLimiter(nowhere, LocalLimiter(), "local", timeout=0.2)
+    await asyncio.wait_for(resilient.warm(), 5)
+    assert (await resilient.acquire([bucket(Limit(requests_per_minute=1))], "x", 1000)).allowed
+    await resilient.close()
