@@ -239,6 +239,13 @@ def provider_failure(exc: ProviderError, byok: bool) -> GatewayError:
     return GatewayError(failure, reason, str(exc), retry_after=exc.retry_after)
 
 
+def _with_rate(exc: GatewayError, rate: RateInfo | None) -> None:
+    """A limit's refusal after the call was admitted (the monthly quota, a provider's 429) tells
+    the caller's requests-per-minute state, as the gate's own refusals do (RateLimit-*)."""
+    if exc.rate is None and exc.failure is Failure.RATE_LIMITED:
+        exc.rate = rate
+
+
 class Gateway:
     def __init__(
         self,
@@ -348,6 +355,7 @@ class Gateway:
             return replace(result, rate=admission.rate)
         except GatewayError as exc:
             self._key_refused(plan, req, exc)
+            _with_rate(exc, admission.rate)
             raise
         finally:
             # Its slot and unused tokens go back whatever happened (in the background: a
@@ -412,6 +420,7 @@ class Gateway:
                     yield event
         except GatewayError as exc:
             self._key_refused(plan, req, exc)
+            _with_rate(exc, admission.rate)
             raise
         finally:
             if admission.holds_anything:
