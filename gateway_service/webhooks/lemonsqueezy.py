@@ -168,16 +168,24 @@ class LemonSqueezyProcessor:
     async def handle(self, raw_body: bytes) -> Outcome:
         """Applies one verified delivery. Raises GatewayError(UNAVAILABLE) when the ledger is
         away (the provider should retry); anything unapplicable becomes a dead letter."""
+        result = await self._attempt(raw_body)
+        if isinstance(result, Outcome):
+            return result
+        await self._park(raw_body, result)
+        return Outcome(Status.DEAD_LETTER, result.reason)
+
+    async def _attempt(self, raw_body: bytes) -> Outcome | Unapplicable:
+        """The event applied, or why it cannot be: unapplicable as it stands, or refused by the
+        ledger as invalid. Raises when the ledger is away (or for anything that is ours to
+        fix)."""
         try:
             return await self.apply(raw_body)
         except Unapplicable as exc:
-            problem = exc
+            return exc
         except GatewayError as exc:
             if exc.failure is not Failure.INVALID_ARGUMENT:
                 raise  # unavailable: the provider retries; anything else is ours to fix
-            problem = Unapplicable(f"the ledger refused it: {exc.message}")
-        await self._park(raw_body, problem)
-        return Outcome(Status.DEAD_LETTER, problem.reason)
+            return Unapplicable(f"the ledger refused it: {exc.message}")
 
     async def apply(self, raw_body: bytes) -> Outcome:
         """Applies one event (events that wait for another are kept by the ledger)."""
@@ -363,10 +371,10 @@ class LemonSqueezyProcessor:
 
     async def replay(self, letter: lpb.DeadLetter) -> Outcome:
         """Applies a dead letter again; resolves it unless it is still unapplicable."""
-        try:
-            outcome = await self.apply(letter.raw_body)
-        except Unapplicable as exc:
-            return Outcome(Status.DEAD_LETTER, exc.reason)
+        outcome = await self._attempt(letter.raw_body)
+        if isinstance(outcome, Unapplicable):
+            # Still dead, including one the ledger refuses again: the replay goes on.
+            return Outcome(Status.DEAD_LETTER, outcome.reason)
         await self.ledger.call(
             self.ledger.stub.ResolveDeadLetter,
             lpb.ResolveDeadLetterRequest(
