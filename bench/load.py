@@ -29,6 +29,15 @@ class LoadResult:
     def rate(self) -> float:
         return self.ops / self.seconds if self.seconds else 0.0
 
+    def __add__(self, other: LoadResult) -> LoadResult:
+        """Two runs of the same figure as one (interleaved runs, see gateway_bench)."""
+        return LoadResult(
+            self.ops + other.ops,
+            self.errors + other.errors,
+            self.seconds + other.seconds,
+            self.latencies_ms + other.latencies_ms,
+        )
+
     def percentile(self, p: float) -> float:
         if not self.latencies_ms:
             return 0.0
