@@ -228,7 +228,9 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
             current_identity(), generate_request(request, self._address(context))
         )
         if r.rate is not None:
-            await context.send_initial_metadata(rate_metadata(r.rate))
+            # Trailers, not initial metadata: sending initial metadata on its own is a separate
+            # operation and write per call (it was ~8% of a rate-limited gateway's CPU).
+            context.set_trailing_metadata(rate_metadata(r.rate))
         return pb.GenerateTextResponse(
             text=r.text,
             provider=r.provider,

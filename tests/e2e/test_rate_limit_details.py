@@ -222,8 +222,13 @@ async def test_monthly_quota_refusals_over_grpc_carry_quota_failure_and_retry_in
     ) as stack:
         user, auth = await subscriber(stack, quota=QUOTA)
         before = own_sim.stats.requests
-        served = await stack.stub.GenerateText(CALL, metadata=auth)
+        call = stack.stub.GenerateText(CALL, metadata=auth)
+        served = await call
         assert served.token_usage.tokens_charged == CHARGED
+        # A served unary call carries the caller's rate state too, in its trailers.
+        answered = dict(await call.trailing_metadata() or ())
+        assert (answered["ratelimit-limit"], answered["ratelimit-remaining"]) == ("50", "49")
+        assert 0 < int(answered["ratelimit-reset"]) <= 60
 
         started = datetime.now(UTC)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
