@@ -34,6 +34,9 @@ from gateway_service.limits.config import Limit
 log = logging.getLogger(__name__)
 
 MINUTE_MS = 60_000.0
+# The longest a call's release waits to share a trip with other calls' decisions: a slot and
+# unused tokens come back this much later, at most (calls last far longer).
+DEFER_SECONDS = 0.005
 # How long start-up waits for Redis to be ready (connection, scripts) before serving anyway.
 WARM_SECONDS = 2.0
 
@@ -344,19 +347,31 @@ class _Pipeline:
         self._client = client
         self._queue: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]] = []
         self._due = False
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+    async def run(
+        self, script: AsyncScript, keys: list[str], args: list[str | int], urgent: bool = True
+    ) -> Any:
+        """`urgent`: leaves on the next turn of the loop (a call waits for the answer). Not
+        urgent (a release, which no call waits for): leaves with the next urgent trip, or after
+        DEFER_SECONDS, so that most releases cost no trip of their own."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, future))
-        if not self._due:
-            self._due = True
-            loop.call_soon(self._flush)
+        if urgent:
+            if not self._due:
+                self._due = True
+                loop.call_soon(self._flush)
+        elif self._timer is None and not self._due:
+            self._timer = loop.call_later(DEFER_SECONDS, self._flush)
         return await future
 
     def _flush(self) -> None:
         self._due = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         # A caller that gave up (its limiter timeout) before the trip left is not sent.
         batch = [entry for entry in self._queue if not entry[3].done()]
         self._queue = []
@@ -455,7 +470,7 @@ class RedisLimiter:
         keys = [f"{self._prefix}{b.key}:{kind}" for b in buckets for kind in ("tpm", "inflight")]
         args: list[str | int] = [call_id, max(0, unused_tokens)]
         args += [b.limit.tokens_per_minute for b in buckets]
-        await self._pipeline.run(self._release, keys, args)
+        await self._pipeline.run(self._release, keys, args, urgent=False)
 
     async def warm(self) -> None:
         """A connection open and both scripts in Redis's cache before the first burst of calls
