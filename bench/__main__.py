@@ -26,6 +26,7 @@ from ledger_service.store.database import plain_url, start_embedded, with_databa
 from shared import processes
 
 CALLERS = (1, 10, 32)
+WARM_SECONDS = 2.0
 MEMORY_CALLERS = 32
 MEMORY_SAMPLE_SECONDS = 60
 # Targets from the issue that asked for this report (docs/scaling.md explains them).
@@ -175,6 +176,10 @@ def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
                     **postgres_pid(),
                 }
                 name = f"metered, gateway x{workers}"
+                # Warm (pools open, code paths run once) before the first figure is taken.
+                http_bench.run_wrk(
+                    http_bench.metered_target(http_of(env), ledger_bench.USERS), 4, WARM_SECONDS
+                )
                 for callers in CALLERS:
                     metered[workers, callers] = metered_figure(
                         report, name, http_of(env), pids, url, callers, seconds
