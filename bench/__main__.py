@@ -180,6 +180,7 @@ def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
                 http_bench.run_wrk(
                     http_bench.metered_target(http_of(env), ledger_bench.USERS), 4, WARM_SECONDS
                 )
+                time.sleep(0.5)  # the calls wrk cut at its stop settle before the books' window
                 for callers in CALLERS:
                     metered[workers, callers] = metered_figure(
                         report, name, http_of(env), pids, url, callers, seconds
