@@ -145,7 +145,8 @@ def _batch_failure(exc: grpc.aio.AioRpcError | None) -> LedgerError:
 # The same attempts and backoff as _SERVICE_CONFIG's retry policy gives a lone call.
 _WRITE_ATTEMPTS = 3
 _WRITE_BACKOFF = (0.05, 0.15)
-_RPC_OF = {
+# The RPC each kind of LedgerWrite stands for when sent alone.
+RPC_OF_WRITE = {
     "reserve": "Reserve",
     "extend_hold": "ExtendHold",
     "settle": "Settle",
@@ -204,7 +205,7 @@ class LedgerClient:
 
     async def _write_alone(self, write: lpb.LedgerWrite, kind: str) -> lpb.LedgerWriteResult:
         """The write as its own call: for a ledger without ApplyBatch."""
-        method = getattr(self.stub, _RPC_OF[kind])
+        method = getattr(self.stub, RPC_OF_WRITE[kind])
         reply = await self.call(method, getattr(write, kind))
         return lpb.LedgerWriteResult(**{kind: reply})
 

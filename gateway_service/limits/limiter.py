@@ -367,6 +367,13 @@ class _Pipeline:
             self._timer = loop.call_later(DEFER_SECONDS, self._flush)
         return await future
 
+    async def drain(self) -> None:
+        """Sends what waits (deferred releases included) and waits for the trips under way."""
+        if self._queue:
+            self._flush()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     def _flush(self) -> None:
         self._due = False
         if self._timer is not None:
@@ -479,6 +486,7 @@ class RedisLimiter:
             script.sha = await self._client.script_load(script.script)
 
     async def close(self) -> None:
+        await self._pipeline.drain()  # releases still deferred free their slots first
         await self._client.aclose()
 
 

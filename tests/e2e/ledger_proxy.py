@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
+from gateway_service.ledger_client import RPC_OF_WRITE
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 
 
@@ -109,7 +110,7 @@ class LedgerProxy(grpc.GenericRpcHandler):
         lost: dict[int, Fault] = {}  # applied, then the answer replaced by the fault's error
         for i, write in enumerate(batch.writes):
             kind = write.WhichOneof("write")
-            name = _RPC_OF.get(kind or "", "Unknown")
+            name = RPC_OF_WRITE.get(kind or "", "Unknown")
             self.calls[name] = self.calls.get(name, 0) + 1
             if kind is not None:
                 self.requests.setdefault(name, []).append(getattr(write, kind).SerializeToString())
@@ -132,15 +133,6 @@ class LedgerProxy(grpc.GenericRpcHandler):
                 else:
                     results[i].CopyFrom(result)
         return lpb.ApplyBatchResponse(results=results).SerializeToString()
-
-
-_RPC_OF = {
-    "reserve": "Reserve",
-    "extend_hold": "ExtendHold",
-    "settle": "Settle",
-    "release": "Release",
-    "record_usage": "RecordUsage",
-}
 
 
 def _injected(fault: Fault, note: str = "") -> status_pb2.Status:

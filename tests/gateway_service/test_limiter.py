@@ -294,3 +294,22 @@ async def test_warming_up_loads_the_scripts_and_never_fails_the_start(
     await asyncio.wait_for(resilient.warm(), 5)
     assert (await resilient.acquire([bucket(Limit(requests_per_minute=1))], "x", 1000)).allowed
     await resilient.close()
+
+
+async def test_closing_sends_the_releases_still_deferred(redis_srv: RedisServer) -> None:
+    """A release waits a few ms to share a trip; closing the limiter sends it instead of
+    dropping it (a dropped one would keep its slot taken until its lease ends)."""
+    prefix = f"t{uuid.uuid4().hex}:"
+    shared = RedisLimiter(shared_client(redis_srv.url, timeout=5), prefix=prefix)
+    b = bucket(Limit(calls_in_flight=1))
+    assert (await shared.acquire([b], "only", 3_600_000)).allowed
+    release = asyncio.ensure_future(shared.release([b], "only", 0))
+    await asyncio.sleep(0)  # queued, its trip deferred
+    await shared.close()
+    assert release.done()  # sent by the close, not left to a timer after it
+    await release
+    other = RedisLimiter(shared_client(redis_srv.url, timeout=5), prefix=prefix)
+    try:
+        assert (await other.peek([b])).in_flight == 0
+    finally:
+        await other.close()
