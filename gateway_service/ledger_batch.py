@@ -10,12 +10,15 @@ sent alone: the ledger applies each one as its own call would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
+
+log = logging.getLogger(__name__)
 
 Send = Callable[[lpb.ApplyBatchRequest, float], Awaitable[lpb.ApplyBatchResponse]]
 # Exceptions for one write, built per write (an exception object is never shared by two tasks).
@@ -121,6 +124,13 @@ class WriteBatcher:
                 for item in batch:
                     item.future.cancel()
                 raise
+            except Exception:
+                # Anything else (a closed channel...): its callers must not wait forever.
+                log.exception("an ApplyBatch call failed before the ledger answered")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(self._failure_of(None))
+                return
             if len(reply.results) != len(batch):
                 for item in batch:
                     if not item.future.done():

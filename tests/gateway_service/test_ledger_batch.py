@@ -207,3 +207,13 @@ async def test_a_write_whose_caller_left_before_it_was_sent_is_never_sent(
     assert third.reserved_tokens == 125
     assert batch_sizes(proxy) == [1, 1]
     assert (await balance(ledger.stub, "gina")).reserved_tokens == 250
+
+
+async def test_a_write_on_a_closed_client_fails_instead_of_waiting_forever(
+    ledger: LedgerHarness,
+) -> None:
+    client = LedgerClient(ledger.address, SERVICE_TOKEN, timeout=10.0)
+    await client.close()
+    with pytest.raises(LedgerError) as caught:
+        await asyncio.wait_for(client.reserve(_reserve("hank")), 5)
+    assert not is_definitive(caught.value)  # a charge behind it goes to the outbox
