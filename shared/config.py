@@ -30,6 +30,21 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=100)
     batches_in_flight: int = Field(default=4, ge=1)
     log_level: str = "INFO"
+
+    # --- operating it (README "Operating it")
+    # json: one JSON object a line; text: for a person at a terminal. Unset: json unless stderr
+    # is a terminal.
+    log_format: Literal["json", "text"] | None = None
+    # One line per request (method, status, latency, user type, tokens charged) at INFO.
+    access_log: bool = True
+    # The ledger's Prometheus endpoint (`/metrics`); empty: none. The gateway serves `/metrics`
+    # on its HTTP edge.
+    metrics_addr: str = ""
+    # OpenTelemetry: traces are exported over OTLP/HTTP when the endpoint is set, and nothing is
+    # instrumented otherwise. The OTEL_* variables of the OpenTelemetry SDK apply as documented.
+    otel_exporter_otlp_endpoint: str = ""
+    otel_service_name: str = ""
+
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # Worker processes sharing the service's addresses (SO_REUSEPORT; shared/workers.py). Unset:
     # the ledger runs one per available core; the gateway too when REDIS_URL is set, else one
