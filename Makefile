@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck proto proto-check bench audit migrate chaos clean
+.PHONY: install run demo test lint typecheck proto proto-check bench soak audit migrate chaos clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: $(STAMP)
 		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q wrk >/dev/null) \
 		|| echo "wrk could not be installed: the HTTP edge figures will be skipped"
 	$(PY) -m bench
+
+# The whole stack under steady mixed load (metered calls, streams, BYOK, webhook purchases) for
+# SOAK_SECONDS (default 600), sampled every SOAK_SAMPLE_SECONDS (60); fails on anything that grows.
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 # The ledger's full chaos run (make test runs a short one): random operations from many workers
 # while the ledger is SIGKILLed and restarted; CHAOS_SEED=<n> replays a run's operations.

@@ -23,7 +23,7 @@ import sys
 
 from gateway_service.app import create_app
 from gateway_service.webhooks.lemonsqueezy import SOURCE, Status
-from shared import eventloop
+from shared import eventloop, tracing
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.logging_setup import configure_logging
@@ -57,6 +57,8 @@ def _open_files(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> None:
+    # Before the app: its servers, ledger channel and provider sessions are built traced or not.
+    tracing.setup_tracing(settings, tracing.GATEWAY_SERVICE_NAME)
     app = create_app(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -75,6 +77,7 @@ async def serve(settings: Settings) -> None:
         )
     finally:
         await app.close(settings.shutdown_grace_seconds)
+        await asyncio.to_thread(tracing.shutdown)  # the spans still buffered are sent
     log.info("stopped")
 
 
@@ -155,7 +158,9 @@ def main() -> int:
     args = parser.parse_args()
     become_worker()
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(
+        settings.log_level, settings.log_format, "gateway", access_log=settings.access_log
+    )
     if args.command == "replay-dead-letters":
         return eventloop.run(replay_dead_letters(settings))
     if not is_worker() and (workers := worker_count(settings)) > 1:

@@ -22,6 +22,7 @@ from gateway_service.limits.limiter import (
     ResilientLimiter,
     shared_client,
 )
+from gateway_service.metrics import metrics_route, outbox_gauges
 from gateway_service.outbox import Outbox
 from gateway_service.providers import Providers, build_providers
 from gateway_service.servicer import SERVICE_NAME, GatewayServicer
@@ -32,6 +33,7 @@ from shared.config import Settings
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.grpc_server import GrpcApp, server_options
+from shared.observe import ObservingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def create_app(settings: Settings) -> GatewayApp:
     )
     grpc_app = GrpcApp(
         [SERVICE_NAME],
-        interceptors=[JwtInterceptor(verifier)],
+        interceptors=[ObservingInterceptor(), JwtInterceptor(verifier)],
         options=server_options(settings, per_connection_streams=True),
     )
     # One cap on streams for the whole process: gRPC and HTTP count against the same slots.
@@ -157,7 +159,11 @@ def create_app(settings: Settings) -> GatewayApp:
     webhook_route = lemonsqueezy_route(webhooks, _secret(settings.lemonsqueezy_webhook_secret))
     http = HttpServer(
         create_http_app(
-            gateway, verifier, settings, extra_routes=[webhook_route], stream_slots=streams
+            gateway,
+            verifier,
+            settings,
+            extra_routes=[webhook_route, metrics_route(outbox_gauges(outbox))],
+            stream_slots=streams,
         )
     )
     return GatewayApp(grpc_app, gateway, verifier, ledger, providers, outbox, http, webhooks)

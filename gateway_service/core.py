@@ -55,6 +55,7 @@ from gateway_service.providers.base import (
 )
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
 from gateway_service.validation import check_call
+from shared import observe, tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,13 @@ class _Plan:
     quota_claim: int | None = None
 
     @property
+    def user_type(self) -> str:
+        """For logs: who pays for the call."""
+        if self.byok:
+            return "byok" if self.user_id else "public_byok"
+        return "subscription"
+
+    @property
     def fingerprint(self) -> str:
         """What the call is, for telling a retry from a different request under the same key."""
         r = self.request
@@ -244,6 +252,31 @@ def _with_rate(exc: GatewayError, rate: RateInfo | None) -> None:
     the caller's requests-per-minute state, as the gate's own refusals do (RateLimit-*)."""
     if exc.rate is None and exc.failure is Failure.RATE_LIMITED:
         exc.rate = rate
+
+
+def _span_of_call(self: Gateway, caller: Identity | None, req: GenerateRequest) -> dict[str, Any]:
+    """What a call's span says of it (tracing): never its text, key or user id."""
+    user_type = "public" if caller is None else "byok" if req.api_key else "subscription"
+    attributes: dict[str, Any] = {"rpcai.user_type": user_type}
+    if req.provider:
+        attributes["gen_ai.provider.name"] = req.provider
+    if req.model:
+        attributes["gen_ai.request.model"] = req.model
+    return attributes
+
+
+def _span_of_result(event: object) -> dict[str, Any] | None:
+    if not isinstance(event, GenerateResult):
+        return None
+    attributes: dict[str, Any] = {
+        "gen_ai.provider.name": event.provider,
+        "gen_ai.response.model": event.model,
+        "gen_ai.usage.input_tokens": event.input_tokens,
+        "gen_ai.usage.output_tokens": event.output_tokens,
+    }
+    if event.token_usage is not None:
+        attributes["rpcai.tokens_charged"] = event.token_usage.tokens_charged
+    return attributes
 
 
 class Gateway:
@@ -345,8 +378,10 @@ class Gateway:
 
     # ---- unary ----------------------------------------------------------------------------
 
+    @tracing.traced_call("gateway.generate", _span_of_call, _span_of_result)
     async def generate(self, caller: Identity | None, req: GenerateRequest) -> GenerateResult:
         plan = self._plan(caller, req)
+        observe.note(user_type=plan.user_type)
         admission = await self._admit(plan, req)
         used = 0
         try:
@@ -399,10 +434,12 @@ class Gateway:
         settled = await self._shielded(
             self._settle(hold.reply, plan, completion.model, usage, answer)
         )
+        observe.note(tokens_charged=settled.tokens_charged)
         return replace(result, token_usage=settled)
 
     # ---- streaming ------------------------------------------------------------------------
 
+    @tracing.traced_stream("gateway.stream", _span_of_call, _span_of_result)
     async def stream(
         self, caller: Identity | None, req: GenerateRequest
     ) -> AsyncGenerator[StreamEvent]:
@@ -410,6 +447,7 @@ class Gateway:
         went away, a write timed out) stops the provider stream and charges what was consumed;
         a stream that would outlive its hold is cut the same way. No hold is left behind."""
         plan = self._plan(caller, req)
+        observe.note(user_type=plan.user_type)
         admission = await self._admit(plan, req)
         spent = _Spent()
         events = self._stream(plan, req, spent)
@@ -482,6 +520,7 @@ class Gateway:
                 settled = await self._shielded(
                     self._settle(hold.reply, plan, end.model, usage, answer)
                 )
+                observe.note(tokens_charged=settled.tokens_charged)
                 yield replace(result, token_usage=settled)
         finally:
             metering: asyncio.Task[Any] | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from shared import tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class _Item:
     future: asyncio.Future[lpb.LedgerWriteResult]
     deadline: float
     size: int = field(default=0)
+    # The writer's trace context (its write's span), when tracing is on.
+    trace: tracing.Context | None = None
 
 
 class WriteBatcher:
@@ -67,6 +70,8 @@ class WriteBatcher:
         ApplyBatch call stands for (from `failure_of`), or BatchUnsupported."""
         loop = asyncio.get_running_loop()
         item = _Item(write, loop.create_future(), loop.time() + self.timeout, write.ByteSize())
+        if tracing.enabled():
+            item.trace = tracing.current_context()
         self._queue.append(item)
         self._schedule()
         return await item.future
@@ -108,7 +113,11 @@ class WriteBatcher:
             timeout = max(0.001, min(item.deadline for item in batch) - now)
             request = lpb.ApplyBatchRequest(writes=[item.write for item in batch])
             try:
-                reply = await self._send_rpc(request, timeout)
+                sending = self._send_rpc(request, timeout)
+                if tracing.enabled():
+                    # In the lone write's trace, or a batch span linked to each write's.
+                    sending = tracing.sent_in_batch(sending, [item.trace for item in batch])
+                reply = await sending
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                     self.supported = False

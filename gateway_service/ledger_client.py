@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,6 +21,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.ledger_batch import BatchUnsupported, WriteBatcher
+from gateway_service.metrics import RATE_LIMIT_REFUSALS
+from shared import tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.rich_errors import error_info, status_info
@@ -102,6 +104,7 @@ def failure_of(
     reason = info.reason if info else code.name
     metadata = dict(info.metadata) if info else {}
     if reason == "MONTHLY_QUOTA_EXCEEDED":
+        RATE_LIMIT_REFUSALS.labels(reason).inc()
         resets_at = datetime.fromisoformat(metadata["resets_at"])
         return LedgerError(
             Failure.RATE_LIMITED,
@@ -167,6 +170,7 @@ class LedgerClient:
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2_000),
             ],
+            interceptors=tracing.client_interceptors(),  # none when tracing is off
         )
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
@@ -178,9 +182,20 @@ class LedgerClient:
     ) -> lpb.ApplyBatchResponse:
         return await self.stub.ApplyBatch(request, metadata=self._metadata, timeout=deadline)
 
-    async def write(self, write: lpb.LedgerWrite) -> lpb.LedgerWriteResult:
+    def write(self, write: lpb.LedgerWrite) -> Coroutine[Any, Any, lpb.LedgerWriteResult]:
         """One hot-path write, batched with whatever other writes wait at the same moment; its
-        response in the result's oneof, or a LedgerError exactly as its own call would raise."""
+        response in the result's oneof, or a LedgerError exactly as its own call would raise.
+        Traced (when tracing is on) as a client span of its own, named for the RPC it stands
+        for, in the caller's context: every call's trace shows its own writes."""
+        if tracing.enabled():
+            return self._traced_write(write)
+        return self._write(write)
+
+    async def _traced_write(self, write: lpb.LedgerWrite) -> lpb.LedgerWriteResult:
+        with tracing.write_span(RPC_OF_WRITE.get(write.WhichOneof("write") or "", "ApplyBatch")):
+            return await self._write(write)
+
+    async def _write(self, write: lpb.LedgerWrite) -> lpb.LedgerWriteResult:
         kind = write.WhichOneof("write")
         assert kind is not None
         for attempt in range(_WRITE_ATTEMPTS):

@@ -14,7 +14,7 @@ import sys
 from ledger_service.app import create_app
 from ledger_service.audit import run_audit
 from ledger_service.store.database import migrate, resolve_database_url
-from shared import eventloop
+from shared import eventloop, tracing
 from shared.config import Settings
 from shared.grpc_server import run_until_signal
 from shared.logging_setup import configure_logging
@@ -25,6 +25,8 @@ log = logging.getLogger("ledger_service")
 
 
 async def serve(settings: Settings, url: str) -> None:
+    # Before the app: its gRPC server is built traced or not.
+    tracing.setup_tracing(settings, tracing.LEDGER_SERVICE_NAME)
     app = await create_app(settings, url)
 
     def started(port: int) -> None:
@@ -39,6 +41,7 @@ async def serve(settings: Settings, url: str) -> None:
         on_started=started,
         on_stopped=app.aclose_resources,
     )
+    await asyncio.to_thread(tracing.shutdown)  # the spans still buffered are sent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     become_worker()
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(
+        settings.log_level, settings.log_format, "ledger", access_log=settings.access_log
+    )
     url = resolve_database_url(settings.database_url, settings.data_dir)
     if args.command == "audit":
         report = asyncio.run(run_audit(url))
@@ -63,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     workers = settings.workers or available_cores()
     if workers > 1 and not is_worker():
         addr, holder = reserve_address(settings.ledger_addr)
+        holders = [holder]
         try:
             # The workers join this process's database (embedded or not) by its URL.
             env = {"DATABASE_URL": url, "LEDGER_ADDR": addr}
+            if settings.metrics_addr:
+                # One concrete port every worker's `/metrics` shares.
+                env["METRICS_ADDR"], metrics_holder = reserve_address(settings.metrics_addr)
+                holders.append(metrics_holder)
             return supervise(
                 "ledger_service",
                 ["serve"],
@@ -75,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 grace=settings.shutdown_grace_seconds,
             )
         finally:
-            if holder is not None:
-                holder.close()
+            for held in holders:
+                if held is not None:
+                    held.close()
     raise_open_file_limit()  # every gRPC connection and pooled database connection is one
     eventloop.run(serve(settings, url))
     return 0

@@ -13,6 +13,7 @@ from ledger_service.auth import ServiceTokenInterceptor
 from ledger_service.domain.ledger import HoldPolicy, Ledger
 from ledger_service.domain.money import Rates
 from ledger_service.domain.types import RetentionPolicy
+from ledger_service.metrics import MetricsServer, sample_pool_forever, scrape_gauges
 from ledger_service.servicer import SERVICE_NAME, LedgerServicer
 from ledger_service.store.group_commit import GroupCommit
 from ledger_service.store.postgres import PostgresStore, create_pool
@@ -20,6 +21,7 @@ from ledger_service.sweeper import retain_forever, sweep_forever
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.grpc_server import GrpcApp, server_options
+from shared.observe import ObservingInterceptor
 from shared.workers import is_worker
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class LedgerApp:
     ledger: Ledger
     store: PostgresStore
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # `/metrics` at METRICS_ADDR, when set.
+    metrics: MetricsServer | None = None
 
     async def start(self, addr: str) -> int:
         return await self.grpc.start(addr)
@@ -68,6 +72,8 @@ class LedgerApp:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.metrics is not None:
+            await self.metrics.stop()
         # The gRPC server has drained: apply what it handed over, then close the pool.
         await self.store.aclose()
         await self.pool.close()
@@ -92,7 +98,7 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
     ledger = build_ledger(store, settings)
     grpc_app = GrpcApp(
         [SERVICE_NAME],
-        interceptors=[ServiceTokenInterceptor(token)],
+        interceptors=[ObservingInterceptor(), ServiceTokenInterceptor(token)],
         # The gateway carries every call on one connection: no per-connection call cap.
         # One process: the port is its alone (a second ledger fails to bind). WORKERS: shared.
         options=[
@@ -102,8 +108,17 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
     app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger, store=store)
+    app.background = [asyncio.create_task(sample_pool_forever(pool))]
+    if settings.metrics_addr:
+        app.metrics = MetricsServer(scrape_gauges(pool))
+        await app.metrics.start(settings.metrics_addr)
+        log.info(
+            "metrics: http://%s:%d/metrics",
+            settings.metrics_addr.rsplit(":", 1)[0],
+            app.metrics.port,
+        )
     if run_sweeper:
-        app.background = [
+        app.background += [
             asyncio.create_task(
                 sweep_forever(ledger, settings.sweep_interval_seconds, settings.sweep_batch_size)
             ),

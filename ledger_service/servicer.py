@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ledger_service import metrics
 from ledger_service.domain import errors
 from ledger_service.domain.ledger import Ledger
 from ledger_service.domain.types import (
@@ -31,6 +32,7 @@ from ledger_service.domain.types import (
     UsageSummary,
     UserType,
 )
+from shared import tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.rich_errors import rich_status, status_proto
@@ -234,6 +236,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.source,
             subscription,
         )
+        metrics.credited(r)
         return pb.CreditPurchaseResponse(
             purchase_id=r.purchase_id,
             tokens_credited=r.tokens_credited,
@@ -255,6 +258,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.monthly_quota,
             _moment(request.quota_at, "quota_at") if request.HasField("quota_at") else None,
         )
+        metrics.reserved(r)
         return pb.ReserveResponse(
             reservation_id=r.reservation_id,
             reserved_tokens=r.reserved_tokens,
@@ -285,10 +289,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.answer,
             user_id=request.user_id,
         )
+        metrics.settled(r)
         return _settlement_pb(r)
 
     async def _release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         r = await self.ledger.release(request.reservation_id, user_id=request.user_id)
+        metrics.released(r)
         return pb.ReleaseResponse(
             released_tokens=r.released_tokens,
             balance=_balance(r.balance),
@@ -320,6 +326,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             share,
             request.wait_for_purchase,
         )
+        metrics.refunded(r)
         return pb.RefundPurchaseResponse(
             tokens_debited=r.tokens_debited,
             shortfall_tokens=r.shortfall_tokens,
@@ -336,13 +343,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if request.HasField("estimated_cost_micro_usd")
             else None
         )
+        usage = _usage(request.usage, request.HasField("usage"))
         r = await self.ledger.record_usage(
             request.idempotency_key,
             request.user_id,
             _USER_TYPES.get(request.user_type),
-            _usage(request.usage, request.HasField("usage")),
+            usage,
             cost,
         )
+        metrics.byok_recorded(usage.total_tokens if usage else 0, r.replayed)
         return pb.RecordUsageResponse(usage_id=r.usage_id, replayed=r.replayed)
 
     @rpc
@@ -375,10 +384,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> pb.ApplyBatchResponse:
         if len(request.writes) > MAX_BATCH_WRITES:
             raise errors.InvalidArgument("writes", f"holds more than {MAX_BATCH_WRITES} writes")
+        # A span per write when tracing is on (in its caller's trace; see shared.tracing).
+        apply = tracing.write_applier(self._apply, context) if tracing.enabled() else self._apply
         if len(request.writes) == 1:  # the common case at low load: no task to spawn
-            return pb.ApplyBatchResponse(results=[await self._apply(request.writes[0])])
+            return pb.ApplyBatchResponse(results=[await apply(request.writes[0])])
         # Concurrently, so the writes of one batch share the ledger's group commits.
-        results = await asyncio.gather(*(self._apply(write) for write in request.writes))
+        results = await asyncio.gather(*(apply(write) for write in request.writes))
         return pb.ApplyBatchResponse(results=results)
 
     async def _apply(self, write: pb.LedgerWrite) -> pb.LedgerWriteResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from ledger_service import metrics
 from ledger_service.domain.ledger import Ledger
 from ledger_service.domain.types import RetentionPolicy
 
@@ -17,6 +18,7 @@ async def sweep_forever(ledger: Ledger, interval: float, batch: int) -> None:
         try:
             # Drain in batches: a backlog is cleared without one long transaction.
             while (swept := await ledger.sweep_expired(batch)) > 0:
+                metrics.expired(swept)
                 log.info("expired %d holds", swept)
                 if swept < batch:
                     break

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared import tracing
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,10 @@ class GrpcApp:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, int]] = (),
     ) -> None:
-        self.server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
+        # Tracing first (when on), so the calls the other interceptors refuse are traced too.
+        self.server = grpc.aio.server(
+            interceptors=[*tracing.server_interceptors(), *interceptors], options=list(options)
+        )
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

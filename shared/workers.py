@@ -19,15 +19,21 @@ import ctypes
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from shared.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +225,8 @@ class Supervisor:
                     worker.proc.pid,
                     _describe(code),
                 )
+                if MULTIPROC_ENV in self.env:
+                    mark_process_dead(worker.proc.pid, self.env[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
                 self.workers[position] = self._spawn(worker.index)
         return True
 
@@ -266,4 +274,20 @@ def supervise(
     expect_lines: int,
     grace: float,
 ) -> int:
-    return Supervisor(module, argv, count, env, expect_lines=expect_lines, grace=grace).run()
+    # Prometheus values of every worker in one directory (shared/metrics.py), so that a scrape
+    # answered by any worker counts them all: the operator's PROMETHEUS_MULTIPROC_DIR, else ours.
+    given = os.environ.get(MULTIPROC_ENV)
+    directory = given or tempfile.mkdtemp(prefix=f"rpcai-{module}-metrics-")
+    prepare_multiprocess_dir(directory)
+    try:
+        return Supervisor(
+            module,
+            argv,
+            count,
+            {**env, MULTIPROC_ENV: directory},
+            expect_lines=expect_lines,
+            grace=grace,
+        ).run()
+    finally:
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)

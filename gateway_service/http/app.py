@@ -33,7 +33,9 @@ from gateway_service.http.errors import error_middleware
 from gateway_service.http.handlers import routes
 from gateway_service.http.protocol import EdgeRunner, server_header
 from gateway_service.http.state import ADDRESSES, GATEWAY, STATE, STREAMS, VERIFIER, EdgeState
+from gateway_service.metrics import observe_middleware, request_id_header
 from gateway_service.stream_slots import StreamSlots
+from shared import tracing
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,12 @@ def create_http_app(
     guard = ConnectionGuard(ConnectionLimits.from_settings(settings))
     app = web.Application(
         client_max_size=settings.http_max_body_bytes,
-        # Outermost first: pause the connection's timers, count the request, answer CORS
-        # preflights, turn errors into JSON, read the body within its timeout.
+        # Outermost first: count, time and log the request (metrics, access line), pause the
+        # connection's timers, count the request in flight, answer CORS preflights, turn errors
+        # into JSON, read the body within its timeout.
         middlewares=[
+            *tracing.edge_middlewares(),  # the request's server span (none when tracing is off)
+            observe_middleware,
             guard.middleware(),
             state.middleware(),
             cors.middleware(),
@@ -76,6 +81,7 @@ def create_http_app(
     app.router.add_routes(list(extra_routes))
     app.on_response_prepare.append(cors.on_response_prepare)
     app.on_response_prepare.append(server_header)
+    app.on_response_prepare.append(request_id_header)
     return app
 
 

@@ -22,6 +22,7 @@ from gateway_service.errors import Failure, GatewayError
 from gateway_service.limits.config import Limit, LimitsConfig
 from gateway_service.limits.limiter import Bucket, Decision, Limiter
 from gateway_service.limits.rate import RateInfo
+from gateway_service.metrics import RATE_LIMIT_REFUSALS
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def _rate(decision: Decision) -> RateInfo | None:
 
 def limited(decision: Decision, detail: str = "") -> GatewayError:
     reason = decision.reason or "RATE_LIMITED"
+    RATE_LIMIT_REFUSALS.labels(reason).inc()
     if reason == "UNAVAILABLE":
         return GatewayError(
             Failure.UNAVAILABLE,

@@ -32,6 +32,8 @@ import aiohttp
 import httpx2
 from yarl import URL
 
+from shared import tracing
+
 RECEIVE_BUFFER_BYTES = 64 * 1024
 # aiohttp pauses reading a connection when twice this waits unread in its buffer.
 READ_BUFFER_BYTES = 16 * 1024
@@ -142,6 +144,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             auto_decompress=False,  # httpx2 decodes, as with its own transport
             cookie_jar=aiohttp.DummyCookieJar(),  # nothing a provider sets joins other calls
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),  # the SDK's own
+            trace_configs=tracing.http_client_trace_configs(),  # None when tracing is off
         )
         return self._session
 

@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 import anthropic
 import openai
 
+from gateway_service.metrics import ProviderCall
 from gateway_service.providers.base import Completion, CompletionRequest
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
 
@@ -41,12 +42,24 @@ class SdkProvider(ABC, Generic[Client]):
 
     async def generate(self, request: CompletionRequest) -> Completion:
         client = self.client_for(request)
+        call = ProviderCall(self.name, request.model)
         try:
-            return await self._create(client, request)
+            completion = await self._create(client, request)
+        except ProviderError as exc:
+            call.done(exc.kind.value)
+            raise
         except Exception as exc:
             error = map_sdk_error(self.name, exc)
             if error is None:
+                call.done("error")
                 raise
+        except BaseException:
+            call.done("cancelled")
+            raise
+        else:
+            call.done("ok")
+            return completion
+        call.done(error.kind.value)
         raise error  # outside the except block: the SDK exception is not chained
 
     async def aclose(self) -> None:

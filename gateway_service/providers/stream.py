@@ -15,6 +15,7 @@ from contextlib import suppress
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from gateway_service.metrics import ProviderCall
 from gateway_service.providers.base import (
     CompletionRequest,
     StreamEnd,
@@ -48,6 +49,7 @@ class ProviderStream(ABC):
         self._input_tokens: int | None = None
         self._output_tokens: int | None = None
         self._final = False
+        self._call: ProviderCall | None = None  # timed from the request's sending
 
     @abstractmethod
     async def _open(self) -> SdkStream:
@@ -78,27 +80,43 @@ class ProviderStream(ABC):
         if self._finished:
             raise StopAsyncIteration
         try:
-            return await self._advance()
+            item = await self._advance()
         except StopAsyncIteration:
             raise
-        except ProviderError:
+        except ProviderError as exc:
+            self._called(exc.kind.value)
             await self.aclose()
             raise
         except Exception as exc:
             error = map_sdk_error(self.provider, exc)
             if error is None:
+                self._called("error")
                 await self.aclose()
                 raise
         except BaseException:  # cancelled: the HTTP stream must not outlive the consumer
             await self.aclose()
             raise
+        else:
+            if self._call is not None:
+                if isinstance(item, TextDelta):
+                    self._call.first_token()
+                else:
+                    self._called("ok")
+            return item
         # Raised outside the except block so the SDK exception (which may quote the provider's
         # body or hold the request headers) is not chained onto ours.
+        self._called(error.kind.value)
         await self.aclose()
         raise error
 
+    def _called(self, outcome: str) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.done(outcome)
+
     async def _advance(self) -> StreamItem:
         if self._sdk is None:
+            self._call = ProviderCall(self.provider, self.model)
             self._sdk = await self._open()
             self._opened = True
         while True:
@@ -128,6 +146,7 @@ class ProviderStream(ABC):
     async def aclose(self) -> None:
         """Close the HTTP stream (idempotent). Iteration stops; `usage` stays readable."""
         self._finished = True
+        self._called("abandoned")  # closed before its end (a call cut or a client gone)
         sdk, self._sdk = self._sdk, None
         if sdk is not None:
             with suppress(Exception):

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from ledger_service import metrics
+
 log = logging.getLogger(__name__)
 
 Answer = Mapping[str, Any]
@@ -104,6 +106,8 @@ class GroupCommitStats:
     in_flight_max: int = 0
 
     def observe(self, size: int, waited_sum: float, waited_max: float) -> None:
+        metrics.BATCH_ITEMS.observe(size)
+        metrics.BATCH_WAIT.observe(waited_max)
         self.batches += 1
         self.items += size
         for i, bound in enumerate(SIZE_BOUNDS):
