@@ -1,9 +1,10 @@
 """OpenTelemetry tracing: edge → gateway → ledger → provider, in one trace per call.
 
 Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set, and then free: nothing is instrumented at all (no
-interceptor, middleware or trace config exists; the SDK is not even imported). The wiring asks
-`enabled()` when it builds each server, channel and session, so `setup_tracing` (or, in tests,
-`enable_for_tests`) must run before the service's app is created.
+interceptor, middleware or trace config exists; neither the tracing SDK nor the instrumentations
+are even imported). The wiring asks `enabled()` when it builds each server, channel and session,
+so `setup_tracing` (or, in tests, `enable_for_tests`) must run before the service's app is
+created.
 
 What is traced, when on:
 - both gRPC servers (the OpenTelemetry aio server interceptor, first in the chain so calls the
@@ -121,8 +122,9 @@ def setup_tracing(settings: Settings, service_name: str) -> bool:
     name = settings.otel_service_name or service_name
     _install(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)), name)
     parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
     # Scheme, host and port only: a URL may carry credentials.
-    log.info("tracing on: spans of %s go to %s://%s", name, parts.scheme, parts.hostname)
+    log.info("tracing on: spans of %s go to %s://%s", name, parts.scheme, where)
     return True
 
 
