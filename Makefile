@@ -46,6 +46,8 @@ bench: $(STAMP)
 # The whole stack under steady mixed load (metered calls, streams, BYOK, webhook purchases) for
 # SOAK_SECONDS (default 600), sampled every SOAK_SAMPLE_SECONDS (60); fails on anything that grows.
 soak: $(STAMP)
+	@command -v redis-server >/dev/null || $(SUDO) apt-get install -y -q redis-server >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q redis-server >/dev/null)
 	$(PY) -m bench.soak
 
 # The ledger's full chaos run (make test runs a short one): random operations from many workers

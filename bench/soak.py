@@ -33,8 +33,8 @@ At the end the load stops, in-flight calls finish (polled with a deadline), and 
   allocator noise and a late-warming code path, and a leak of ~1 KiB per call still crosses it
   within a 600-s run). Postgres's bound applies to its private memory (USS) instead: each
   backend's RSS counts every shared buffer it has touched, so the tree's RSS climbs towards
-  backends x shared_buffers as the tables grow (measured: RSS +470 MiB in 600 s while USS
-  stays within 2-3 MiB), which is not a leak; its RSS is reported;
+  backends x shared_buffers as the tables grow (measured: RSS +360 to +470 MiB in 600 s
+  while USS grew 2 MiB), which is not a leak; its RSS is reported;
 - a worker process was replaced (a crash the supervisor hid);
 - a hold is still open, or the outbox holds any job (pending or refused);
 - a service's descriptors or connections exceed its first sample by more than 10% + 32 at a
