@@ -53,6 +53,8 @@ class _UserTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserType.Val
     USER_TYPE_SUBSCRIPTION: _UserType.ValueType  # 1
     USER_TYPE_BYOK: _UserType.ValueType  # 2
     USER_TYPE_UNKNOWN: _UserType.ValueType  # 3
+    USER_TYPE_PUBLIC_BYOK: _UserType.ValueType  # 4
+    """A BYOK call by a caller with no account (the public path); recorded with an empty user_id."""
 
 class UserType(_UserType, metaclass=_UserTypeEnumTypeWrapper): ...
 
@@ -60,6 +62,8 @@ USER_TYPE_UNSPECIFIED: UserType.ValueType  # 0
 USER_TYPE_SUBSCRIPTION: UserType.ValueType  # 1
 USER_TYPE_BYOK: UserType.ValueType  # 2
 USER_TYPE_UNKNOWN: UserType.ValueType  # 3
+USER_TYPE_PUBLIC_BYOK: UserType.ValueType  # 4
+"""A BYOK call by a caller with no account (the public path); recorded with an empty user_id."""
 Global___UserType: _TypeAlias = UserType  # noqa: Y015
 
 class _ErrorReason:
@@ -130,6 +134,27 @@ quota, used, required, resets_at). Nothing was held; the key stays free.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
+class _Granularity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Granularity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRANULARITY_UNSPECIFIED: _Granularity.ValueType  # 0
+    """means DAY"""
+    GRANULARITY_HOUR: _Granularity.ValueType  # 1
+    GRANULARITY_DAY: _Granularity.ValueType  # 2
+    GRANULARITY_MONTH: _Granularity.ValueType  # 3
+
+class Granularity(_Granularity, metaclass=_GranularityEnumTypeWrapper): ...
+
+GRANULARITY_UNSPECIFIED: Granularity.ValueType  # 0
+"""means DAY"""
+GRANULARITY_HOUR: Granularity.ValueType  # 1
+GRANULARITY_DAY: Granularity.ValueType  # 2
+GRANULARITY_MONTH: Granularity.ValueType  # 3
+Global___Granularity: _TypeAlias = Granularity  # noqa: Y015
+
 @_typing.final
 class Balance(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -199,6 +224,7 @@ class CreditPurchaseRequest(_message.Message):
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    PAYMENT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
     tokens_purchased: _builtins.int
@@ -215,6 +241,10 @@ class CreditPurchaseRequest(_message.Message):
         (parked) and is applied in the transaction that stores the subscription.
         """
 
+    @_builtins.property
+    def payment(self) -> Global___Payment:
+        """What the buyer paid, as the payment provider reported it (analytics only; optional)."""
+
     def __init__(
         self,
         *,
@@ -225,14 +255,47 @@ class CreditPurchaseRequest(_message.Message):
         external_id: _builtins.str = ...,
         source: _builtins.str = ...,
         subscription: Global___PurchaseRef | None = ...,
+        payment: Global___Payment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payment", b"payment", "subscription", b"subscription"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_id", b"external_id", "idempotency_key", b"idempotency_key", "purchase_type", b"purchase_type", "source", b"source", "subscription", b"subscription", "tokens_purchased", b"tokens_purchased", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_id", b"external_id", "idempotency_key", b"idempotency_key", "payment", b"payment", "purchase_type", b"purchase_type", "source", b"source", "subscription", b"subscription", "tokens_purchased", b"tokens_purchased", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreditPurchaseRequest: _TypeAlias = CreditPurchaseRequest  # noqa: Y015
+
+@_typing.final
+class Payment(_message.Message):
+    """An amount of money in a currency's minor unit (cents for USD), with its US-dollar value in
+    cents when the payment provider reports one (LemonSqueezy's `total_usd`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    AMOUNT_USD_CENTS_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """ISO 4217, upper case, e.g. "USD"; empty: unknown."""
+    amount_minor: _builtins.int
+    amount_usd_cents: _builtins.int
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        amount_usd_cents: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount_usd_cents", b"_amount_usd_cents", "amount_usd_cents", b"amount_usd_cents"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount_usd_cents", b"_amount_usd_cents", "amount_minor", b"amount_minor", "amount_usd_cents", b"amount_usd_cents", "currency", b"currency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__amount_usd_cents: _TypeAlias = _typing.Literal["amount_usd_cents"]  # noqa: Y015
+    _WhichOneofArgType__amount_usd_cents: _TypeAlias = _typing.Literal["_amount_usd_cents", b"_amount_usd_cents"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount_usd_cents) -> _WhichOneofReturnType__amount_usd_cents | None: ...
+
+Global___Payment: _TypeAlias = Payment  # noqa: Y015
 
 @_typing.final
 class CreditPurchaseResponse(_message.Message):
@@ -1282,6 +1345,7 @@ class Purchase(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    PAYMENT_FIELD_NUMBER: _builtins.int
     purchase_id: _builtins.str
     purchase_type: Global___PurchaseType.ValueType
     tokens_purchased: _builtins.int
@@ -1292,6 +1356,10 @@ class Purchase(_message.Message):
     external_id: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def payment(self) -> Global___Payment:
+        """What the buyer paid, when recorded."""
+
     def __init__(
         self,
         *,
@@ -1304,10 +1372,11 @@ class Purchase(_message.Message):
         source: _builtins.str = ...,
         external_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        payment: Global___Payment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "payment", b"payment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "external_id", b"external_id", "platform_fee_tokens", b"platform_fee_tokens", "purchase_id", b"purchase_id", "purchase_type", b"purchase_type", "source", b"source", "tokens_credited", b"tokens_credited", "tokens_purchased", b"tokens_purchased", "tokens_refunded", b"tokens_refunded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "external_id", b"external_id", "payment", b"payment", "platform_fee_tokens", b"platform_fee_tokens", "purchase_id", b"purchase_id", "purchase_type", b"purchase_type", "source", b"source", "tokens_credited", b"tokens_credited", "tokens_purchased", b"tokens_purchased", "tokens_refunded", b"tokens_refunded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1686,3 +1755,428 @@ class ResolveDeadLetterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveDeadLetterResponse: _TypeAlias = ResolveDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class GetPlatformAnalyticsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    TOP_USERS_FIELD_NUMBER: _builtins.int
+    granularity: Global___Granularity.ValueType
+    top_users: _builtins.int
+    """How many users to rank by tokens charged (1..100); 0 means 10."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """[start, end) in UTC; both required, end after start. At most 744 periods (31 days of hours)."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        granularity: Global___Granularity.ValueType = ...,
+        top_users: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "granularity", b"granularity", "start", b"start", "top_users", b"top_users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlatformAnalyticsRequest: _TypeAlias = GetPlatformAnalyticsRequest  # noqa: Y015
+
+@_typing.final
+class CurrencyAmount(_message.Message):
+    """Revenue in one currency."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    amount_minor: _builtins.int
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "currency", b"currency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CurrencyAmount: _TypeAlias = CurrencyAmount  # noqa: Y015
+
+@_typing.final
+class PlatformFigures(_message.Message):
+    """The figures of one period, or of the whole range."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    TOKENS_SOLD_FIELD_NUMBER: _builtins.int
+    TOKENS_CREDITED_FIELD_NUMBER: _builtins.int
+    PURCHASE_FEE_TOKENS_FIELD_NUMBER: _builtins.int
+    REVENUE_FIELD_NUMBER: _builtins.int
+    REVENUE_USD_MICRO_FIELD_NUMBER: _builtins.int
+    PURCHASES_WITHOUT_AMOUNT_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PROVIDER_TOKENS_USED_FIELD_NUMBER: _builtins.int
+    TOKENS_CHARGED_FIELD_NUMBER: _builtins.int
+    USAGE_FEE_TOKENS_FIELD_NUMBER: _builtins.int
+    PROVIDER_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
+    UNKNOWN_COST_REQUESTS_FIELD_NUMBER: _builtins.int
+    BYOK_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
+    GROSS_MARGIN_MICRO_USD_FIELD_NUMBER: _builtins.int
+    TOKENS_REFUNDED_FIELD_NUMBER: _builtins.int
+    SHORTFALL_TOKENS_FIELD_NUMBER: _builtins.int
+    UNBILLED_TOKENS_FIELD_NUMBER: _builtins.int
+    ACTIVE_USERS_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_USERS_FIELD_NUMBER: _builtins.int
+    BYOK_USERS_FIELD_NUMBER: _builtins.int
+    PUBLIC_BYOK_REQUESTS_FIELD_NUMBER: _builtins.int
+    purchases: _builtins.int
+    """Purchases credited in the period (refunds are separate figures, never netted here)."""
+    tokens_sold: _builtins.int
+    """tokens_purchased"""
+    tokens_credited: _builtins.int
+    """the users' share"""
+    purchase_fee_tokens: _builtins.int
+    """the platform's share"""
+    revenue_usd_micro: _builtins.int
+    """sum of the payments' USD values, in micro-dollars"""
+    purchases_without_amount: _builtins.int
+    """purchases with no USD value recorded"""
+    requests: _builtins.int
+    """Calls (usage records), subscription and BYOK."""
+    provider_tokens_used: _builtins.int
+    """input + output tokens as the providers reported them"""
+    tokens_charged: _builtins.int
+    """subscription calls: used tokens plus usage fee"""
+    usage_fee_tokens: _builtins.int
+    provider_cost_micro_usd: _builtins.int
+    """Estimated provider cost of the calls the platform pays for (subscription calls), from the
+    price table; calls of a model with no known price are counted in unknown_cost_requests.
+    """
+    unknown_cost_requests: _builtins.int
+    byok_cost_micro_usd: _builtins.int
+    """BYOK calls' estimated cost (the users' own keys: tracked, not the platform's cost)."""
+    gross_margin_micro_usd: _builtins.int
+    """revenue_usd_micro - provider_cost_micro_usd."""
+    tokens_refunded: _builtins.int
+    """tokens taken back by refunds in the period"""
+    shortfall_tokens: _builtins.int
+    """the part of refunds the balance could not cover (owed)"""
+    unbilled_tokens: _builtins.int
+    """usage that could not be charged (expired holds, overruns)"""
+    active_users: _builtins.int
+    """distinct users with at least one call"""
+    subscription_users: _builtins.int
+    """... of which made subscription (metered) calls"""
+    byok_users: _builtins.int
+    """... BYOK calls with a signed-in user"""
+    public_byok_requests: _builtins.int
+    """BYOK calls by callers with no account (the public path): calls, since there is no user."""
+    @_builtins.property
+    def revenue(self) -> _containers.RepeatedCompositeFieldContainer[Global___CurrencyAmount]:
+        """payment amounts by currency (recorded ones only)"""
+
+    def __init__(
+        self,
+        *,
+        purchases: _builtins.int = ...,
+        tokens_sold: _builtins.int = ...,
+        tokens_credited: _builtins.int = ...,
+        purchase_fee_tokens: _builtins.int = ...,
+        revenue: _abc.Iterable[Global___CurrencyAmount] | None = ...,
+        revenue_usd_micro: _builtins.int = ...,
+        purchases_without_amount: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        provider_tokens_used: _builtins.int = ...,
+        tokens_charged: _builtins.int = ...,
+        usage_fee_tokens: _builtins.int = ...,
+        provider_cost_micro_usd: _builtins.int = ...,
+        unknown_cost_requests: _builtins.int = ...,
+        byok_cost_micro_usd: _builtins.int = ...,
+        gross_margin_micro_usd: _builtins.int = ...,
+        tokens_refunded: _builtins.int = ...,
+        shortfall_tokens: _builtins.int = ...,
+        unbilled_tokens: _builtins.int = ...,
+        active_users: _builtins.int = ...,
+        subscription_users: _builtins.int = ...,
+        byok_users: _builtins.int = ...,
+        public_byok_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_users", b"active_users", "byok_cost_micro_usd", b"byok_cost_micro_usd", "byok_users", b"byok_users", "gross_margin_micro_usd", b"gross_margin_micro_usd", "provider_cost_micro_usd", b"provider_cost_micro_usd", "provider_tokens_used", b"provider_tokens_used", "public_byok_requests", b"public_byok_requests", "purchase_fee_tokens", b"purchase_fee_tokens", "purchases", b"purchases", "purchases_without_amount", b"purchases_without_amount", "requests", b"requests", "revenue", b"revenue", "revenue_usd_micro", b"revenue_usd_micro", "shortfall_tokens", b"shortfall_tokens", "subscription_users", b"subscription_users", "tokens_charged", b"tokens_charged", "tokens_credited", b"tokens_credited", "tokens_refunded", b"tokens_refunded", "tokens_sold", b"tokens_sold", "unbilled_tokens", b"unbilled_tokens", "unknown_cost_requests", b"unknown_cost_requests", "usage_fee_tokens", b"usage_fee_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlatformFigures: _TypeAlias = PlatformFigures  # noqa: Y015
+
+@_typing.final
+class PlatformPeriod(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def figures(self) -> Global___PlatformFigures: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        figures: Global___PlatformFigures | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlatformPeriod: _TypeAlias = PlatformPeriod  # noqa: Y015
+
+@_typing.final
+class ModelFigures(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PROVIDER_TOKENS_USED_FIELD_NUMBER: _builtins.int
+    TOKENS_CHARGED_FIELD_NUMBER: _builtins.int
+    USAGE_FEE_TOKENS_FIELD_NUMBER: _builtins.int
+    PROVIDER_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
+    UNKNOWN_COST_REQUESTS_FIELD_NUMBER: _builtins.int
+    BYOK_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
+    GROSS_MARGIN_MICRO_USD_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    model: _builtins.str
+    requests: _builtins.int
+    provider_tokens_used: _builtins.int
+    tokens_charged: _builtins.int
+    usage_fee_tokens: _builtins.int
+    provider_cost_micro_usd: _builtins.int
+    unknown_cost_requests: _builtins.int
+    byok_cost_micro_usd: _builtins.int
+    gross_margin_micro_usd: _builtins.int
+    """tokens_charged valued at the range's revenue per credited token, less the provider cost."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        provider_tokens_used: _builtins.int = ...,
+        tokens_charged: _builtins.int = ...,
+        usage_fee_tokens: _builtins.int = ...,
+        provider_cost_micro_usd: _builtins.int = ...,
+        unknown_cost_requests: _builtins.int = ...,
+        byok_cost_micro_usd: _builtins.int = ...,
+        gross_margin_micro_usd: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byok_cost_micro_usd", b"byok_cost_micro_usd", "gross_margin_micro_usd", b"gross_margin_micro_usd", "model", b"model", "provider", b"provider", "provider_cost_micro_usd", b"provider_cost_micro_usd", "provider_tokens_used", b"provider_tokens_used", "requests", b"requests", "tokens_charged", b"tokens_charged", "unknown_cost_requests", b"unknown_cost_requests", "usage_fee_tokens", b"usage_fee_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFigures: _TypeAlias = ModelFigures  # noqa: Y015
+
+@_typing.final
+class TopUser(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_CHARGED_FIELD_NUMBER: _builtins.int
+    PROVIDER_TOKENS_USED_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    requests: _builtins.int
+    tokens_charged: _builtins.int
+    provider_tokens_used: _builtins.int
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens_charged: _builtins.int = ...,
+        provider_tokens_used: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_tokens_used", b"provider_tokens_used", "requests", b"requests", "tokens_charged", b"tokens_charged", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopUser: _TypeAlias = TopUser  # noqa: Y015
+
+@_typing.final
+class PurchaseSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    TOKENS_SOLD_FIELD_NUMBER: _builtins.int
+    REVENUE_USD_MICRO_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    purchases: _builtins.int
+    tokens_sold: _builtins.int
+    revenue_usd_micro: _builtins.int
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        purchases: _builtins.int = ...,
+        tokens_sold: _builtins.int = ...,
+        revenue_usd_micro: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchases", b"purchases", "revenue_usd_micro", b"revenue_usd_micro", "source", b"source", "tokens_sold", b"tokens_sold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurchaseSource: _TypeAlias = PurchaseSource  # noqa: Y015
+
+@_typing.final
+class GetPlatformAnalyticsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIODS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    TOP_USERS_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    OPEN_RECEIVABLE_TOKENS_FIELD_NUMBER: _builtins.int
+    OPEN_HOLDS_FIELD_NUMBER: _builtins.int
+    HELD_TOKENS_FIELD_NUMBER: _builtins.int
+    REVENUE_PER_TOKEN_MICRO_USD_FIELD_NUMBER: _builtins.int
+    open_receivable_tokens: _builtins.int
+    """Now (not in the range): tokens owed to the platform by refunds not yet collected, holds open."""
+    open_holds: _builtins.int
+    held_tokens: _builtins.int
+    revenue_per_token_micro_usd: _builtins.int
+    """What a credited token sold for over the range, in micro-dollars (0 when nothing was sold)."""
+    @_builtins.property
+    def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlatformPeriod]:
+        """every period of the range, oldest first (empty ones too)"""
+
+    @_builtins.property
+    def totals(self) -> Global___PlatformFigures:
+        """the whole range (distinct users counted over it)"""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFigures]:
+        """by provider and model over the range, by tokens charged"""
+
+    @_builtins.property
+    def top_users(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopUser]: ...
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurchaseSource]: ...
+    def __init__(
+        self,
+        *,
+        periods: _abc.Iterable[Global___PlatformPeriod] | None = ...,
+        totals: Global___PlatformFigures | None = ...,
+        models: _abc.Iterable[Global___ModelFigures] | None = ...,
+        top_users: _abc.Iterable[Global___TopUser] | None = ...,
+        sources: _abc.Iterable[Global___PurchaseSource] | None = ...,
+        open_receivable_tokens: _builtins.int = ...,
+        open_holds: _builtins.int = ...,
+        held_tokens: _builtins.int = ...,
+        revenue_per_token_micro_usd: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_tokens", b"held_tokens", "models", b"models", "open_holds", b"open_holds", "open_receivable_tokens", b"open_receivable_tokens", "periods", b"periods", "revenue_per_token_micro_usd", b"revenue_per_token_micro_usd", "sources", b"sources", "top_users", b"top_users", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlatformAnalyticsResponse: _TypeAlias = GetPlatformAnalyticsResponse  # noqa: Y015
+
+@_typing.final
+class GetUserAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserAccountRequest: _TypeAlias = GetUserAccountRequest  # noqa: Y015
+
+@_typing.final
+class OpenHold(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    hold_id: _builtins.str
+    amount: _builtins.int
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        hold_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "expires_at", b"expires_at", "hold_id", b"hold_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenHold: _TypeAlias = OpenHold  # noqa: Y015
+
+@_typing.final
+class GetUserAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    HOLDS_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELD_NUMBER: _builtins.int
+    known: _builtins.bool
+    """false: the ledger has never seen this user"""
+    @_builtins.property
+    def balance(self) -> Global___Balance: ...
+    @_builtins.property
+    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenHold]: ...
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+        holds: _abc.Iterable[Global___OpenHold] | None = ...,
+        known: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "holds", b"holds", "known", b"known"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserAccountResponse: _TypeAlias = GetUserAccountResponse  # noqa: Y015

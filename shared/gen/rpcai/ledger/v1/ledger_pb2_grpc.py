@@ -124,6 +124,16 @@ class LedgerServiceStub:
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterRequest.SerializeToString,
                 response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.GetPlatformAnalytics = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/GetPlatformAnalytics',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPlatformAnalyticsRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPlatformAnalyticsResponse.FromString,
+                _registered_method=True)
+        self.GetUserAccount = channel.unary_unary(
+                '/rpcai.ledger.v1.LedgerService/GetUserAccount',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserAccountRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserAccountResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -257,6 +267,21 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPlatformAnalytics(self, request, context):
+        """Operator analytics across all users (read-only): what the platform sold, earned, spent at
+        the providers, and who used it, per period of a UTC time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserAccount(self, request, context):
+        """Support lookup of one user (read-only): balance, open holds and receivable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -349,6 +374,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ResolveDeadLetter,
                     request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterRequest.FromString,
                     response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterResponse.SerializeToString,
+            ),
+            'GetPlatformAnalytics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlatformAnalytics,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPlatformAnalyticsRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPlatformAnalyticsResponse.SerializeToString,
+            ),
+            'GetUserAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserAccount,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserAccountRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserAccountResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -837,6 +872,60 @@ class LedgerService:
             '/rpcai.ledger.v1.LedgerService/ResolveDeadLetter',
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterRequest.SerializeToString,
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ResolveDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlatformAnalytics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/GetPlatformAnalytics',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPlatformAnalyticsRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetPlatformAnalyticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.ledger.v1.LedgerService/GetUserAccount',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserAccountRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetUserAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

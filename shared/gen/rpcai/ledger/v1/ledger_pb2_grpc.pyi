@@ -80,6 +80,12 @@ class LedgerServiceStub:
     """Webhook events that could not be applied, kept with their raw body for an operator."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListDeadLettersRequest, _ledger_pb2.ListDeadLettersResponse]
     ResolveDeadLetter: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ResolveDeadLetterRequest, _ledger_pb2.ResolveDeadLetterResponse]
+    GetPlatformAnalytics: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPlatformAnalyticsRequest, _ledger_pb2.GetPlatformAnalyticsResponse]
+    """Operator analytics across all users (read-only): what the platform sold, earned, spent at
+    the providers, and who used it, per period of a UTC time range.
+    """
+    GetUserAccount: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetUserAccountRequest, _ledger_pb2.GetUserAccountResponse]
+    """Support lookup of one user (read-only): balance, open holds and receivable."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -128,6 +134,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Webhook events that could not be applied, kept with their raw body for an operator."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListDeadLettersRequest, _ledger_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     ResolveDeadLetter: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ResolveDeadLetterRequest, _ledger_pb2.ResolveDeadLetterResponse]  # type: ignore[assignment]
+    GetPlatformAnalytics: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPlatformAnalyticsRequest, _ledger_pb2.GetPlatformAnalyticsResponse]  # type: ignore[assignment]
+    """Operator analytics across all users (read-only): what the platform sold, earned, spent at
+    the providers, and who used it, per period of a UTC time range.
+    """
+    GetUserAccount: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetUserAccountRequest, _ledger_pb2.GetUserAccountResponse]  # type: ignore[assignment]
+    """Support lookup of one user (read-only): balance, open holds and receivable."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -281,5 +293,23 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ResolveDeadLetterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ResolveDeadLetterResponse, _abc.Awaitable[_ledger_pb2.ResolveDeadLetterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPlatformAnalytics(
+        self,
+        request: _ledger_pb2.GetPlatformAnalyticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetPlatformAnalyticsResponse, _abc.Awaitable[_ledger_pb2.GetPlatformAnalyticsResponse]]:
+        """Operator analytics across all users (read-only): what the platform sold, earned, spent at
+        the providers, and who used it, per period of a UTC time range.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUserAccount(
+        self,
+        request: _ledger_pb2.GetUserAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetUserAccountResponse, _abc.Awaitable[_ledger_pb2.GetUserAccountResponse]]:
+        """Support lookup of one user (read-only): balance, open holds and receivable."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
