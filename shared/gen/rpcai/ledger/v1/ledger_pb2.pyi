@@ -1824,7 +1824,7 @@ class PlatformFigures(_message.Message):
     TOKENS_CREDITED_FIELD_NUMBER: _builtins.int
     PURCHASE_FEE_TOKENS_FIELD_NUMBER: _builtins.int
     REVENUE_FIELD_NUMBER: _builtins.int
-    REVENUE_USD_MICRO_FIELD_NUMBER: _builtins.int
+    REVENUE_MICRO_USD_FIELD_NUMBER: _builtins.int
     PURCHASES_WITHOUT_AMOUNT_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     PROVIDER_TOKENS_USED_FIELD_NUMBER: _builtins.int
@@ -1849,7 +1849,7 @@ class PlatformFigures(_message.Message):
     """the users' share"""
     purchase_fee_tokens: _builtins.int
     """the platform's share"""
-    revenue_usd_micro: _builtins.int
+    revenue_micro_usd: _builtins.int
     """sum of the payments' USD values, in micro-dollars"""
     purchases_without_amount: _builtins.int
     """purchases with no USD value recorded"""
@@ -1895,7 +1895,7 @@ class PlatformFigures(_message.Message):
         tokens_credited: _builtins.int = ...,
         purchase_fee_tokens: _builtins.int = ...,
         revenue: _abc.Iterable[Global___CurrencyAmount] | None = ...,
-        revenue_usd_micro: _builtins.int = ...,
+        revenue_micro_usd: _builtins.int = ...,
         purchases_without_amount: _builtins.int = ...,
         requests: _builtins.int = ...,
         provider_tokens_used: _builtins.int = ...,
@@ -1915,7 +1915,7 @@ class PlatformFigures(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_users", b"active_users", "byok_cost_micro_usd", b"byok_cost_micro_usd", "byok_users", b"byok_users", "gross_margin_micro_usd", b"gross_margin_micro_usd", "provider_cost_micro_usd", b"provider_cost_micro_usd", "provider_tokens_used", b"provider_tokens_used", "public_byok_requests", b"public_byok_requests", "purchase_fee_tokens", b"purchase_fee_tokens", "purchases", b"purchases", "purchases_without_amount", b"purchases_without_amount", "requests", b"requests", "revenue", b"revenue", "revenue_usd_micro", b"revenue_usd_micro", "shortfall_tokens", b"shortfall_tokens", "subscription_users", b"subscription_users", "tokens_charged", b"tokens_charged", "tokens_credited", b"tokens_credited", "tokens_refunded", b"tokens_refunded", "tokens_sold", b"tokens_sold", "unbilled_tokens", b"unbilled_tokens", "unknown_cost_requests", b"unknown_cost_requests", "usage_fee_tokens", b"usage_fee_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_users", b"active_users", "byok_cost_micro_usd", b"byok_cost_micro_usd", "byok_users", b"byok_users", "gross_margin_micro_usd", b"gross_margin_micro_usd", "provider_cost_micro_usd", b"provider_cost_micro_usd", "provider_tokens_used", b"provider_tokens_used", "public_byok_requests", b"public_byok_requests", "purchase_fee_tokens", b"purchase_fee_tokens", "purchases", b"purchases", "purchases_without_amount", b"purchases_without_amount", "requests", b"requests", "revenue", b"revenue", "revenue_micro_usd", b"revenue_micro_usd", "shortfall_tokens", b"shortfall_tokens", "subscription_users", b"subscription_users", "tokens_charged", b"tokens_charged", "tokens_credited", b"tokens_credited", "tokens_refunded", b"tokens_refunded", "tokens_sold", b"tokens_sold", "unbilled_tokens", b"unbilled_tokens", "unknown_cost_requests", b"unknown_cost_requests", "usage_fee_tokens", b"usage_fee_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2027,22 +2027,22 @@ class PurchaseSource(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     PURCHASES_FIELD_NUMBER: _builtins.int
     TOKENS_SOLD_FIELD_NUMBER: _builtins.int
-    REVENUE_USD_MICRO_FIELD_NUMBER: _builtins.int
+    REVENUE_MICRO_USD_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     purchases: _builtins.int
     tokens_sold: _builtins.int
-    revenue_usd_micro: _builtins.int
+    revenue_micro_usd: _builtins.int
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         purchases: _builtins.int = ...,
         tokens_sold: _builtins.int = ...,
-        revenue_usd_micro: _builtins.int = ...,
+        revenue_micro_usd: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchases", b"purchases", "revenue_usd_micro", b"revenue_usd_micro", "source", b"source", "tokens_sold", b"tokens_sold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchases", b"purchases", "revenue_micro_usd", b"revenue_micro_usd", "source", b"source", "tokens_sold", b"tokens_sold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
