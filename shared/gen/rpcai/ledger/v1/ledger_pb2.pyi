@@ -1868,7 +1868,7 @@ class PlatformFigures(_message.Message):
     byok_cost_micro_usd: _builtins.int
     """BYOK calls' estimated cost (the users' own keys: tracked, not the platform's cost)."""
     gross_margin_micro_usd: _builtins.int
-    """revenue_usd_micro - provider_cost_micro_usd."""
+    """revenue_micro_usd - provider_cost_micro_usd."""
     tokens_refunded: _builtins.int
     """tokens taken back by refunds in the period"""
     shortfall_tokens: _builtins.int
