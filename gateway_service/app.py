@@ -7,6 +7,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from gateway_service.admin import AdminDesk
+from gateway_service.admin_servicer import ADMIN_SERVICE_NAME, AdminServicer
 from gateway_service.auth import JwtVerifier
 from gateway_service.client_address import ClientAddresses, parse_networks
 from gateway_service.core import CallLimits, Gateway
@@ -30,7 +32,7 @@ from gateway_service.stream_slots import StreamSlots
 from gateway_service.webhooks.http import lemonsqueezy_route
 from gateway_service.webhooks.lemonsqueezy import Catalog, LemonSqueezyProcessor
 from shared.config import Settings
-from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
+from shared.gen.rpcai.gateway.v1 import admin_pb2_grpc, gateway_pb2_grpc
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.grpc_server import GrpcApp, server_options
 from shared.observe import ObservingInterceptor
@@ -143,7 +145,7 @@ def create_app(settings: Settings) -> GatewayApp:
         gate=gate,
     )
     grpc_app = GrpcApp(
-        [SERVICE_NAME],
+        [SERVICE_NAME, ADMIN_SERVICE_NAME],
         interceptors=[ObservingInterceptor(), JwtInterceptor(verifier)],
         options=server_options(settings, per_connection_streams=True),
     )
@@ -153,6 +155,8 @@ def create_app(settings: Settings) -> GatewayApp:
     gateway_pb2_grpc.add_AiGatewayServicer_to_server(
         GatewayServicer(gateway, addresses, streams=streams), grpc_app.server
     )
+    admin = AdminDesk(ledger)
+    admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminServicer(admin), grpc_app.server)
     webhooks = LemonSqueezyProcessor(
         ledger, Catalog.parse(settings.lemonsqueezy_variant_tokens), settings.lemonsqueezy_test_mode
     )

@@ -53,6 +53,8 @@ class Identity:
     tier: str | None
     quota: int | None
     claims: Mapping[str, Any]
+    # The operator role (JWT_ADMIN_CLAIM / JWT_ADMIN_VALUE): may read every user's figures.
+    admin: bool = False
 
 
 class AuthError(Exception):
@@ -89,6 +91,8 @@ class JwtVerifier:
         leeway_seconds: int = 30,
         tier_claim: str = "tier",
         quota_claim: str = "quota",
+        admin_claim: str | None = None,
+        admin_value: str | None = None,
         *,
         jwks_cache_seconds: float = 300.0,
         jwks_min_refetch_seconds: float = 10.0,
@@ -109,6 +113,7 @@ class JwtVerifier:
         self._leeway = leeway_seconds
         self._tier_claim = tier_claim
         self._quota_claim = quota_claim
+        self._admin = (admin_claim, admin_value) if admin_claim and admin_value else None
         required = ["exp", "sub"]
         required += ["iss"] if self._issuer else []
         required += ["aud"] if self._audience else []
@@ -131,6 +136,8 @@ class JwtVerifier:
             leeway_seconds=settings.jwt_leeway_seconds,
             tier_claim=settings.jwt_tier_claim,
             quota_claim=settings.jwt_quota_claim,
+            admin_claim=settings.jwt_admin_claim,
+            admin_value=settings.jwt_admin_value,
         )
 
     async def verify(self, token: str) -> Identity:
@@ -213,7 +220,21 @@ class JwtVerifier:
             tier=tier if isinstance(tier, str) and is_storable_id(tier) else None,
             quota=quota if type(quota) is int and quota in _INT64 else None,
             claims=claims,
+            admin=self._is_admin(claims),
         )
+
+    def _is_admin(self, claims: Mapping[str, Any]) -> bool:
+        """Exactly the configured value, as the claim or one item of a list claim: never a
+        prefix, a case variant or a truthy stand-in."""
+        if self._admin is None:
+            return False
+        claim, value = self._admin
+        held = claims.get(claim)
+        if isinstance(held, str):
+            return held == value
+        if isinstance(held, list):
+            return any(isinstance(item, str) and item == value for item in held)
+        return False
 
     async def aclose(self) -> None:
         await self._jwks.aclose()

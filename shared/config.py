@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=30, ge=0)
     jwt_tier_claim: str = "tier"
     jwt_quota_claim: str = "quota"
+    # Operators: a JWT whose claim JWT_ADMIN_CLAIM holds JWT_ADMIN_VALUE (or a list containing
+    # it, e.g. "roles": ["admin"]) may read every user's figures (/v1/admin, GatewayAdmin).
+    # Both unset: nobody is an admin.
+    jwt_admin_claim: str | None = None
+    jwt_admin_value: str | None = None
 
     # --- gateway: HTTP edge (served on http_addr beside the gRPC API)
     # Browser origins allowed to call it (CORS), comma-separated, e.g.
@@ -187,6 +192,8 @@ class Settings(BaseSettings):
         if self.stream_write_timeout_seconds * 2 > self.hold_ttl_seconds:
             # A stalled write must end well before a hold the gateway could not extend expires.
             raise ValueError("STREAM_WRITE_TIMEOUT_SECONDS must be at most HOLD_TTL_SECONDS / 2")
+        if bool(self.jwt_admin_claim) != bool(self.jwt_admin_value):
+            raise ValueError("set both JWT_ADMIN_CLAIM and JWT_ADMIN_VALUE, or neither")
         if 0 < self.transient_key_retention_seconds < self.reserve_max_ttl_seconds:
             # A transport retry of a Reserve must still find its key while the hold can live.
             raise ValueError(

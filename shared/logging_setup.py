@@ -23,6 +23,8 @@ REQUEST_FIELDS = (
     "user_type",
     "tokens_charged",
 )
+# The fields of an audit line (gateway_service.admin): who read what, and whether it was allowed.
+AUDIT_FIELDS = ("actor", "action", "subject", "allowed")
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         }
         if self.service:
             line["service"] = self.service
-        for name in REQUEST_FIELDS:
+        for name in (*REQUEST_FIELDS, *AUDIT_FIELDS):
             value = record.__dict__.get(name)
             if value is not None and value != "":
                 line[name] = value
