@@ -2,7 +2,8 @@
 call and memory, each beside its baseline from the same run on the same machine.
 
 Starts its own embedded Postgres (or uses BENCH_DATABASE_URL) and its own service processes.
-BENCH_ONLY (e.g. `ledger,http`; default all of ledger, http, grpc, memory) picks the parts;
+BENCH_ONLY (e.g. `ledger,http`; default all of ledger, http, grpc, memory, analytics) picks the
+parts (analytics: the operator's reads over a year of history, bench/analytics_bench.py);
 BENCH_SECONDS (default 10) sets each figure's length, BENCH_CONCURRENCY (default 32) the callers
 of the ledger and gRPC figures, BENCH_MEMORY_SECONDS (default 600; 0 skips it) the length of the
 memory run at 32 callers. The HTTP figures need `wrk` (`make bench` installs it when missing).
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from bench import gateway_bench, http_bench, ledger_bench
+from bench import analytics_bench, gateway_bench, http_bench, ledger_bench
 from bench.ledger_bench import table
 from bench.load import run_load
 from ledger_service.store.database import plain_url, start_embedded, with_database
@@ -321,6 +322,11 @@ def main() -> int:
         figures.append(group)
     if figures:
         print(ledger_bench.render([f for group in figures for f in group], concurrency), "")
+    if wanted("analytics"):
+        # A database of its own (next to this one), loaded with a year of history.
+        print(analytics_bench.run(admin_url), "", sep="\n", flush=True)
+    if not any(wanted(part) for part in ("http", "grpc", "memory")):
+        return 0
     with service("ledger_service", ledger_env(url, 2)) as ledger:
         if not wanted("http"):
             pass

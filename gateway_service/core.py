@@ -762,12 +762,11 @@ class Gateway:
         output_tokens = storable_count(usage.output_tokens)
         cost = estimate_cost_micro_usd(plan.provider_name, model, input_tokens, output_tokens)
         info = UsageInfo(tokens_used=input_tokens + output_tokens, estimated_cost_micro_usd=cost)
-        if plan.user_id is None:
-            return info  # a public caller: nothing is recorded
+        # A public caller has no account: the call is recorded without a user, for analytics.
         request = lpb.RecordUsageRequest(
             idempotency_key=f"byok:{uuid.uuid4()}",
-            user_id=plan.user_id,
-            user_type=lpb.USER_TYPE_BYOK,
+            user_id=plan.user_id or "",
+            user_type=lpb.USER_TYPE_PUBLIC_BYOK if plan.user_id is None else lpb.USER_TYPE_BYOK,
             usage=lpb.Usage(
                 provider=plan.provider_name,
                 model=model,

@@ -1,4 +1,5 @@
-"""Wires the ledger process together: database, store, domain, gRPC server, sweeper."""
+"""Wires the ledger process together: database, store, domain, gRPC server, background tasks
+(hold sweeper, retention, analytics rollup)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ledger_service.metrics import MetricsServer, sample_pool_forever, scrape_ga
 from ledger_service.servicer import SERVICE_NAME, LedgerServicer
 from ledger_service.store.group_commit import GroupCommit
 from ledger_service.store.postgres import PostgresStore, create_pool
-from ledger_service.sweeper import retain_forever, sweep_forever
+from ledger_service.sweeper import retain_forever, rollup_forever, sweep_forever
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.grpc_server import GrpcApp, server_options
@@ -127,5 +128,6 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
                     ledger, retention_policy(settings), settings.retention_interval_seconds
                 )
             ),
+            asyncio.create_task(rollup_forever(ledger)),
         ]
     return app

@@ -93,6 +93,48 @@ CHECKS: list[tuple[str, str]] = [
             WHERE m.charged <> coalesce(c.total, 0) LIMIT 20""",
     ),
     (
+        # A call recorded into a day after the job rolled it (its transaction outlived the
+        # rollup's margin) would be missing from the analytics: this says where.
+        "every rolled day of the analytics rollup holds exactly its usage records",
+        """WITH records AS (
+             SELECT (created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,
+                    sum(tokens_charged) AS charged
+               FROM usage_records
+              WHERE created_at < (SELECT rolled_until FROM analytics_rollups
+                                   WHERE name = 'usage_daily')::timestamp AT TIME ZONE 'UTC'
+              GROUP BY 1
+           ), rolled AS (
+             SELECT day, sum(requests) AS requests, sum(tokens_charged) AS charged
+               FROM usage_daily GROUP BY day
+           )
+           SELECT coalesce(r.day, d.day)::text,
+                  coalesce(r.requests, 0)::text || ' calls, ' || coalesce(d.requests, 0)::text
+                  || ' rolled'
+             FROM records r FULL JOIN rolled d ON d.day = r.day
+            WHERE r.requests IS DISTINCT FROM d.requests OR r.charged IS DISTINCT FROM d.charged
+            LIMIT 20""",
+    ),
+    (
+        "every rolled month of the analytics rollup holds exactly its days",
+        """WITH days AS (
+             SELECT date_trunc('month', day)::date AS month, sum(requests) AS requests,
+                    sum(tokens_charged) AS charged
+               FROM usage_daily
+              WHERE day < (SELECT rolled_until FROM analytics_rollups
+                            WHERE name = 'usage_monthly')
+              GROUP BY 1
+           ), rolled AS (
+             SELECT month, sum(requests) AS requests, sum(tokens_charged) AS charged
+               FROM usage_monthly GROUP BY month
+           )
+           SELECT coalesce(d.month, m.month)::text,
+                  coalesce(d.requests, 0)::text || ' calls, ' || coalesce(m.requests, 0)::text
+                  || ' rolled'
+             FROM days d FULL JOIN rolled m ON m.month = d.month
+            WHERE d.requests IS DISTINCT FROM m.requests OR d.charged IS DISTINCT FROM m.charged
+            LIMIT 20""",
+    ),
+    (
         "a user who owes tokens has none available (owed is collected first)",
         """SELECT user_id, available::text || ' available, ' || owed::text || ' owed'
              FROM accounts WHERE owed > 0 AND available > 0 LIMIT 20""",

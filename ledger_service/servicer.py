@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
 
 from ledger_service import metrics
 from ledger_service.domain import errors
@@ -22,7 +23,10 @@ from ledger_service.domain.ledger import Ledger
 from ledger_service.domain.types import (
     Balance,
     DeadLetter,
+    Granularity,
     MonthlyUsage,
+    Payment,
+    PlatformFigures,
     PurchaseRef,
     PurchaseType,
     RefundShare,
@@ -68,8 +72,15 @@ _USER_TYPES = {
     pb.USER_TYPE_SUBSCRIPTION: UserType.SUBSCRIPTION,
     pb.USER_TYPE_BYOK: UserType.BYOK,
     pb.USER_TYPE_UNKNOWN: UserType.UNKNOWN,
+    pb.USER_TYPE_PUBLIC_BYOK: UserType.PUBLIC_BYOK,
 }
 _USER_TYPES_PB = {v: k for k, v in _USER_TYPES.items()}
+_GRANULARITIES = {
+    pb.GRANULARITY_UNSPECIFIED: Granularity.DAY,  # the proto's default
+    pb.GRANULARITY_HOUR: Granularity.HOUR,
+    pb.GRANULARITY_DAY: Granularity.DAY,
+    pb.GRANULARITY_MONTH: Granularity.MONTH,
+}
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -79,6 +90,16 @@ else:
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
+
+
+def _details(exc: errors.LedgerError) -> list[error_details_pb2.BadRequest]:
+    """Beyond the ErrorInfo: a bad argument is also a google.rpc.BadRequest field violation,
+    the detail generic gRPC clients know."""
+    if not isinstance(exc, errors.InvalidArgument):
+        return []
+    problem = exc.message.split(": ", 1)[-1]
+    violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=problem)
+    return [error_details_pb2.BadRequest(field_violations=[violation])]
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -91,7 +112,7 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except errors.LedgerError as exc:
             code = _CODES.get(type(exc), grpc.StatusCode.INTERNAL)
             await context.abort_with_status(
-                rich_status(code, exc.message, exc.reason, DOMAIN, exc.metadata)
+                rich_status(code, exc.message, exc.reason, DOMAIN, exc.metadata, _details(exc))
             )
         raise AssertionError("unreachable: abort_with_status raises")
 
@@ -143,6 +164,48 @@ def _moment(ts: Timestamp, field: str) -> datetime:
     if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
         raise errors.InvalidArgument(field, "is not a valid timestamp")
     return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _payment(request: pb.Payment) -> Payment:
+    usd = request.amount_usd_cents if request.HasField("amount_usd_cents") else None
+    return Payment(request.currency, request.amount_minor, usd)
+
+
+def _payment_pb(p: Payment) -> pb.Payment:
+    message = pb.Payment(currency=p.currency, amount_minor=p.amount_minor)
+    if p.amount_usd_cents is not None:
+        message.amount_usd_cents = p.amount_usd_cents
+    return message
+
+
+def _figures_pb(f: PlatformFigures) -> pb.PlatformFigures:
+    u, j, users = f.usage, f.journal, f.users
+    return pb.PlatformFigures(
+        purchases=f.purchases,
+        tokens_sold=f.tokens_sold,
+        tokens_credited=f.tokens_credited,
+        purchase_fee_tokens=f.purchase_fee_tokens,
+        revenue=[
+            pb.CurrencyAmount(currency=r.currency, amount_minor=r.amount_minor) for r in f.revenue
+        ],
+        revenue_micro_usd=f.revenue_micro_usd,
+        purchases_without_amount=f.purchases_without_amount,
+        requests=u.requests,
+        provider_tokens_used=u.provider_tokens_used,
+        tokens_charged=u.tokens_charged,
+        usage_fee_tokens=u.usage_fee_tokens,
+        provider_cost_micro_usd=u.provider_cost_micro_usd,
+        unknown_cost_requests=u.unknown_cost_requests,
+        byok_cost_micro_usd=u.byok_cost_micro_usd,
+        gross_margin_micro_usd=f.gross_margin_micro_usd,
+        tokens_refunded=j.tokens_refunded,
+        shortfall_tokens=j.shortfall_tokens,
+        unbilled_tokens=j.unbilled_tokens,
+        active_users=users.active,
+        subscription_users=users.subscription,
+        byok_users=users.byok,
+        public_byok_requests=u.public_byok_requests,
+    )
 
 
 def _subscription_pb(s: Subscription) -> pb.Subscription:
@@ -235,6 +298,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.external_id,
             request.source,
             subscription,
+            _payment(request.payment) if request.HasField("payment") else None,
         )
         metrics.credited(r)
         return pb.CreditPurchaseResponse(
@@ -411,7 +475,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         except errors.LedgerError as exc:
             code = _CODES.get(type(exc), grpc.StatusCode.INTERNAL)
             return pb.LedgerWriteResult(
-                error=status_proto(code, exc.message, exc.reason, DOMAIN, exc.metadata)
+                error=status_proto(
+                    code, exc.message, exc.reason, DOMAIN, exc.metadata, _details(exc)
+                )
             )
         except Exception:
             # What a lone call would answer as INTERNAL; the other writes keep their answers.
@@ -502,8 +568,83 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 source=p.source,
                 external_id=p.external_id,
                 created_at=_ts(p.created_at),
+                payment=None if p.payment is None else _payment_pb(p.payment),
             )
         return response
+
+    @rpc
+    async def GetPlatformAnalytics(
+        self, request: pb.GetPlatformAnalyticsRequest, context: Context
+    ) -> pb.GetPlatformAnalyticsResponse:
+        a = await self.ledger.platform_analytics(
+            _moment(request.start, "start") if request.HasField("start") else None,
+            _moment(request.end, "end") if request.HasField("end") else None,
+            _GRANULARITIES.get(request.granularity),
+            request.top_users,
+        )
+        return pb.GetPlatformAnalyticsResponse(
+            periods=[
+                pb.PlatformPeriod(start=_ts(p.start), figures=_figures_pb(p.figures))
+                for p in a.periods
+            ],
+            totals=_figures_pb(a.totals),
+            models=[
+                pb.ModelFigures(
+                    provider=m.provider,
+                    model=m.model,
+                    requests=m.usage.requests,
+                    provider_tokens_used=m.usage.provider_tokens_used,
+                    tokens_charged=m.usage.tokens_charged,
+                    usage_fee_tokens=m.usage.usage_fee_tokens,
+                    provider_cost_micro_usd=m.usage.provider_cost_micro_usd,
+                    unknown_cost_requests=m.usage.unknown_cost_requests,
+                    byok_cost_micro_usd=m.usage.byok_cost_micro_usd,
+                    gross_margin_micro_usd=m.gross_margin_micro_usd,
+                )
+                for m in a.models
+            ],
+            top_users=[
+                pb.TopUser(
+                    user_id=t.user_id,
+                    requests=t.requests,
+                    tokens_charged=t.tokens_charged,
+                    provider_tokens_used=t.provider_tokens_used,
+                )
+                for t in a.top_users
+            ],
+            sources=[
+                pb.PurchaseSource(
+                    source=s.source,
+                    purchases=s.purchases,
+                    tokens_sold=s.tokens_sold,
+                    revenue_micro_usd=s.revenue_micro_usd,
+                )
+                for s in a.sources
+            ],
+            open_receivable_tokens=a.open_receivable_tokens,
+            open_holds=a.open_holds,
+            held_tokens=a.held_tokens,
+            revenue_per_token_micro_usd=a.revenue_per_token_micro_usd,
+        )
+
+    @rpc
+    async def GetUserAccount(
+        self, request: pb.GetUserAccountRequest, context: Context
+    ) -> pb.GetUserAccountResponse:
+        account = await self.ledger.user_account(request.user_id)
+        return pb.GetUserAccountResponse(
+            balance=_balance(account.balance),
+            holds=[
+                pb.OpenHold(
+                    hold_id=h.hold_id,
+                    amount=h.amount,
+                    created_at=_ts(h.created_at),
+                    expires_at=_ts(h.expires_at),
+                )
+                for h in account.holds
+            ],
+            known=account.known,
+        )
 
     @rpc
     async def UpsertSubscription(

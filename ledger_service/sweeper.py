@@ -1,5 +1,6 @@
 """Background tasks of the ledger, safe to run from any number of replicas: expire due holds
-(by the database clock) and delete what outlived its retention."""
+(by the database clock), delete what outlived its retention, and roll complete days of usage up
+for the operator's analytics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from ledger_service.domain.ledger import Ledger
 from ledger_service.domain.types import RetentionPolicy
 
 log = logging.getLogger(__name__)
+
+# A day not rolled up yet is read from the usage records themselves: the rollup's freshness only
+# makes analytics faster, so checking every few minutes is plenty.
+ROLLUP_INTERVAL_SECONDS = 300.0
 
 
 async def sweep_forever(ledger: Ledger, interval: float, batch: int) -> None:
@@ -38,4 +43,17 @@ async def retain_forever(ledger: Ledger, policy: RetentionPolicy, interval: floa
             raise
         except Exception:
             log.exception("retention sweep failed; will retry")
+        await asyncio.sleep(interval)
+
+
+async def rollup_forever(ledger: Ledger, interval: float = ROLLUP_INTERVAL_SECONDS) -> None:
+    while True:
+        try:
+            # A backlog (the first run on a long history) is taken a few days per transaction.
+            while (days := await ledger.rollup_usage()) > 0:
+                log.info("analytics: rolled up %d days of usage", days)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("usage rollup failed; will retry")
         await asyncio.sleep(interval)

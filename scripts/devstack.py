@@ -17,12 +17,18 @@ from scripts import devsecrets
 from shared import processes
 from shared.config import Settings
 
+DEV_ADMIN_CLAIM = "role"
+DEV_ADMIN_VALUE = "admin"
+
 
 def main() -> int:
     settings = Settings()
     env = devsecrets.load()
     if not settings.lemonsqueezy_variant_tokens.strip("{} "):
         env["LEMONSQUEEZY_VARIANT_TOKENS"] = devsecrets.DEV_CATALOG
+    if not settings.jwt_admin_claim:
+        # The dev stack has an operator role: `dev_token NAME --admin` mints its JWTs.
+        env |= {"JWT_ADMIN_CLAIM": DEV_ADMIN_CLAIM, "JWT_ADMIN_VALUE": DEV_ADMIN_VALUE}
     started: list[tuple[str, processes.Service]] = []
 
     def stop_all(*_: object) -> None:
@@ -55,7 +61,11 @@ def main() -> int:
         gateway = processes.start("gateway_service", gateway_env, echo=True)
         started.append(("gateway", gateway))
         print(f"gateway   grpc://{gateway.address}  http://{settings.http_addr}", flush=True)
-        print("a JWT for this stack: .venv/bin/python -m scripts.dev_token alice", flush=True)
+        http = f"http://{settings.http_addr}"
+        mint = ".venv/bin/python -m scripts.dev_token"
+        print(f"a JWT for this stack: {mint} alice  (an operator's: {mint} ops --admin)")
+        print(f"pages     {http}/usage#token=$({mint} alice)", flush=True)
+        print(f"          {http}/dashboard#token=$({mint} ops --admin)", flush=True)
         print("ready; Ctrl-C stops everything", flush=True)
         while all(s.proc.poll() is None for _, s in started):
             time.sleep(0.5)

@@ -7,6 +7,9 @@
   state is applied; its invoices are credited through it.
 - A refund takes back, in proportion to the money returned (refunded_amount / total), what that
   payment credited, as the ledger recorded it: a later catalog change does not matter.
+- What the buyer paid (an order's or an invoice's `total` and `currency`, and `total_usd`) is
+  recorded with the credit, for the operator's revenue figures. A payload that does not state it
+  clearly credits all the same, without a payment: analytics never cost a customer a credit.
 - Exactly once: every credit carries an idempotency key derived from the provider's own ids
   (order, invoice), and the ledger also refuses to credit one payment twice; subscription state
   is ordered by the provider's updated_at (a terminal status wins a tie). Duplicates and
@@ -28,6 +31,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +48,9 @@ log = logging.getLogger(__name__)
 SOURCE = "lemonsqueezy"
 TEST_SOURCE = "lemonsqueezy-test"
 TEST_USER_PREFIX = "test-mode:"
+# The ledger's bound on a payment amount (ledger.proto, Payment); beyond it a figure is garbage.
+MAX_PAYMENT_AMOUNT = 10**15
+CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 SUBSCRIPTION_EVENTS = frozenset(
     {
         "subscription_created",
@@ -226,6 +233,7 @@ class LemonSqueezyProcessor:
                 user_id=self._user(event, f"order:{event.data_id}"),
                 tokens_purchased=variant.tokens,
                 purchase_type=lpb.PURCHASE_TYPE_ONE_TIME,
+                payment=payment_of(attrs),
             ),
         )
 
@@ -255,6 +263,7 @@ class LemonSqueezyProcessor:
             lpb.CreditPurchaseRequest(
                 purchase_type=lpb.PURCHASE_TYPE_SUBSCRIPTION,
                 subscription=lpb.PurchaseRef(external_id=subscription_id),
+                payment=payment_of(attrs),
             ),
         )
 
@@ -403,3 +412,27 @@ def _amount(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
+
+
+def payment_of(attributes: Mapping[str, Any]) -> lpb.Payment | None:
+    """What an order or a subscription invoice says was paid: `total` in `currency`'s minor unit
+    and `total_usd` in US cents, kept only where it is a valid figure (the ledger would refuse
+    the credit over an invalid one). None when it says nothing usable."""
+    raw_currency = attributes.get("currency")
+    currency = raw_currency.strip().upper() if isinstance(raw_currency, str) else ""
+    total = _amount(attributes.get("total"))
+    usd = _amount(attributes.get("total_usd"))
+    if total is not None and total > MAX_PAYMENT_AMOUNT:
+        total = None
+    if usd is not None and usd > MAX_PAYMENT_AMOUNT:
+        usd = None
+    if not CURRENCY_CODE.fullmatch(currency) or total is None:
+        currency, total = "", 0  # an amount means nothing without its currency
+    if currency == "USD":
+        usd = total  # a US-dollar total is its own USD value, whatever else the payload says
+    if not currency and usd is None:
+        return None
+    payment = lpb.Payment(currency=currency, amount_minor=total)
+    if usd is not None:
+        payment.amount_usd_cents = usd
+    return payment

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
 
-from ledger_service.domain import money
+from ledger_service.domain import analytics, money
 from ledger_service.domain.errors import (
     InvalidArgument,
     LedgerError,
@@ -38,9 +38,13 @@ from ledger_service.domain.types import (
     DeadLetter,
     DeadLetterPage,
     DeadLetterRecorded,
+    Granularity,
     HoldExtension,
     MonthlyUsage,
     ParkedOperation,
+    Payment,
+    PlatformAnalytics,
+    PlatformRows,
     PurchaseCredited,
     PurchasePage,
     PurchaseRef,
@@ -60,6 +64,7 @@ from ledger_service.domain.types import (
     Usage,
     UsageAnalytics,
     UsageRecorded,
+    UserAccount,
     UserStatus,
     UserType,
 )
@@ -91,6 +96,10 @@ MAX_MONEY_AMOUNT = 10**15
 RETENTION_BATCH = 1000
 # A payment transaction the database rolled back to break a conflict is simply run again.
 PAYMENT_ATTEMPTS = 5
+# Open holds a user lookup lists (oldest first): calls in flight, far fewer in practice.
+MAX_OPEN_HOLDS_LISTED = 1000
+# Days (and months) of usage the analytics rollup takes per transaction.
+ROLLUP_BATCH = 7
 
 
 class PaymentsTx(Protocol):
@@ -203,6 +212,21 @@ class LedgerStore(Protocol):
     async def purchase_history(
         self, user_id: str, limit: int, after: tuple[datetime, str] | None
     ) -> PurchasePage: ...
+
+    async def platform_rows(
+        self, granularity: Granularity, start: datetime, end: datetime, top_users: int
+    ) -> PlatformRows:
+        """Every user's purchases, usage and journal exceptions of [start, end) grouped by
+        period of `granularity` (start is a period's start), and the platform's state now, in
+        one snapshot."""
+        ...
+
+    async def user_account(self, user_id: str, max_holds: int) -> UserAccount: ...
+
+    async def rollup_usage(self, batch: int) -> int:
+        """Rolls up to `batch` complete days of usage into the daily rollup, and up to `batch`
+        months whose days are all rolled into the monthly one; returns how many."""
+        ...
 
     async def sweep_expired(self, limit: int) -> int: ...
 
@@ -323,11 +347,18 @@ class Ledger:
         external_id: str,
         source: str,
         subscription: str | None = None,
+        payment: Payment | None = None,
     ) -> PurchaseCredited:
         """Credits a payment. A subscription payment (`subscription` names it, same source) is
         credited to its subscription's user, and `tokens_purchased` 0 takes the subscription's
         tokens per period; before its subscription is known it is parked, and credited in the
-        transaction that stores the subscription."""
+        transaction that stores the subscription.
+
+        `payment` (what the buyer paid) is recorded with the purchase for analytics, and is not
+        part of the replay check: it describes the payment the request names, it does not make
+        another request of it. So a delivery credited before payments were recorded, sent again
+        with its amount, still replays; a replay answers the original and keeps the payment
+        first recorded."""
         key = _id("idempotency_key", idempotency_key)
         if purchase_type is None:
             raise InvalidArgument("purchase_type", "must be SUBSCRIPTION or ONE_TIME")
@@ -350,6 +381,7 @@ class Ledger:
         if subscription is not None:
             # Only when set, so that keys stored before the field existed still replay.
             fields["subscription"] = subscription
+        paid = _payment(payment)
         command = CreditCommand(
             key=key,
             request_hash=request_hash("credit_purchase", **fields),
@@ -359,6 +391,7 @@ class Ledger:
             source=src,
             external_id=ext,
             subscription=subscription,
+            payment=paid,
         )
 
         async def credit(tx: PaymentsTx) -> PurchaseCredited:
@@ -657,9 +690,17 @@ class Ledger:
         cost_micro_usd: int | None,
     ) -> UsageRecorded:
         key = _id("idempotency_key", idempotency_key)
-        user = _id("user_id", user_id)
+        # A call with no account has no user: exactly the public BYOK ones.
+        if user_type is UserType.PUBLIC_BYOK:
+            if user_id:
+                raise InvalidArgument("user_id", "must be empty for PUBLIC_BYOK (no account)")
+            user = ""
+        elif not user_id:
+            raise InvalidArgument("user_id", "must not be empty (only PUBLIC_BYOK has no user)")
+        else:
+            user = _id("user_id", user_id)
         if user_type is None:
-            raise InvalidArgument("user_type", "must be SUBSCRIPTION, BYOK or UNKNOWN")
+            raise InvalidArgument("user_type", "must be SUBSCRIPTION, BYOK, UNKNOWN or PUBLIC_BYOK")
         checked = _usage(usage)
         if cost_micro_usd is not None:
             _amount("estimated_cost_micro_usd", cost_micro_usd, 0, MAX_COST_MICRO_USD)
@@ -711,6 +752,47 @@ class Ledger:
         user = _id("user_id", user_id)
         size = _amount("page_size", page_size or DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
         return await self.store.purchase_history(user, size, after)
+
+    # ---- operator analytics -------------------------------------------------------------------
+
+    async def platform_analytics(
+        self,
+        start: datetime | None,
+        end: datetime | None,
+        granularity: Granularity | None,
+        top_users: int,
+    ) -> PlatformAnalytics:
+        """The platform's figures for every period of [start, end) (see domain.analytics)."""
+        if start is None:
+            raise InvalidArgument("start", "is required")
+        if end is None:
+            raise InvalidArgument("end", "is required")
+        if start.tzinfo is None or end.tzinfo is None:
+            raise InvalidArgument("start" if start.tzinfo is None else "end", "needs a time zone")
+        if end <= start:
+            raise InvalidArgument("end", "must be after start")
+        if granularity is None:
+            raise InvalidArgument("granularity", "must be HOUR, DAY or MONTH")
+        top = _amount(
+            "top_users", top_users or analytics.DEFAULT_TOP_USERS, 1, analytics.MAX_TOP_USERS
+        )
+        starts = analytics.period_starts(start, end, granularity)
+        if starts is None:
+            raise InvalidArgument(
+                "end",
+                f"the range holds more than {analytics.MAX_PERIODS} periods of a {granularity}",
+            )
+        rows = await self.store.platform_rows(granularity, starts[0], end, top)
+        return analytics.assemble(starts, rows)
+
+    async def user_account(self, user_id: str) -> UserAccount:
+        """A user's balance and open holds (oldest first, at most MAX_OPEN_HOLDS_LISTED)."""
+        return await self.store.user_account(_id("user_id", user_id), MAX_OPEN_HOLDS_LISTED)
+
+    async def rollup_usage(self) -> int:
+        """Rolls the next complete days and months of usage up for analytics (safe from any
+        replica); returns how many, 0 when there is nothing to do now."""
+        return await self.store.rollup_usage(ROLLUP_BATCH)
 
     # ---- background ---------------------------------------------------------------------------
 
@@ -825,6 +907,31 @@ def _uuid(field: str, value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
         raise InvalidArgument(field, "must be a UUID") from None
+
+
+def _payment(payment: Payment | None) -> Payment | None:
+    """A valid payment, or None when it says nothing. A US-dollar payment's USD value is its
+    amount."""
+    if payment is None:
+        return None
+    currency = payment.currency
+    if currency and not (
+        len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()
+    ):
+        raise InvalidArgument("payment.currency", "must be an ISO 4217 code such as USD, or empty")
+    amount = _amount("payment.amount_minor", payment.amount_minor, 0, MAX_MONEY_AMOUNT)
+    if amount and not currency:
+        raise InvalidArgument("payment.amount_minor", "needs a currency")
+    usd = payment.amount_usd_cents
+    if usd is not None:
+        _amount("payment.amount_usd_cents", usd, 0, MAX_MONEY_AMOUNT)
+    if currency == "USD":
+        if usd is not None and usd != amount:
+            raise InvalidArgument("payment.amount_usd_cents", "must equal amount_minor for USD")
+        usd = amount
+    if not currency and usd is None:
+        return None
+    return Payment(currency, amount, usd)
 
 
 def _usage(usage: Usage | None) -> Usage:

@@ -62,3 +62,23 @@ def refund_share_tokens(tokens_purchased: int, refunded_amount: int, total_amoun
     """Purchased tokens a refund of `refunded_amount` out of `total_amount` covers (floor): what
     that purchase bought, in proportion to the money returned. Never the catalog's figure."""
     return tokens_purchased * refunded_amount // total_amount
+
+
+# Analytics values money in integer micro-dollars; payments arrive in cents.
+MICRO_USD_PER_CENT = 10_000
+
+
+def revenue_per_token(revenue_micro_usd: int, tokens_credited: int) -> int:
+    """What one credited token sold for, in micro-dollars, rounded down: the revenue of the
+    purchases that have a USD value over the tokens those purchases credited (0: none)."""
+    return revenue_micro_usd // tokens_credited if tokens_credited > 0 else 0
+
+
+def gross_margin(
+    tokens_charged: int, revenue_micro_usd: int, tokens_credited: int, cost_micro_usd: int
+) -> int:
+    """Tokens charged valued at what a credited token sold for, less what the provider cost.
+    One floor, at the end: a per-token price rounded to whole micro-dollars first would be
+    off by up to 1 micro-dollar a token (at $10 a million tokens, ~8% of the value)."""
+    value = tokens_charged * revenue_micro_usd // tokens_credited if tokens_credited > 0 else 0
+    return value - cost_micro_usd

@@ -17,6 +17,16 @@ class UserType(enum.StrEnum):
     SUBSCRIPTION = "subscription"
     BYOK = "byok"
     UNKNOWN = "unknown"
+    # A BYOK call by a caller with no account: recorded with an empty user id (and only it).
+    PUBLIC_BYOK = "public_byok"
+
+
+class Granularity(enum.StrEnum):
+    """The length of one period of platform analytics, in UTC."""
+
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +47,25 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """What a buyer paid, as the payment provider reported it (analytics only)."""
+
+    currency: str  # ISO 4217, upper case; "" unknown (then amount_minor is 0)
+    amount_minor: int  # in the currency's minor unit
+    amount_usd_cents: int | None  # the US-dollar value; None: not reported
+
+    def to_json(self) -> list[object]:
+        return [self.currency, self.amount_minor, self.amount_usd_cents]
+
+    @classmethod
+    def from_json(cls, data: list[Any] | None) -> Payment | None:
+        if data is None:
+            return None
+        currency, amount, usd = data
+        return cls(str(currency), int(amount), None if usd is None else int(usd))
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +227,8 @@ class CreditCommand:
     source: str
     external_id: str
     subscription: str | None  # the subscription's external id (same source), if any
+    # What was paid (not part of request_hash: see Ledger.credit_purchase).
+    payment: Payment | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -209,6 +240,7 @@ class CreditCommand:
             "source": self.source,
             "external_id": self.external_id,
             "subscription": self.subscription,
+            "payment": None if self.payment is None else self.payment.to_json(),
         }
 
     @classmethod
@@ -222,6 +254,8 @@ class CreditCommand:
             source=data["source"],
             external_id=data["external_id"],
             subscription=data["subscription"],
+            # Credits parked before payments were recorded have none.
+            payment=Payment.from_json(data.get("payment")),
         )
 
 
@@ -319,6 +353,7 @@ class PurchaseRecord:
     source: str
     external_id: str
     created_at: datetime
+    payment: Payment | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,3 +421,171 @@ class RetentionPolicy:
     key_seconds: int = 30 * 86_400
     answer_seconds: int = 86_400
     resolved_seconds: int = 90 * 86_400
+
+
+# ---- operator analytics ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFigures:
+    """Calls of one period, one model, or a whole range (additive: sums of sums)."""
+
+    requests: int = 0
+    provider_tokens_used: int = 0
+    tokens_charged: int = 0
+    usage_fee_tokens: int = 0
+    # Known estimates of subscription calls (the platform's cost) and of BYOK calls (public too).
+    provider_cost_micro_usd: int = 0
+    byok_cost_micro_usd: int = 0
+    unknown_cost_requests: int = 0
+    public_byok_requests: int = 0
+
+    def __add__(self, other: UsageFigures) -> UsageFigures:
+        return UsageFigures(*(getattr(self, f) + getattr(other, f) for f in UsageFigures.__slots__))
+
+
+@dataclass(frozen=True, slots=True)
+class UserCounts:
+    """Distinct signed-in users with calls (not additive across periods)."""
+
+    active: int = 0
+    subscription: int = 0
+    byok: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseGroup:
+    """Purchases of one period, source and currency (None: no currency recorded)."""
+
+    period: datetime
+    source: str
+    currency: str | None
+    purchases: int
+    tokens_sold: int
+    tokens_credited: int
+    purchase_fee_tokens: int
+    amount_minor: int
+    usd_cents: int
+    without_usd: int
+    # tokens_credited of the purchases that have a USD value.
+    credited_with_usd: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalFigures:
+    """What the journal booked in one period besides purchases and charges."""
+
+    tokens_refunded: int = 0
+    shortfall_tokens: int = 0
+    unbilled_tokens: int = 0
+
+    def __add__(self, other: JournalFigures) -> JournalFigures:
+        return JournalFigures(
+            self.tokens_refunded + other.tokens_refunded,
+            self.shortfall_tokens + other.shortfall_tokens,
+            self.unbilled_tokens + other.unbilled_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    provider: str
+    model: str
+    usage: UsageFigures
+
+
+@dataclass(frozen=True, slots=True)
+class TopUser:
+    user_id: str
+    requests: int
+    tokens_charged: int
+    provider_tokens_used: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformRows:
+    """What the store reads for one range, grouped by period (the start of each), in one
+    snapshot; the domain turns it into figures."""
+
+    usage: dict[datetime, UsageFigures]
+    users: dict[datetime, UserCounts]
+    users_total: UserCounts
+    models: list[ModelUsage]
+    top_users: list[TopUser]
+    purchases: list[PurchaseGroup]
+    journal: dict[datetime, JournalFigures]
+    open_receivable_tokens: int
+    open_holds: int
+    held_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CurrencyAmount:
+    currency: str
+    amount_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformFigures:
+    purchases: int
+    tokens_sold: int
+    tokens_credited: int
+    purchase_fee_tokens: int
+    revenue: list[CurrencyAmount]
+    revenue_micro_usd: int
+    purchases_without_amount: int
+    usage: UsageFigures
+    gross_margin_micro_usd: int
+    journal: JournalFigures
+    users: UserCounts
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformPeriod:
+    start: datetime
+    figures: PlatformFigures
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFigures:
+    provider: str
+    model: str
+    usage: UsageFigures
+    gross_margin_micro_usd: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseSource:
+    source: str
+    purchases: int
+    tokens_sold: int
+    revenue_micro_usd: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformAnalytics:
+    periods: list[PlatformPeriod]
+    totals: PlatformFigures
+    models: list[ModelFigures]
+    top_users: list[TopUser]
+    sources: list[PurchaseSource]
+    open_receivable_tokens: int
+    open_holds: int
+    held_tokens: int
+    revenue_per_token_micro_usd: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenHold:
+    hold_id: str
+    amount: int
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UserAccount:
+    balance: Balance
+    holds: list[OpenHold]
+    # The ledger has an account, a usage record or a subscription of this user.
+    known: bool

@@ -49,10 +49,15 @@ PLATFORM_ACCOUNTS = {
     "unbilled_usage": 6,  # usage the balance could not cover (late settles, overruns)
 }
 FIRST_USER_ACCOUNT_ID = 1000
+# Journal entries that analytics read by time: a refund credits payments clearing, its shortfall
+# debits the refund receivable, a settle the balance could not cover debits unbilled usage.
+JOURNAL_EXCEPTIONS = (
+    "(account_id = 1 AND amount > 0) OR (account_id = 5 AND amount < 0) OR account_id = 6"
+)
 
 HOLD_STATUSES = ("held", "settled", "released", "expired", "settled_after_expiry")
 PURCHASE_TYPES = ("subscription", "one_time")
-USER_TYPES = ("subscription", "byok", "unknown")
+USER_TYPES = ("subscription", "byok", "unknown", "public_byok")
 
 
 def _now() -> Mapped[datetime]:
@@ -72,6 +77,13 @@ class Account(Base):
         CheckConstraint("reserved >= 0", name="reserved_nonnegative"),
         CheckConstraint("(user_id IS NULL) <> (code IS NULL)", name="user_or_platform"),
         CheckConstraint("owed >= 0", name="owed_nonnegative"),
+        # The open refund receivable, summed without reading every account (migration 0010).
+        Index(
+            "ix_accounts_owing",
+            "id",
+            postgresql_include=["owed"],
+            postgresql_where=text("owed > 0"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(
@@ -111,6 +123,13 @@ class JournalEntry(Base):
         CheckConstraint("amount <> 0", name="amount_nonzero"),
         Index(None, "account_id"),
         Index(None, "transaction_id"),
+        # The rare entries of refunds, shortfalls and unbilled usage, by time (migration 0010).
+        Index(
+            "ix_journal_entries_exceptions",
+            "created_at",
+            postgresql_include=["account_id", "amount"],
+            postgresql_where=text(JOURNAL_EXCEPTIONS),
+        ),
         ForeignKeyConstraint(
             ["user_id", "transaction_id"],
             ["journal_transactions.user_id", "journal_transactions.id"],
@@ -203,6 +222,31 @@ class Purchase(Base):
         Index("ix_purchases_user_newest", "user_id", text("created_at DESC"), text("id DESC")),
         # Refunds name a purchase by id (the payment provider knows no user).
         Index("ix_purchases_id", "id"),
+        CheckConstraint("currency ~ '^[A-Z]{3}$'", name="payment_currency_iso"),
+        CheckConstraint(
+            "(currency IS NULL) = (amount_minor IS NULL)", name="payment_amount_with_currency"
+        ),
+        CheckConstraint(
+            "amount_minor >= 0 AND amount_usd_cents >= 0", name="payment_amounts_nonnegative"
+        ),
+        CheckConstraint(
+            "currency IS DISTINCT FROM 'USD' OR amount_usd_cents IS NOT DISTINCT FROM amount_minor",
+            name="payment_usd_is_amount",
+        ),
+        # Platform analytics by time, from the index alone (migration 0010).
+        Index(
+            "ix_purchases_created_at",
+            "created_at",
+            postgresql_include=[
+                "source",
+                "currency",
+                "tokens_purchased",
+                "tokens_credited",
+                "platform_fee_tokens",
+                "amount_minor",
+                "amount_usd_cents",
+            ],
+        ),
     )
 
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -220,6 +264,11 @@ class Purchase(Base):
     request_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     user_share_percent: Mapped[int] = mapped_column(SmallInteger, nullable=False)
     created_at: Mapped[datetime] = _now()
+    # What the buyer paid, as the payment provider reported it (NULL: not reported): ISO 4217
+    # currency with the amount in its minor unit, and the US-dollar value in cents.
+    currency: Mapped[str | None] = mapped_column(Text)
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    amount_usd_cents: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class UsageRecord(Base):
@@ -227,12 +276,26 @@ class UsageRecord(Base):
 
     __tablename__ = "usage_records"
     __table_args__ = (
-        CheckConstraint("user_type IN ('subscription', 'byok', 'unknown')", name="type_known"),
+        CheckConstraint(
+            "user_type IN ('subscription', 'byok', 'unknown', 'public_byok')", name="type_known"
+        ),
         CheckConstraint(
             "input_tokens >= 0 AND output_tokens >= 0 AND tokens_charged >= 0",
             name="counts_nonnegative",
         ),
+        CheckConstraint("usage_fee_tokens >= 0", name="fee_nonnegative"),
+        # A public BYOK call has no user, and it alone.
+        CheckConstraint(
+            "(user_type = 'public_byok') = (user_id = '')", name="public_byok_anonymous"
+        ),
         Index("ix_usage_records_user_time", "user_id", "created_at"),
+        # Rows arrive in time order: a BRIN index finds a time range for next to no write cost.
+        Index(
+            "ix_usage_records_created_at",
+            "created_at",
+            postgresql_using="brin",
+            postgresql_with={"autosummarize": "on"},
+        ),
         # A hold has one user: still one usage record per hold.
         UniqueConstraint("user_id", "hold_id"),
     )
@@ -245,6 +308,10 @@ class UsageRecord(Base):
     input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     tokens_charged: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("0")
+    )
+    # The usage fee the settle booked (part of tokens_charged unless unbilled); 0 for BYOK.
+    usage_fee_tokens: Mapped[int] = mapped_column(
         BigInteger, nullable=False, server_default=text("0")
     )
     estimated_cost_micro_usd: Mapped[int | None] = mapped_column(BigInteger)
@@ -383,3 +450,74 @@ class MonthlyUsage(Base):
     month: Mapped[date] = mapped_column(Date, primary_key=True)
     charged: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     held: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+
+
+class UsageDaily(Base):
+    """Usage per UTC day, user, user type, provider and model: a rollup of usage_records written
+    only by the analytics job (`ledger_rollup_usage`), never per call. Holds the days before
+    `analytics_rollups.rolled_until`; readers take later ones from usage_records."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (
+        CheckConstraint(
+            "requests > 0 AND tokens_used >= 0 AND tokens_charged >= 0 AND usage_fee_tokens >= 0"
+            " AND cost_micro_usd >= 0 AND unknown_cost_requests >= 0",
+            name="counts_nonnegative",
+        ),
+        Index("ix_usage_daily_day", "day"),
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_type: Mapped[str] = mapped_column(Text, primary_key=True)
+    provider: Mapped[str] = mapped_column(Text, primary_key=True)
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_used: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_charged: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    usage_fee_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Sum of the known estimates; calls without one are counted in unknown_cost_requests.
+    cost_micro_usd: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unknown_cost_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class UsageMonthly(Base):
+    """usage_daily summed per calendar month, once every day of the month is rolled: a year of
+    monthly figures reads a few rows per active user and model. Written by the job only."""
+
+    __tablename__ = "usage_monthly"
+    __table_args__ = (
+        CheckConstraint(
+            "requests > 0 AND tokens_used >= 0 AND tokens_charged >= 0 AND usage_fee_tokens >= 0"
+            " AND cost_micro_usd >= 0 AND unknown_cost_requests >= 0",
+            name="counts_nonnegative",
+        ),
+        CheckConstraint("extract(day FROM month) = 1", name="month_starts"),
+        Index("ix_usage_monthly_month", "month"),
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_type: Mapped[str] = mapped_column(Text, primary_key=True)
+    provider: Mapped[str] = mapped_column(Text, primary_key=True)
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_used: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens_charged: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    usage_fee_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cost_micro_usd: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unknown_cost_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class AnalyticsRollup(Base):
+    """How far a rollup reaches: every UTC day (usage_daily) or month (usage_monthly) before
+    `rolled_until` is in it (NULL: none yet)."""
+
+    __tablename__ = "analytics_rollups"
+    __table_args__ = (
+        CheckConstraint("name IN ('usage_daily', 'usage_monthly')", name="name_known"),
+    )
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    rolled_until: Mapped[date | None] = mapped_column(Date)
+    updated_at: Mapped[datetime] = _now()

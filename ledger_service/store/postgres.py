@@ -15,9 +15,9 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from functools import wraps
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import asyncpg
 
@@ -41,10 +41,17 @@ from ledger_service.domain.types import (
     DeadLetter,
     DeadLetterPage,
     DeadLetterRecorded,
+    Granularity,
     HoldExtension,
+    JournalFigures,
+    ModelUsage,
     MonthlyUsage,
+    OpenHold,
     ParkedOperation,
+    Payment,
+    PlatformRows,
     PurchaseCredited,
+    PurchaseGroup,
     PurchasePage,
     PurchaseRecord,
     PurchaseRef,
@@ -58,12 +65,16 @@ from ledger_service.domain.types import (
     Settlement,
     Subscription,
     SubscriptionUpsert,
+    TopUser,
     Usage,
     UsageAnalytics,
     UsageBreakdown,
     UsageEntry,
+    UsageFigures,
     UsageRecorded,
     UsageSummary,
+    UserAccount,
+    UserCounts,
     UserStatus,
     UserType,
 )
@@ -73,6 +84,7 @@ from ledger_service.store.group_commit import (
     GroupCommitStats,
     HotItem,
 )
+from ledger_service.store.models import JOURNAL_EXCEPTIONS
 
 HISTORY_LIMIT = 1000
 # Hot-path batches in flight at once (one connection each). More only makes batches smaller:
@@ -260,11 +272,23 @@ class PgPaymentsTx:
         fee: int,
         user_share_percent: int,
     ) -> tuple[PurchaseCredited, bool]:
+        paid = command.payment
         answer: Answer = await self.conn.fetchval(
-            "SELECT ledger_apply_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            command.key, command.request_hash, user_id, command.purchase_type.value, tokens,
-            credited, fee, user_share_percent, command.source, command.external_id,
-        )  # fmt: skip
+            "SELECT ledger_apply_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            command.key,
+            command.request_hash,
+            user_id,
+            command.purchase_type.value,
+            tokens,
+            credited,
+            fee,
+            user_share_percent,
+            command.source,
+            command.external_id,
+            (paid.currency or None) if paid else None,
+            paid.amount_minor if paid and paid.currency else None,
+            paid.amount_usd_cents if paid else None,
+        )
         _raise_if_error(answer)
         return _credited(answer), bool(answer.get("created", False))
 
@@ -632,7 +656,8 @@ class PostgresStore:
         rows = await self.pool.fetch(
             """
             SELECT id, purchase_type, tokens_purchased, tokens_credited, platform_fee_tokens,
-                   tokens_refunded, source, external_id, created_at
+                   tokens_refunded, source, external_id, created_at, currency, amount_minor,
+                   amount_usd_cents
               FROM purchases
              WHERE user_id = $1
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3::uuid))
@@ -655,12 +680,81 @@ class PostgresStore:
                 source=r["source"],
                 external_id=r["external_id"],
                 created_at=r["created_at"],
+                payment=_payment(r),
             )
             for r in rows[:limit]
         ]
         more = len(rows) > limit
         cursor = (records[-1].created_at, records[-1].purchase_id) if more else None
         return PurchasePage(purchases=records, next_cursor=cursor)
+
+    @_guarded
+    async def platform_rows(
+        self, granularity: Granularity, start: datetime, end: datetime, top_users: int
+    ) -> PlatformRows:
+        # One snapshot for every figure, and for the rollup's watermark with the rollup.
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            await conn.execute(f"SET LOCAL work_mem = '{ANALYTICS_WORK_MEM}'")
+            rolled = {
+                r["name"]: r["rolled_until"]
+                for r in await conn.fetch("SELECT name, rolled_until FROM analytics_rollups")
+            }
+            split = _rollup_split(
+                granularity, start, end, rolled.get("usage_daily"), rolled.get("usage_monthly")
+            )
+            usage = await conn.fetch(
+                _PLATFORM_USAGE,
+                granularity.value,
+                end,
+                *split.months,
+                *split.days,
+                split.raw_from,
+                top_users,
+            )
+            purchases = await conn.fetch(_PLATFORM_PURCHASES, granularity.value, start, end)
+            journal = await conn.fetch(_PLATFORM_JOURNAL, granularity.value, start, end)
+            now = await conn.fetchrow(_PLATFORM_NOW)
+        assert now is not None
+        return _platform_rows(usage, purchases, journal, now)
+
+    @_guarded
+    async def user_account(self, user_id: str, max_holds: int) -> UserAccount:
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            row = await conn.fetchrow(
+                """
+                SELECT a.available, a.reserved, a.owed,
+                       a.id IS NOT NULL
+                       OR EXISTS (SELECT 1 FROM usage_records u WHERE u.user_id = $1)
+                       OR EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = $1) AS known
+                  FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.user_id = $1
+                """,
+                user_id,
+            )
+            holds = await conn.fetch(
+                "SELECT id, amount, created_at, expires_at FROM holds"
+                " WHERE user_id = $1 AND status = 'held' ORDER BY created_at, id LIMIT $2",
+                user_id,
+                max_holds,
+            )
+        assert row is not None
+        return UserAccount(
+            balance=Balance(row["available"] or 0, row["reserved"] or 0, row["owed"] or 0),
+            holds=[
+                OpenHold(str(h["id"]), h["amount"], h["created_at"], h["expires_at"]) for h in holds
+            ],
+            known=row["known"],
+        )
+
+    @_guarded
+    async def rollup_usage(self, batch: int) -> int:
+        rolled: int = await self.pool.fetchval("SELECT ledger_rollup_usage($1)", batch)
+        return rolled
 
     @_guarded
     async def sweep_expired(self, limit: int) -> int:
@@ -764,6 +858,242 @@ class PostgresStore:
         if row is None:
             raise DeadLetterNotFound("no such dead letter")
         return _dead_letter(row)
+
+
+def _payment(row: asyncpg.Record) -> Payment | None:
+    if row["currency"] is None and row["amount_usd_cents"] is None:
+        return None
+    return Payment(row["currency"] or "", row["amount_minor"] or 0, row["amount_usd_cents"])
+
+
+# ---- operator analytics (cross-user reads; see migration 0010 and docs/scaling.md) ----------
+
+# Hash aggregates over a year of the rollup need more than Postgres's default 4 MB.
+ANALYTICS_WORK_MEM = "64MB"
+
+
+class RollupSplit(NamedTuple):
+    """Where a range's usage is read from: [first, last) months from usage_monthly, then
+    [first, last) days from usage_daily, then usage_records from `raw_from` on."""
+
+    months: tuple[date, date]
+    days: tuple[date, date]
+    raw_from: datetime
+
+
+def _rollup_split(
+    granularity: Granularity,
+    start: datetime,
+    end: datetime,
+    daily_until: date | None,
+    monthly_until: date | None,
+) -> RollupSplit:
+    """Only what the rollups hold whole: no day (month) that `end` cuts, none for hourly periods
+    (the rollups know no hours), none a monthly period does not cover whole. `start` starts a
+    period (so a day, or a month for monthly periods, unless hourly)."""
+    first = start.astimezone(UTC).date()
+    if granularity is Granularity.HOUR:
+        return RollupSplit((first, first), (first, first), start)
+    end_day = end.astimezone(UTC).date()
+    months_to = first
+    if granularity is Granularity.MONTH and monthly_until is not None:
+        months_to = max(first, min(monthly_until, end_day.replace(day=1)))
+    days_to = max(months_to, min(daily_until or first, end_day))
+    raw_from = datetime.combine(days_to, time(), UTC) if days_to > first else start
+    return RollupSplit((first, months_to), (months_to, days_to), raw_from)
+
+
+_USAGE_SUMS = """
+       sum(requests)::bigint AS requests,
+       sum(tokens_used)::bigint AS tokens_used,
+       sum(tokens_charged)::bigint AS tokens_charged,
+       sum(usage_fee_tokens)::bigint AS usage_fee_tokens,
+       coalesce(sum(cost_micro_usd) FILTER (WHERE user_type = 'subscription'), 0)::bigint
+         AS provider_cost,
+       coalesce(sum(cost_micro_usd) FILTER (WHERE user_type IN ('byok', 'public_byok')), 0)::bigint
+         AS byok_cost,
+       sum(unknown_cost_requests)::bigint AS unknown_cost,
+       coalesce(sum(requests) FILTER (WHERE user_type = 'public_byok'), 0)::bigint
+         AS public_byok_requests"""
+_NO_SUMS = "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+_NO_USERS = "NULL::bigint, NULL::bigint, NULL::bigint"
+
+# $1 granularity, $2 end, [$3, $4) the months read from usage_monthly, [$5, $6) the days read
+# from usage_daily, $7 where usage_records take over, $8 how many top users. Calls are first
+# reduced to one row per period, user, type and model ("units": the rollups' months and days and
+# the raw rows after them), read once; every figure is a grouping of those. Periods are UTC wall
+# times (timestamp) until the end: cheaper to truncate than a timestamptz in a zone. Rows come
+# back by kind, NULL in the columns a kind has not.
+_PLATFORM_USAGE = f"""
+WITH units AS MATERIALIZED (
+  SELECT date_trunc($1, m.month::timestamp) AS period, m.user_id, m.user_type, m.provider,
+         m.model, m.requests, m.tokens_used, m.tokens_charged, m.usage_fee_tokens,
+         m.cost_micro_usd, m.unknown_cost_requests
+    FROM usage_monthly m
+   WHERE m.month >= $3 AND m.month < $4
+  UNION ALL
+  SELECT date_trunc($1, d.day::timestamp), d.user_id, d.user_type, d.provider, d.model,
+         d.requests, d.tokens_used, d.tokens_charged, d.usage_fee_tokens, d.cost_micro_usd,
+         d.unknown_cost_requests
+    FROM usage_daily d
+   WHERE d.day >= $5 AND d.day < $6
+  UNION ALL
+  SELECT date_trunc($1, u.created_at AT TIME ZONE 'UTC'), u.user_id, u.user_type, u.provider,
+         u.model, count(*), sum(u.input_tokens + u.output_tokens), sum(u.tokens_charged),
+         sum(u.usage_fee_tokens), coalesce(sum(u.estimated_cost_micro_usd), 0),
+         count(*) FILTER (WHERE u.estimated_cost_micro_usd IS NULL)
+    FROM usage_records u
+   WHERE u.created_at >= $7 AND u.created_at < $2
+   GROUP BY 1, 2, 3, 4, 5
+), people AS MATERIALIZED (
+  -- Signed-in callers by period (a public BYOK call has no user).
+  SELECT period, user_id, sum(requests) AS requests, sum(tokens_used) AS tokens_used,
+         sum(tokens_charged) AS tokens_charged,
+         bool_or(user_type = 'subscription') AS subscription, bool_or(user_type = 'byok') AS byok
+    FROM units WHERE user_id <> '' GROUP BY period, user_id
+), range_people AS MATERIALIZED (
+  SELECT user_id, sum(requests)::bigint AS requests, sum(tokens_used)::bigint AS tokens_used,
+         sum(tokens_charged)::bigint AS tokens_charged,
+         bool_or(subscription) AS subscription, bool_or(byok) AS byok
+    FROM people GROUP BY user_id
+)
+SELECT 'usage' AS kind, period AT TIME ZONE 'UTC' AS period, NULL AS provider, NULL AS model,
+       NULL AS user_id, {_USAGE_SUMS},
+       NULL::bigint AS users, NULL::bigint AS subscription_users, NULL::bigint AS byok_users
+  FROM units GROUP BY period
+UNION ALL
+SELECT 'model', NULL, provider, model, NULL, {_USAGE_SUMS}, {_NO_USERS}
+  FROM units GROUP BY provider, model
+UNION ALL
+SELECT 'users', period AT TIME ZONE 'UTC', NULL, NULL, NULL, {_NO_SUMS},
+       count(*), count(*) FILTER (WHERE subscription), count(*) FILTER (WHERE byok)
+  FROM people GROUP BY period
+UNION ALL
+SELECT 'range_users', NULL, NULL, NULL, NULL, {_NO_SUMS},
+       count(*), count(*) FILTER (WHERE subscription), count(*) FILTER (WHERE byok)
+  FROM range_people
+UNION ALL
+(SELECT 'top', NULL, NULL, NULL, user_id, requests, tokens_used, tokens_charged,
+        NULL, NULL, NULL, NULL, NULL, {_NO_USERS}
+   FROM range_people ORDER BY tokens_charged DESC, requests DESC, user_id LIMIT $8)
+"""
+
+# $1 granularity, [$2, $3) the range: purchases by period, source and currency.
+_PLATFORM_PURCHASES = """
+SELECT date_trunc($1, created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS period, source,
+       currency,
+       count(*) AS purchases,
+       sum(tokens_purchased)::bigint AS tokens_sold,
+       sum(tokens_credited)::bigint AS tokens_credited,
+       sum(platform_fee_tokens)::bigint AS purchase_fee_tokens,
+       coalesce(sum(amount_minor), 0)::bigint AS amount_minor,
+       coalesce(sum(amount_usd_cents), 0)::bigint AS usd_cents,
+       count(*) FILTER (WHERE amount_usd_cents IS NULL) AS without_usd,
+       coalesce(sum(tokens_credited) FILTER (WHERE amount_usd_cents IS NOT NULL), 0)::bigint
+         AS credited_with_usd
+  FROM purchases
+ WHERE created_at >= $2 AND created_at < $3
+ GROUP BY 1, 2, 3
+"""
+
+# $1 granularity, [$2, $3) the range. Refunds credit payments clearing (1) with the purchased
+# tokens they cover, their shortfall debits the refund receivable (5), a settle the balance could
+# not cover debits unbilled usage (6) (ledger_apply_refund, ledger_settle). The predicate is the
+# partial index's, spelled out so that the planner can use it.
+_PLATFORM_JOURNAL = f"""
+SELECT date_trunc($1, created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS period,
+       coalesce(sum(amount) FILTER (WHERE account_id = 1), 0)::bigint AS tokens_refunded,
+       coalesce(-sum(amount) FILTER (WHERE account_id = 5), 0)::bigint AS shortfall_tokens,
+       coalesce(-sum(amount) FILTER (WHERE account_id = 6), 0)::bigint AS unbilled_tokens
+  FROM journal_entries
+ WHERE created_at >= $2 AND created_at < $3 AND ({JOURNAL_EXCEPTIONS})
+ GROUP BY 1
+"""
+
+# Now, not in the range: what users owe for refunds, and the holds of calls in flight.
+_PLATFORM_NOW = """
+SELECT (SELECT coalesce(sum(owed), 0) FROM accounts WHERE owed > 0)::bigint AS receivable,
+       (SELECT count(*) FROM holds WHERE status = 'held') AS open_holds,
+       (SELECT coalesce(sum(amount), 0) FROM holds WHERE status = 'held')::bigint AS held_tokens
+"""
+
+
+def _usage_figures(row: asyncpg.Record) -> UsageFigures:
+    return UsageFigures(
+        requests=row["requests"],
+        provider_tokens_used=row["tokens_used"],
+        tokens_charged=row["tokens_charged"],
+        usage_fee_tokens=row["usage_fee_tokens"],
+        provider_cost_micro_usd=row["provider_cost"],
+        byok_cost_micro_usd=row["byok_cost"],
+        unknown_cost_requests=row["unknown_cost"],
+        public_byok_requests=row["public_byok_requests"],
+    )
+
+
+def _user_counts(row: asyncpg.Record) -> UserCounts:
+    return UserCounts(row["users"], row["subscription_users"], row["byok_users"])
+
+
+def _platform_rows(
+    usage: list[asyncpg.Record],
+    purchases: list[asyncpg.Record],
+    journal: list[asyncpg.Record],
+    now: asyncpg.Record,
+) -> PlatformRows:
+    by_period: dict[datetime, UsageFigures] = {}
+    users: dict[datetime, UserCounts] = {}
+    users_total = UserCounts()
+    models: list[ModelUsage] = []
+    top: list[TopUser] = []
+    for row in usage:
+        kind = row["kind"]
+        if kind == "usage":
+            by_period[row["period"]] = _usage_figures(row)
+        elif kind == "model":
+            models.append(ModelUsage(row["provider"], row["model"], _usage_figures(row)))
+        elif kind == "users":
+            users[row["period"]] = _user_counts(row)
+        elif kind == "range_users":
+            users_total = _user_counts(row)
+        else:
+            top.append(
+                TopUser(row["user_id"], row["requests"], row["tokens_charged"], row["tokens_used"])
+            )
+    # UNION ALL keeps no order across its branches: the ranking is restated here.
+    top.sort(key=lambda t: (-t.tokens_charged, -t.requests, t.user_id))
+    return PlatformRows(
+        usage=by_period,
+        users=users,
+        users_total=users_total,
+        models=models,
+        top_users=top,
+        purchases=[
+            PurchaseGroup(
+                period=r["period"],
+                source=r["source"],
+                currency=r["currency"],
+                purchases=r["purchases"],
+                tokens_sold=r["tokens_sold"],
+                tokens_credited=r["tokens_credited"],
+                purchase_fee_tokens=r["purchase_fee_tokens"],
+                amount_minor=r["amount_minor"],
+                usd_cents=r["usd_cents"],
+                without_usd=r["without_usd"],
+                credited_with_usd=r["credited_with_usd"],
+            )
+            for r in purchases
+        ],
+        journal={
+            r["period"]: JournalFigures(
+                r["tokens_refunded"], r["shortfall_tokens"], r["unbilled_tokens"]
+            )
+            for r in journal
+        },
+        open_receivable_tokens=now["receivable"],
+        open_holds=now["open_holds"],
+        held_tokens=now["held_tokens"],
+    )
 
 
 def _refund(a: Answer) -> Refund:

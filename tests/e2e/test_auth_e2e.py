@@ -306,7 +306,9 @@ async def test_no_token_and_no_key_is_unauthenticated(sim_stack: Stack, own_sim:
     assert own_sim.stats.requests == before
 
 
-async def test_public_caller_with_a_key_is_served_and_not_recorded(sim_stack: Stack) -> None:
+async def test_public_caller_with_a_key_is_served_and_recorded_without_a_user(
+    sim_stack: Stack,
+) -> None:
     request = gpb.GenerateTextRequest(
         content="[[usage:1000,500]] hi", model="gpt-4o", api_key="sk-caller-own-key"
     )
@@ -324,7 +326,13 @@ async def test_public_caller_with_a_key_is_served_and_not_recorded(sim_stack: St
     assert last.usage_info.tokens_used == 1500
 
     await sim_stack.gateway.gateway.wait_background()
-    assert await fetchval(sim_stack.ledger, "SELECT count(*) FROM usage_records") == 0
+    # Recorded for the operator's analytics (public BYOK calls), under no user: no account.
+    rows = await fetchval(
+        sim_stack.ledger,
+        "SELECT array_agg(DISTINCT user_id || '/' || user_type || '/' || "
+        "(input_tokens + output_tokens)::text) || array[count(*)::text] FROM usage_records",
+    )
+    assert rows == ["/public_byok/1500", "2"]
     assert (
         await fetchval(sim_stack.ledger, "SELECT count(*) FROM accounts WHERE user_id IS NOT NULL")
         == 0

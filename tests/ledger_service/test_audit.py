@@ -27,6 +27,8 @@ CACHED_BALANCE = "every user's cached balance equals the sum of its entries"
 RESERVED = "every user's reserved tokens equal their open holds"
 JOURNALED_ONCE = "every purchase is journaled exactly once"
 SETTLED_ONCE = "every hold is settled at most once"
+ROLLED_DAYS = "every rolled day of the analytics rollup holds exactly its usage records"
+ROLLED_MONTHS = "every rolled month of the analytics rollup holds exactly its days"
 
 
 if TYPE_CHECKING:
@@ -354,3 +356,36 @@ async def test_audit_command_exit_status_and_output(tampered: Tampered) -> None:
     assert f"VIOLATION: {CACHED_BALANCE}" in output
     assert activity.user in output
     assert "audit: FAILED" in output
+
+
+async def test_detects_usage_recorded_into_a_day_the_rollup_already_took(
+    tampered: Tampered,
+) -> None:
+    """The analytics rollup is checked against the records: a call that lands in a rolled day
+    (it would be missing from the figures) is reported, and so is a month that is not its days."""
+    ledger, _, conn = tampered
+    try:
+        await conn.execute("UPDATE usage_records SET created_at = created_at - interval '40 days'")
+        while await ledger.app.ledger.rollup_usage():
+            pass
+        assert (await run_audit(ledger.database_url)).ok
+        late = await conn.fetchval(
+            "UPDATE usage_records SET created_at = created_at - interval '1 day'"
+            " WHERE ctid = (SELECT min(ctid) FROM usage_records) RETURNING created_at"
+        )
+        report = await run_audit(ledger.database_url)
+        assert_only(report, ROLLED_DAYS, str(late.date()))
+        # Put back, the month is doctored instead.
+        await conn.execute(
+            "UPDATE usage_records SET created_at = created_at + interval '1 day'"
+            " WHERE created_at = $1",
+            late,
+        )
+        assert (await run_audit(ledger.database_url)).ok
+        month = await conn.fetchval(
+            "UPDATE usage_monthly SET requests = requests + 1"
+            " WHERE ctid = (SELECT min(ctid) FROM usage_monthly) RETURNING month"
+        )
+    finally:
+        await conn.close()
+    assert_only(await run_audit(ledger.database_url), ROLLED_MONTHS, str(month))

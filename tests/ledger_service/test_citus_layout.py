@@ -1,7 +1,8 @@
 """The invariants the Citus layout (docs/scaling.md) relies on, checked on the migrated schema:
 every per-user table carries user_id and leads its unique keys with it, every per-user function
 takes p_user_id and filters every statement on a per-user table by it, and a call naming another
-user's hold finds nothing and changes nothing."""
+user's hold finds nothing and changes nothing. Cross-user reads are the operator's analytics and
+the jobs (sweep, retention, the usage rollup), listed below with their reason."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ NOT_PER_USER = {
     # to the coordinator on Citus.
     "dead_letters": "keyed by the payment provider's subject",
     "parked_operations": "keyed by the payment provider's subject",
+    # One row per rollup, written by the analytics job only (never per call).
+    "analytics_rollups": "the analytics job's watermark",
 }
 
 # Per-user tables whose user_id may be NULL, and why.
@@ -53,6 +56,7 @@ CROSS_USER_FUNCTIONS = {
     "ledger_hot_apply": "reads the user of a hold an older caller did not name",
     "ledger_store_answer": "keys are unique per operation across users",
     "ledger_upsert_subscription": "subscriptions are keyed by the provider",
+    "ledger_rollup_usage": "rolls a day of every user's usage up: a multi-shard job",
     # Trigger functions run on the row that fired them and filter by its user_id (scanned).
     "ledger_quota_hold_resolved": "trigger on holds",
     "ledger_quota_charged": "trigger on usage_records",

@@ -44,6 +44,7 @@ TABLES = (
     "dead_letters",
 )
 UPDATED_AT = Timestamp(seconds=1_767_225_600)  # 2026-01-01: the seeded subscription's
+DAY_SECONDS = 86_400
 MAX_RAW_BODY_BYTES = 1024 * 1024
 
 
@@ -232,6 +233,13 @@ def base_request(rpc: str, s: Seeded) -> Message:
             user_id=s.user, days=30, include_history=True
         ),
         "GetPurchaseHistory": lambda: pb.GetPurchaseHistoryRequest(user_id=s.user, page_size=10),
+        "GetPlatformAnalytics": lambda: pb.GetPlatformAnalyticsRequest(
+            start=UPDATED_AT,
+            end=Timestamp(seconds=UPDATED_AT.seconds + DAY_SECONDS),
+            granularity=pb.GRANULARITY_DAY,
+            top_users=10,
+        ),
+        "GetUserAccount": lambda: pb.GetUserAccountRequest(user_id=s.user),
         # Newer than the seeded state: valid, it would apply (and change the row).
         "UpsertSubscription": lambda: pb.UpsertSubscriptionRequest(
             subscription=pb.Subscription(
@@ -345,6 +353,7 @@ ID_FIELDS = [
     ("GetUserStatus", "user_id"),
     ("GetUsageAnalytics", "user_id"),
     ("GetPurchaseHistory", "user_id"),
+    ("GetUserAccount", "user_id"),
     ("UpsertSubscription", "subscription.source"),
     ("UpsertSubscription", "subscription.external_id"),
     ("UpsertSubscription", "subscription.user_id"),
@@ -459,6 +468,8 @@ FIELD_CASES: list[tuple[str, str, object, str]] = [
     ("RefundByExternal", "tokens_to_refund", 1001, "tokens_to_refund"),
     ("RecordUsage", "user_type", pb.USER_TYPE_UNSPECIFIED, "user_type"),
     ("RecordUsage", "user_type", 99, "user_type"),
+    # A public BYOK call has no user: naming one is refused (an empty one with BYOK is above).
+    ("RecordUsage", "user_type", pb.USER_TYPE_PUBLIC_BYOK, "user_id"),
     ("RecordUsage", "usage.input_tokens", -1, "usage.input_tokens"),
     ("RecordUsage", "usage.output_tokens", -5, "usage.output_tokens"),
     ("RecordUsage", "usage.output_tokens", 10**9 + 1, "usage.output_tokens"),
@@ -477,6 +488,18 @@ FIELD_CASES: list[tuple[str, str, object, str]] = [
     ("ResolveDeadLetter", "dead_letter_id", "", "dead_letter_id"),
     ("ResolveDeadLetter", "dead_letter_id", "not-a-uuid", "dead_letter_id"),
     ("ResolveDeadLetter", "dead_letter_id", "\x00", "dead_letter_id"),
+    ("GetPlatformAnalytics", "granularity", 99, "granularity"),
+    ("GetPlatformAnalytics", "granularity", -1, "granularity"),
+    ("GetPlatformAnalytics", "top_users", -1, "top_users"),
+    ("GetPlatformAnalytics", "top_users", 101, "top_users"),
+    ("GetPlatformAnalytics", "top_users", 2**31 - 1, "top_users"),
+    ("GetPlatformAnalytics", "end.seconds", UPDATED_AT.seconds, "end"),  # empty range
+    ("GetPlatformAnalytics", "end.seconds", UPDATED_AT.seconds - 1, "end"),
+    ("GetPlatformAnalytics", "end.seconds", UPDATED_AT.seconds + 745 * DAY_SECONDS, "end"),
+    ("GetPlatformAnalytics", "start.nanos", -1, "start"),
+    ("GetPlatformAnalytics", "start.seconds", 2**62, "start"),
+    ("GetPlatformAnalytics", "end.nanos", 1_000_000_000, "end"),
+    ("GetPlatformAnalytics", "end.seconds", 253_402_300_800, "end"),  # 10000-01-01
     # Timestamps: beyond what a Timestamp may hold, nanos out of range, or at/before the epoch.
     *(
         ("UpsertSubscription", f"subscription.{name}.{part}", value, f"subscription.{name}")
@@ -511,6 +534,42 @@ async def test_missing_usage(seeded: Seeded, rpc: str) -> None:
     request = base_request(rpc, seeded)
     request.ClearField("usage")
     await expect_invalid(seeded, rpc, request, "usage")
+
+
+@pytest.mark.parametrize("field", ["start", "end"])
+async def test_an_analytics_range_needs_both_ends(seeded: Seeded, field: str) -> None:
+    request = base_request("GetPlatformAnalytics", seeded)
+    request.ClearField(field)
+    await expect_invalid(seeded, "GetPlatformAnalytics", request, field)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        ("payment.currency", "usd", "payment.currency"),
+        ("payment.currency", "US", "payment.currency"),
+        ("payment.currency", "ÉUR", "payment.currency"),
+        ("payment.amount_minor", -1, "payment.amount_minor"),
+        ("payment.amount_minor", 10**15 + 1, "payment.amount_minor"),
+        ("payment.amount_usd_cents", -1, "payment.amount_usd_cents"),
+        ("payment.amount_usd_cents", 10**16, "payment.amount_usd_cents"),
+        # A US-dollar payment's USD value is its amount.
+        ("payment.amount_usd_cents", 1000, "payment.amount_usd_cents"),
+    ],
+)
+async def test_bad_payment(seeded: Seeded, path: str, value: object, field: str) -> None:
+    request = base_request("CreditPurchase", seeded)
+    assert isinstance(request, pb.CreditPurchaseRequest)
+    request.payment.CopyFrom(pb.Payment(currency="USD", amount_minor=999, amount_usd_cents=999))
+    set_field(request, path, value)
+    await expect_invalid(seeded, "CreditPurchase", request, field)
+
+
+async def test_an_amount_without_a_currency_is_refused(seeded: Seeded) -> None:
+    request = base_request("CreditPurchase", seeded)
+    assert isinstance(request, pb.CreditPurchaseRequest)
+    request.payment.CopyFrom(pb.Payment(amount_minor=500))
+    await expect_invalid(seeded, "CreditPurchase", request, "payment.amount_minor")
 
 
 @pytest.mark.parametrize(
@@ -624,6 +683,8 @@ async def test_every_base_request_of_the_reads_is_valid(seeded: Seeded) -> None:
         "GetPurchaseHistory",
         "GetSubscription",
         "ListDeadLetters",
+        "GetPlatformAnalytics",
+        "GetUserAccount",
     )
     for rpc in reads:
         await method(seeded.stub, rpc)(base_request(rpc, seeded), metadata=AUTH, timeout=TIMEOUT)
@@ -740,6 +801,8 @@ RPCS = [
     "ListDeadLetters",
     "ResolveDeadLetter",
     "ApplyBatch",
+    "GetPlatformAnalytics",
+    "GetUserAccount",
 ]
 # The writes ApplyBatch carries: every bad-input case of these is also sent inside a batch.
 BATCHED = {
@@ -757,7 +820,10 @@ def test_every_rpc_of_the_service_is_covered() -> None:
     assert set(RPCS) == set(service.methods_by_name)
     # Methods keyed by a UUID only (their cases are in FIELD_CASES).
     by_uuid = {"Settle", "Release", "ExtendHold", "ResolveDeadLetter"}
-    assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - {"RefundPurchase", "ApplyBatch"}
+    # Methods with no id at all (their cases are in FIELD_CASES too).
+    no_id = {"RefundPurchase", "ApplyBatch", "GetPlatformAnalytics"}
+    assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - no_id
+    assert no_id - {"ApplyBatch"} <= {rpc for rpc, *_ in FIELD_CASES}
     assert set(BATCHED) | {"ApplyBatch"} <= set(RPCS)
     assert by_uuid <= {rpc for rpc, *_ in FIELD_CASES}
 

@@ -10,15 +10,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
+from ledger_service.app import create_app
+from ledger_service.domain.ledger import request_hash
 from ledger_service.store.database import alembic_config, downgrade, migrate, sqlalchemy_url
 from ledger_service.store.models import PLATFORM_ACCOUNTS, Base
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
+from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from tests import pg
+from tests.conftest import AUTH, ledger_settings
 
 LEDGER_TABLES = {
     "accounts",
@@ -33,6 +39,9 @@ LEDGER_TABLES = {
     "hold_answers",
     "parked_operations",
     "monthly_usage",
+    "usage_daily",
+    "usage_monthly",
+    "analytics_rollups",
 }
 LEDGER_FUNCTIONS = {
     "ledger_refuse_change",
@@ -61,6 +70,7 @@ LEDGER_FUNCTIONS = {
     "ledger_upsert_subscription",
     "ledger_record_dead_letter",
     "ledger_resolve_dead_letter",
+    "ledger_rollup_usage",
 }
 
 
@@ -379,4 +389,194 @@ async def test_0009_gives_every_existing_row_its_user_and_steps_back(empty_datab
     finally:
         await conn.close()
     migrate(empty_database)
+    assert schema_differences(empty_database) == []
+
+
+async def test_0010_carries_its_named_constraints_and_indexes(database_url: str) -> None:
+    conn: asyncpg.Connection = await asyncpg.connect(database_url)
+    try:
+        constraints = {
+            r["conname"]
+            for r in await conn.fetch(
+                "SELECT conname FROM pg_constraint WHERE contype = 'c' AND conrelid IN"
+                " ('purchases'::regclass, 'usage_records'::regclass, 'usage_daily'::regclass,"
+                " 'usage_monthly'::regclass, 'analytics_rollups'::regclass)"
+            )
+        }
+        indexes = {
+            r["indexname"]: r["indexdef"]
+            for r in await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE indexname IN ("
+                "'ix_purchases_created_at', 'ix_usage_records_created_at', 'ix_usage_daily_day',"
+                " 'ix_journal_entries_exceptions', 'ix_accounts_owing')"
+            )
+        }
+    finally:
+        await conn.close()
+    assert constraints >= {
+        "ck_purchases_payment_currency_iso",
+        "ck_purchases_payment_amount_with_currency",
+        "ck_purchases_payment_amounts_nonnegative",
+        "ck_purchases_payment_usd_is_amount",
+        "ck_usage_records_fee_nonnegative",
+        "ck_usage_records_public_byok_anonymous",
+        "ck_usage_daily_counts_nonnegative",
+        "ck_usage_monthly_counts_nonnegative",
+        "ck_usage_monthly_month_starts",
+        "ck_analytics_rollups_name_known",
+    }
+    assert "USING brin" in indexes["ix_usage_records_created_at"]
+    assert "INCLUDE" in indexes["ix_purchases_created_at"]
+    assert "WHERE" in indexes["ix_journal_entries_exceptions"]
+    assert "WHERE (owed > 0)" in indexes["ix_accounts_owing"]
+
+
+@pytest.mark.parametrize(
+    ("statement", "constraint"),
+    [
+        (
+            "UPDATE purchases SET currency = 'usd', amount_minor = 1",
+            "ck_purchases_payment_currency_iso",
+        ),
+        ("UPDATE purchases SET currency = 'EUR'", "ck_purchases_payment_amount_with_currency"),
+        (
+            "UPDATE purchases SET currency = 'USD', amount_minor = 100, amount_usd_cents = 99",
+            "ck_purchases_payment_usd_is_amount",
+        ),
+        (
+            "UPDATE purchases SET currency = 'EUR', amount_minor = -1",
+            "ck_purchases_payment_amounts_nonnegative",
+        ),
+        (
+            "INSERT INTO usage_records (id, user_id, user_type, provider, model, input_tokens,"
+            " output_tokens) VALUES (gen_random_uuid(), '', 'byok', 'p', 'm', 1, 1)",
+            "ck_usage_records_public_byok_anonymous",
+        ),
+        (
+            "INSERT INTO usage_records (id, user_id, user_type, provider, model, input_tokens,"
+            " output_tokens) VALUES (gen_random_uuid(), 'u', 'public_byok', 'p', 'm', 1, 1)",
+            "ck_usage_records_public_byok_anonymous",
+        ),
+    ],
+)
+async def test_0010_constraints_refuse_what_they_name(
+    journaled: asyncpg.Connection, statement: str, constraint: str
+) -> None:
+    with pytest.raises(asyncpg.exceptions.CheckViolationError) as refused:
+        await journaled.execute(statement)
+    assert refused.value.constraint_name == constraint
+
+
+async def test_0010_backfills_fees_and_a_credit_from_before_still_replays(
+    empty_database: str,
+) -> None:
+    """Rows from before 0010 get the fee their settle booked; a credit delivered before it,
+    sent again with its payment, replays (the payment is not part of the request hash) and
+    keeps none. Down again, a public BYOK row and a payment step back; up again, they return."""
+    migrate(empty_database, "0009")
+    digest = request_hash(
+        "credit_purchase",
+        user="ann",
+        tokens=1000,
+        type="one_time",
+        source="lemonsqueezy",
+        external_id="order:1",
+    )
+    conn: asyncpg.Connection = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(
+            "SELECT ledger_claim_key('credit_purchase', 'lemonsqueezy:order:1', $1)", digest
+        )
+        await conn.execute(
+            "SELECT ledger_apply_credit('lemonsqueezy:order:1', $1, 'ann', 'one_time', 1000, 800,"
+            " 200, 80, 'lemonsqueezy', 'order:1')",
+            digest,
+        )
+        hold = await conn.fetchval(
+            "SELECT ledger_reserve('h', '\\x02', 'ann', 125, 300, 25, false, 0, 'UTC', NULL)"
+            " ->> 'reservation_id'"
+        )
+        await conn.execute(
+            "SELECT ledger_settle('ann', $1, '\\x03', 40, 10, 25, 'anthropic', 'm', 30, 10, NULL,"
+            " NULL)",
+            uuid.UUID(hold),
+        )
+    finally:
+        await conn.close()
+
+    migrate(empty_database)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval("SELECT usage_fee_tokens FROM usage_records") == 10
+    finally:
+        await conn.close()
+    app = await create_app(ledger_settings(), empty_database, run_sweeper=False)
+    port = await app.start("127.0.0.1:0")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        again = await stub.CreditPurchase(
+            pb.CreditPurchaseRequest(
+                idempotency_key="lemonsqueezy:order:1",
+                user_id="ann",
+                tokens_purchased=1000,
+                purchase_type=pb.PURCHASE_TYPE_ONE_TIME,
+                external_id="order:1",
+                source="lemonsqueezy",
+                payment=pb.Payment(currency="USD", amount_minor=999),
+            ),
+            metadata=AUTH,
+        )
+        assert (again.replayed, again.tokens_credited) == (True, 800)
+        history = await stub.GetPurchaseHistory(
+            pb.GetPurchaseHistoryRequest(user_id="ann"), metadata=AUTH
+        )
+        assert not history.purchases[0].HasField("payment")
+        await stub.CreditPurchase(
+            pb.CreditPurchaseRequest(
+                idempotency_key="lemonsqueezy:order:2",
+                user_id="ann",
+                tokens_purchased=1000,
+                purchase_type=pb.PURCHASE_TYPE_ONE_TIME,
+                external_id="order:2",
+                source="lemonsqueezy",
+                payment=pb.Payment(currency="USD", amount_minor=999),
+            ),
+            metadata=AUTH,
+        )
+        history = await stub.GetPurchaseHistory(
+            pb.GetPurchaseHistoryRequest(user_id="ann"), metadata=AUTH
+        )
+        # The USD value of a US-dollar payment is filled in.
+        assert history.purchases[0].payment == pb.Payment(
+            currency="USD", amount_minor=999, amount_usd_cents=999
+        )
+        await stub.RecordUsage(
+            pb.RecordUsageRequest(
+                idempotency_key="public-1",
+                user_type=pb.USER_TYPE_PUBLIC_BYOK,
+                usage=pb.Usage(provider="openai", model="m", input_tokens=1, output_tokens=2),
+            ),
+            metadata=AUTH,
+        )
+    finally:
+        await channel.close()
+        await app.close()
+
+    downgrade(empty_database, "0009")
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval("SELECT user_type FROM usage_records WHERE user_id = ''") == (
+            "unknown"
+        )
+    finally:
+        await conn.close()
+    migrate(empty_database)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval("SELECT user_type FROM usage_records WHERE user_id = ''") == (
+            "public_byok"
+        )
+    finally:
+        await conn.close()
     assert schema_differences(empty_database) == []

@@ -44,8 +44,12 @@ def order(
     total: int = 999,
     refunded_amount: int = 0,
     test_mode: bool = False,
+    currency: str = "USD",
+    total_usd: int | None = None,
 ) -> dict[str, Any]:
+    """`total_usd` defaults to the total (a USD order); give it for another currency."""
     refunded = refunded_amount > 0
+    usd = total if total_usd is None else total_usd
     status = (
         "paid" if not refunded else ("refunded" if refunded_amount >= total else "partial_refund")
     )
@@ -61,14 +65,14 @@ def order(
                 "order_number": order_id,
                 "user_name": "Ada Lovelace",
                 "user_email": "ada@example.com",
-                "currency": "USD",
-                "currency_rate": "1.0000",
+                "currency": currency,
+                "currency_rate": "1.0000" if currency == "USD" else f"{usd / max(total, 1):.4f}",
                 "subtotal": total,
                 "discount_total": 0,
                 "tax": 0,
                 "total": total,
-                "subtotal_usd": total,
-                "total_usd": total,
+                "subtotal_usd": usd,
+                "total_usd": usd,
                 "tax_name": None,
                 "tax_rate": "0.00",
                 "status": status,
@@ -168,8 +172,13 @@ def invoice(
     billing_reason: str = "renewal",
     *,
     test_mode: bool = False,
+    currency: str = "USD",
+    total: int = 1999,
+    total_usd: int | None = None,
 ) -> dict[str, Any]:
-    """subscription_payment_success: note that its `data` is a subscription invoice."""
+    """subscription_payment_success: note that its `data` is a subscription invoice (amounts in
+    cents of `currency`, with their USD value in the *_usd fields)."""
+    usd = total if total_usd is None else total_usd
     return {
         "meta": _meta("subscription_payment_success", user, test_mode),
         "data": {
@@ -184,16 +193,21 @@ def invoice(
                 "billing_reason": billing_reason,
                 "card_brand": "visa",
                 "card_last_four": "4242",
-                "currency": "USD",
+                "currency": currency,
                 "currency_rate": "1.00000000",
                 "status": "paid",
                 "status_formatted": "Paid",
                 "refunded": False,
                 "refunded_at": None,
-                "subtotal": 1999,
+                "subtotal": total,
                 "discount_total": 0,
                 "tax": 0,
-                "total": 1999,
+                "tax_inclusive": False,
+                "total": total,
+                "subtotal_usd": usd,
+                "discount_total_usd": 0,
+                "tax_usd": 0,
+                "total_usd": usd,
                 "urls": {"invoice_url": "https://app.lemonsqueezy.com/my-orders/invoice"},
                 "created_at": "2026-11-25T09:00:00.000000Z",
                 "updated_at": "2026-11-25T09:00:00.000000Z",

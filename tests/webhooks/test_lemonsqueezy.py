@@ -8,6 +8,8 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 
+import pytest
+
 from ledger_service.audit import run_audit
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from tests.conftest import AUTH, SERVICE_TOKEN
@@ -306,3 +308,81 @@ async def test_a_refunded_subscription_invoice_takes_its_tokens_back(hooks: Hook
     assert (await balance(hooks.ledger.stub, "ned")).available_tokens == 0
     assert (await hooks.deliver(refunded))[1]["status"] == "duplicate"
     assert (await run_audit(hooks.ledger.database_url)).ok
+
+
+# ---- what was paid ------------------------------------------------------------------------------
+
+
+async def _payments(hooks: Hooks, user: str) -> list[lpb.Payment | None]:
+    """The payments recorded with the user's purchases, oldest first (None: none recorded)."""
+    page = await hooks.ledger.stub.GetPurchaseHistory(
+        lpb.GetPurchaseHistoryRequest(user_id=user), metadata=AUTH
+    )
+    return [p.payment if p.HasField("payment") else None for p in reversed(page.purchases)]
+
+
+def _paid(currency: str, amount: int, usd: int | None) -> lpb.Payment:
+    payment = lpb.Payment(currency=currency, amount_minor=amount)
+    if usd is not None:
+        payment.amount_usd_cents = usd
+    return payment
+
+
+async def test_what_was_paid_is_recorded_with_each_credit(hooks: Hooks) -> None:
+    await hooks.deliver(order("order_created", 40, "quin", total=999))
+    await hooks.deliver(
+        order("order_created", 41, "quin", total=900, currency="EUR", total_usd=1010)
+    )
+    await hooks.deliver(subscription("subscription_created", 42, "quin"))
+    await hooks.deliver(
+        invoice(4201, 42, "quin", "initial", currency="GBP", total=1500, total_usd=1890)
+    )
+    assert (await balance(hooks.ledger.stub, "quin")).available_tokens == 800 + 800 + 4000
+    assert await _payments(hooks, "quin") == [
+        _paid("USD", 999, 999),
+        _paid("EUR", 900, 1010),
+        _paid("GBP", 1500, 1890),
+    ]
+
+
+async def test_an_invoice_that_waited_for_its_subscription_keeps_its_payment(
+    hooks: Hooks,
+) -> None:
+    waiting = invoice(4301, 43, "ray", "initial", currency="EUR", total=1850, total_usd=2000)
+    assert (await hooks.deliver(waiting))[1]["status"] == "waiting"
+    assert (await hooks.deliver(subscription("subscription_created", 43, "ray")))[1][
+        "status"
+    ] == "applied"
+    assert await _payments(hooks, "ray") == [_paid("EUR", 1850, 2000)]
+
+
+# (what the order says, the payment recorded): a figure that is not clearly valid is left out,
+# and the credit applies all the same.
+GARBLED: dict[str, tuple[dict[str, object], lpb.Payment | None]] = {
+    "no currency": ({"currency": None}, _paid("", 0, 1010)),
+    "a currency name": ({"currency": "euros"}, _paid("", 0, 1010)),
+    "a number for a currency": ({"currency": 978}, _paid("", 0, 1010)),
+    "lower case": ({"currency": "eur"}, _paid("EUR", 900, 1010)),
+    "a total in text": ({"total": "9.00"}, _paid("", 0, 1010)),
+    "a fractional total": ({"total": 900.5}, _paid("", 0, 1010)),
+    "a negative total": ({"total": -900}, _paid("", 0, 1010)),
+    "a total beyond any payment": ({"total": 10**16}, _paid("", 0, 1010)),
+    "a boolean USD value": ({"total_usd": True}, _paid("EUR", 900, None)),
+    "no USD value": ({"total_usd": None}, _paid("EUR", 900, None)),
+    "a USD order's other USD value": (
+        {"currency": "USD", "total_usd": 5},
+        _paid("USD", 900, 900),
+    ),
+    "nothing usable": ({"currency": "", "total": None, "total_usd": "1010"}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(GARBLED), ids=list(GARBLED))
+async def test_garbled_payment_figures_never_cost_the_credit(hooks: Hooks, case: str) -> None:
+    changes, recorded = GARBLED[case]
+    payload = order("order_created", 44, "sam", total=900, currency="EUR", total_usd=1010)
+    payload["data"]["attributes"].update(changes)
+    status, body = await hooks.deliver(payload)
+    assert (status, body["status"]) == (200, "applied"), body
+    assert (await balance(hooks.ledger.stub, "sam")).available_tokens == 800
+    assert await _payments(hooks, "sam") == [recorded]

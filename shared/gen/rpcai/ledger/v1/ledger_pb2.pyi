@@ -243,7 +243,12 @@ class CreditPurchaseRequest(_message.Message):
 
     @_builtins.property
     def payment(self) -> Global___Payment:
-        """What the buyer paid, as the payment provider reported it (analytics only; optional)."""
+        """What the buyer paid, as the payment provider reported it (analytics only; optional).
+        Recorded with the purchase, and not part of the replay check: it describes the payment this
+        request names, it does not make another request of it (a delivery credited before payments
+        were recorded still replays when sent again with one). A replay answers the original and
+        keeps the payment first recorded. An invalid payment is INVALID_ARGUMENT (field payment.*).
+        """
 
     def __init__(
         self,
@@ -277,9 +282,11 @@ class Payment(_message.Message):
     AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     AMOUNT_USD_CENTS_FIELD_NUMBER: _builtins.int
     currency: _builtins.str
-    """ISO 4217, upper case, e.g. "USD"; empty: unknown."""
+    """ISO 4217, three capital letters, e.g. "USD"; empty: unknown (then amount_minor must be 0)."""
     amount_minor: _builtins.int
+    """0..10^15."""
     amount_usd_cents: _builtins.int
+    """0..10^15. For USD it is amount_minor (unset: taken from it; another value is refused)."""
     def __init__(
         self,
         *,
@@ -796,6 +803,7 @@ class RecordUsageRequest(_message.Message):
     ESTIMATED_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
+    """Empty exactly for USER_TYPE_PUBLIC_BYOK (a caller with no account); required otherwise."""
     user_type: Global___UserType.ValueType
     estimated_cost_micro_usd: _builtins.int
     """Estimated provider cost; unset when the model's price is unknown (never recorded as zero)."""
@@ -1358,7 +1366,9 @@ class Purchase(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def payment(self) -> Global___Payment:
-        """What the buyer paid, when recorded."""
+        """What the buyer paid, when recorded (purchases credited before payments were recorded have
+        none; a USD payment always carries amount_usd_cents).
+        """
 
     def __init__(
         self,
@@ -1769,7 +1779,11 @@ class GetPlatformAnalyticsRequest(_message.Message):
     """How many users to rank by tokens charged (1..100); 0 means 10."""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
-        """[start, end) in UTC; both required, end after start. At most 744 periods (31 days of hours)."""
+        """[start, end) in UTC; both required, end after start. The periods are every UTC hour, day or
+        calendar month the range touches: start is truncated down to its period, the last period
+        ends at `end` (it may be partial). At most 744 periods (31 days of hours); more is
+        INVALID_ARGUMENT naming `end`.
+        """
 
     @_builtins.property
     def end(self) -> _timestamp_pb2.Timestamp: ...
@@ -1854,17 +1868,21 @@ class PlatformFigures(_message.Message):
     purchases_without_amount: _builtins.int
     """purchases with no USD value recorded"""
     requests: _builtins.int
-    """Calls (usage records), subscription and BYOK."""
+    """Calls (usage records) of every kind: subscription, BYOK, public BYOK (and UNKNOWN)."""
     provider_tokens_used: _builtins.int
     """input + output tokens as the providers reported them"""
     tokens_charged: _builtins.int
-    """subscription calls: used tokens plus usage fee"""
+    """Subscription calls: used tokens plus usage fee, as far as the balance covered them (the
+    rest is unbilled_tokens).
+    """
     usage_fee_tokens: _builtins.int
+    """the fee settles booked (in full, also when partly unbilled)"""
     provider_cost_micro_usd: _builtins.int
     """Estimated provider cost of the calls the platform pays for (subscription calls), from the
     price table; calls of a model with no known price are counted in unknown_cost_requests.
     """
     unknown_cost_requests: _builtins.int
+    """Calls of any kind whose model had no known price (never counted as zero cost)."""
     byok_cost_micro_usd: _builtins.int
     """BYOK calls' estimated cost (the users' own keys: tracked, not the platform's cost)."""
     gross_margin_micro_usd: _builtins.int
@@ -1947,6 +1965,10 @@ Global___PlatformPeriod: _TypeAlias = PlatformPeriod  # noqa: Y015
 
 @_typing.final
 class ModelFigures(_message.Message):
+    """One provider's model over the range; models come most tokens charged first, then most
+    requests, then by provider and model.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_FIELD_NUMBER: _builtins.int
@@ -1994,6 +2016,10 @@ Global___ModelFigures: _TypeAlias = ModelFigures  # noqa: Y015
 
 @_typing.final
 class TopUser(_message.Message):
+    """Signed-in users only (a public BYOK call has none), most tokens charged first, then most
+    requests, then by user id.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
@@ -2022,6 +2048,8 @@ Global___TopUser: _TypeAlias = TopUser  # noqa: Y015
 
 @_typing.final
 class PurchaseSource(_message.Message):
+    """Most revenue first, then most tokens sold, then by source."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -2066,7 +2094,11 @@ class GetPlatformAnalyticsResponse(_message.Message):
     open_holds: _builtins.int
     held_tokens: _builtins.int
     revenue_per_token_micro_usd: _builtins.int
-    """What a credited token sold for over the range, in micro-dollars (0 when nothing was sold)."""
+    """What a credited token sold for over the range, in micro-dollars, rounded down: the USD
+    revenue of the range's purchases that have a USD value over the tokens those purchases
+    credited (0 when none); for display. Model margins use the exact ratio (one floor at the
+    end): tokens_charged * revenue / tokens credited - provider cost.
+    """
     @_builtins.property
     def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlatformPeriod]:
         """every period of the range, oldest first (empty ones too)"""
@@ -2161,11 +2193,13 @@ class GetUserAccountResponse(_message.Message):
     HOLDS_FIELD_NUMBER: _builtins.int
     KNOWN_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
-    """false: the ledger has never seen this user"""
+    """false: the ledger has never seen this user (no account, usage record or subscription)."""
     @_builtins.property
     def balance(self) -> Global___Balance: ...
     @_builtins.property
-    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenHold]: ...
+    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenHold]:
+        """Held now, oldest first, at most 1000."""
+
     def __init__(
         self,
         *,
