@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck proto proto-check bench soak audit migrate chaos clean
+.PHONY: install run demo test lint typecheck proto proto-check bench soak audit migrate chaos chromium clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m scripts.demo
 
-test: $(STAMP) proto-check lint
+test: $(STAMP) proto-check lint chromium
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -42,6 +42,15 @@ bench: $(STAMP)
 		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q wrk >/dev/null) \
 		|| echo "wrk could not be installed: the HTTP edge figures will be skipped"
 	$(PY) -m bench
+
+# Headless Chromium and its driver (Debian's chromium, chromium-driver) for tests/browser, which
+# skip, saying why, when they are still missing after this.
+chromium:
+	@(command -v chromium >/dev/null && command -v chromedriver >/dev/null) \
+		|| $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null \
+			&& $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
 
 # The whole stack under steady mixed load (metered calls, streams, BYOK, webhook purchases) for
 # SOAK_SECONDS (default 600), sampled every SOAK_SAMPLE_SECONDS (60); fails on anything that grows.

@@ -19,9 +19,12 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
+from gateway_service.admin import AdminDesk
 from gateway_service.auth import JwtVerifier
 from gateway_service.client_address import ClientAddresses, parse_networks
 from gateway_service.core import Gateway
+from gateway_service.http.admin import ADMIN
+from gateway_service.http.admin import routes as admin_routes
 from gateway_service.http.connections import (
     CONNECTIONS,
     ConnectionGuard,
@@ -31,6 +34,7 @@ from gateway_service.http.connections import (
 from gateway_service.http.cors import CorsPolicy
 from gateway_service.http.errors import error_middleware
 from gateway_service.http.handlers import routes
+from gateway_service.http.pages import page_routes
 from gateway_service.http.protocol import EdgeRunner, server_header
 from gateway_service.http.state import ADDRESSES, GATEWAY, STATE, STREAMS, VERIFIER, EdgeState
 from gateway_service.metrics import observe_middleware, request_id_header
@@ -74,10 +78,13 @@ def create_http_app(
     app[CONNECTIONS] = guard
     app[STREAMS] = stream_slots or StreamSlots(settings.max_concurrent_streams)
     app[GATEWAY] = gateway
+    app[ADMIN] = AdminDesk(gateway.ledger)
     app[ADDRESSES] = ClientAddresses(parse_networks(settings.trusted_proxies))
     app[VERIFIER] = verifier
     app[STATE] = state
     app.router.add_routes(routes)
+    app.router.add_routes(admin_routes)  # /v1/admin: operators only
+    app.router.add_routes(page_routes())  # /usage, /dashboard and their files
     app.router.add_routes(list(extra_routes))
     app.on_response_prepare.append(cors.on_response_prepare)
     app.on_response_prepare.append(server_header)

@@ -1,32 +1,51 @@
-"""Strict reading of request bodies and query strings.
+"""Strict reading of request bodies, query strings and path parameters into their models
+(`http.shapes`), and the one refusal (400 naming the field) a model's errors become.
 
-A body must be one JSON object (`Content-Type: application/json`, or none). Every field is
-type-checked; a field the endpoint does not define is refused (400 naming it) rather than
-ignored, so a misspelt `max_tokens` cannot silently fall back to a default. `null` counts as
-"not given" for optional fields. Integers are JSON integers (no strings, floats or booleans).
-Query strings are read the same way: unknown or repeated parameters are refused.
+A body must be one JSON object (`Content-Type: application/json`, or none; another media type is
+415). The model checks every field; a field the endpoint does not define is refused (400 naming
+it) rather than ignored, so a misspelt `max_tokens` cannot silently fall back to a default.
+`null` counts as "not given" for optional fields. Query strings are read the same way: unknown
+or repeated parameters are refused.
 
-JSON can say things a field cannot hold, and each is bad input (400 naming the field), never a
-crash: an integer of thousands of digits (Python refuses to convert past 4300, and no field takes
-more than 19), a string with a lone surrogate (`"\\ud800"` decodes to a str that has no UTF-8
-form), and `NaN` / `Infinity`, which Python's decoder accepts although JSON has no such values.
+JSON can say things a field cannot hold, and each is bad input (400), never a crash:
+
+- a key given twice in one object (which decoder keeps which?): 400 naming it;
+- an integer of thousands of digits (Python refuses to convert past 4300, and no field takes more
+  than 19): read as out of range, so refused as such, naming the field;
+- a string with a lone surrogate (`"\\ud800"` decodes to a str that has no UTF-8 form): 400
+  naming the field;
+- `NaN` / `Infinity`, which Python's decoder accepts although JSON has no such values: 400
+  `INVALID_JSON`.
+
+A number with a zero fraction (`5.0`, `1e2`) is the integer it equals: JSON has one kind of
+number, and JSON Schema's `integer` is "a number with a zero fraction", so a client written from
+the document may send one. `5.5` is refused where an integer is expected.
+
+The JSON is parsed by the standard library's C decoder with hooks for the cases above, then
+validated by the model's compiled pydantic validator: both in C or Rust, with one Python call per
+object and per number.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from gateway_service.http.errors import HttpRefusal, InvalidInput
-from gateway_service.validation import is_unicode_text
+from gateway_service.http.shapes import OUT_OF_RANGE, Body, PathParams, Query, _Request
 
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
 _MAX_INT_CHARS = 32  # longer integers (sign included) are out of every field's range
 _MAX_NAME_ECHO = 64  # longest field name repeated back in an error message
+
+B = TypeVar("B", bound=Body)
+Q = TypeVar("Q", bound=Query)
+P = TypeVar("P", bound=PathParams)
+R = TypeVar("R", bound=_Request)
 
 
 def bad(field: str, problem: str) -> InvalidInput:
@@ -42,12 +61,16 @@ def _echo(name: str) -> str:
     return name if len(name) <= _MAX_NAME_ECHO else name[:_MAX_NAME_ECHO] + "..."
 
 
-class _HugeInteger:
-    """A JSON integer too long to convert: out of range wherever it stands."""
+def _integer(text: str) -> int:
+    if len(text) <= _MAX_INT_CHARS:
+        return int(text)
+    return -OUT_OF_RANGE if text.startswith("-") else OUT_OF_RANGE
 
 
-def _integer(text: str) -> int | _HugeInteger:
-    return int(text) if len(text) <= _MAX_INT_CHARS else _HugeInteger()
+def _number(text: str) -> int | float:
+    """A number with a fraction or exponent: the integer it equals when it is one."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _not_json(constant: str) -> Any:
@@ -55,28 +78,30 @@ def _not_json(constant: str) -> Any:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise bad(_echo(key), "given more than once")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise bad(_echo(key), "given more than once")
+            seen.add(key)
     return obj
 
 
-async def read_object(request: web.Request, fields: frozenset[str]) -> dict[str, Any]:
-    """The body as a JSON object whose keys are all in `fields`. Raises 413 (aiohttp's
-    HTTPRequestEntityTooLarge) past the app's client_max_size, 415 for another media type."""
-    declared = request.headers.get(hdrs.CONTENT_TYPE)
-    if declared is not None and request.content_type != "application/json":
-        raise HttpRefusal(415, "send the body as Content-Type: application/json")
-    raw = await request.read()
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys,
+    parse_int=_integer,
+    parse_float=_number,
+    parse_constant=_not_json,
+)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body's JSON value, read by the rules above."""
     if not raw.strip():
         raise not_json("the body must be a JSON object")
     try:
-        text = raw.decode("utf-8")
-        data = json.loads(
-            text, object_pairs_hook=_unique_keys, parse_int=_integer, parse_constant=_not_json
-        )
+        return _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise not_json("the body is not UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -84,83 +109,78 @@ async def read_object(request: web.Request, fields: frozenset[str]) -> dict[str,
         raise not_json(f"the body is not valid JSON: {exc.msg}") from None
     except RecursionError:
         raise not_json("the body is nested too deeply") from None
+
+
+def body_of(model: type[B], data: Any) -> B:
+    """`data` (parsed JSON) as `model`, or the refusal naming the first field at fault."""
     if not isinstance(data, dict):
         raise not_json("the body must be a JSON object")
-    for key in data:
-        if key not in fields:
-            raise bad(_echo(key), f"unknown field (known: {', '.join(sorted(fields))})")
-    return data
+    try:
+        body: B = model.__pydantic_validator__.validate_python(data)
+    except ValidationError as exc:
+        raise refusal(model, exc) from None
+    return body
 
 
-def string(obj: Mapping[str, Any], name: str, *, required: bool = False) -> str:
-    value = obj.get(name)
-    if value is None:
-        if required:
-            raise bad(name, "required")
-        return ""
-    if not isinstance(value, str):
-        raise bad(name, "must be a string")
-    if not is_unicode_text(value):
-        raise bad(name, "must be Unicode text (it holds a lone surrogate)")
-    return value
+async def read_body(request: web.Request, model: type[B]) -> B:
+    """The body as `model`. Raises 413 (aiohttp's HTTPRequestEntityTooLarge) past the app's
+    client_max_size, 415 for another media type, 400 for anything the model refuses."""
+    declared = request.headers.get(hdrs.CONTENT_TYPE)
+    if declared is not None and request.content_type != "application/json":
+        raise HttpRefusal(415, "send the body as Content-Type: application/json")
+    return body_of(model, parse_json(await request.read()))
 
 
-def integer(obj: Mapping[str, Any], name: str, low: int, high: int) -> int:
-    value = obj.get(name)
-    if value is None:
-        return 0
-    if isinstance(value, _HugeInteger):
-        raise bad(name, f"must be within {low}..{high}")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise bad(name, "must be an integer")
-    if not low <= value <= high:
-        raise bad(name, f"must be within {low}..{high}")
-    return value
-
-
-def boolean(obj: Mapping[str, Any], name: str) -> bool:
-    value = obj.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise bad(name, "must be true or false")
-    return value
-
-
-# ---- query strings ------------------------------------------------------------------------
-
-
-def query(request: web.Request, params: frozenset[str]) -> dict[str, str]:
-    """The query parameters, each given at most once and all in `params`."""
+def query_of(model: type[Q], items: Any) -> Q:
+    """Query parameters (name, value pairs in order) as `model`: each given at most once."""
     values: dict[str, str] = {}
-    for key, value in request.query.items():
-        if key not in params:
-            raise bad(_echo(key), f"unknown query parameter (known: {', '.join(sorted(params))})")
+    for key, value in items:
+        if key not in model.rules:
+            raise _unknown(model, key)
         if key in values:
             raise bad(key, "given more than once")
         values[key] = value
-    return values
+    return _validated(model, values)
 
 
-def query_int(values: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    text = values.get(name)
-    if text is None or text == "":
-        return default
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
-        raise bad(name, "must be an integer")
-    value = int(text)
-    if not low <= value <= high:
-        raise bad(name, f"must be within {low}..{high}")
-    return value
+def read_query(request: web.Request, model: type[Q]) -> Q:
+    return query_of(model, request.query.items())
 
 
-def query_bool(values: Mapping[str, str], name: str, default: bool) -> bool:
-    text = values.get(name)
-    if text is None or text == "":
-        return default
-    lowered = text.lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise bad(name, "must be true or false")
+def read_path(request: web.Request, model: type[P]) -> P:
+    return _validated(model, dict(request.match_info))
+
+
+def _validated(model: type[R], values: Mapping[str, str]) -> R:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise refusal(model, exc) from None
+
+
+# ---- a model's errors as our one refusal ------------------------------------------------------
+
+
+def _unknown(model: type[_Request], name: str) -> InvalidInput:
+    known = ", ".join(sorted(model.rules))
+    return bad(_echo(name), f"unknown {model.known} (known: {known})")
+
+
+def _first(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The error a client is told about: an unknown field first (it may be a misspelt one that
+    explains the others), else the first field in the model's order."""
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
+def refusal(model: type[_Request], exc: ValidationError) -> InvalidInput:
+    error = _first(exc.errors(include_url=False, include_input=False))
+    context = error.get("ctx") or {}
+    if "field" in context:  # a rule across fields names the one it blames
+        return bad(str(context["field"]), str(context["problem"]))
+    name = str(error["loc"][0]) if error["loc"] else ""
+    if error["type"] == "extra_forbidden":
+        return _unknown(model, name)
+    rules = model.rules.get(name)
+    if rules is None:
+        return bad(_echo(name), error["msg"])
+    return bad(name, rules.problem(error["type"], error["msg"]))

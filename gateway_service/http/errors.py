@@ -1,8 +1,11 @@
 """How a refusal looks over HTTP: one table from the core's `Failure` to an HTTP status, and one
-JSON body for every error, `{"error": {"code": <status>, "message", "reason"[, "field"]}}`.
+JSON body for every error, `{"error": {"code": <status>, "message", "reason"[, "field"]}}`
+(the `Error` model below: what is sent and what the document says).
 
 Messages come from GatewayError / AuthError, which never quote a token or a key; nothing here
-adds a request value to a message, only field names.
+adds a request value to a message, only field names. The core names fields as the gRPC API does
+(`max_tokens`); a refusal names them as the HTTP API's request models do (`maxTokens`,
+`shapes.wire_name`), so there is no table of names to keep in step.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NotRequired
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+from typing_extensions import TypedDict  # pydantic reads it on Python < 3.12
 
 from gateway_service.auth import AuthError
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.http.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
+from gateway_service.http.shapes import reply, to_data, wire_name
 from gateway_service.limits.rate import rate_headers
 
 log = logging.getLogger(__name__)
@@ -47,16 +52,6 @@ HTTP_REASONS: Mapping[int, str] = {
     500: "INTERNAL",
 }
 
-# The core names fields as the gRPC API does; the HTTP API spells them in camelCase.
-CAMEL_FIELDS: Mapping[str, str] = {
-    "system_prompt": "systemPrompt",
-    "max_tokens": "maxTokens",
-    "api_key": "apiKey",
-    "idempotency_key": "idempotencyKey",
-    "estimated_tokens": "estimatedTokens",
-    "has_api_key": "hasApiKey",
-}
-
 # Without a hint from upstream, a rate-limited caller is told to wait this long.
 DEFAULT_RETRY_AFTER_SECONDS = 1
 
@@ -71,11 +66,32 @@ class HttpRefusal(Exception):
         self.reason = reason or HTTP_REASONS.get(status, "ERROR")
 
 
+@reply
+class ErrorDetail(TypedDict):
+    code: int
+    """the HTTP status"""
+    message: str
+    """what went wrong, for a person"""
+    reason: str
+    """what went wrong, for a program: INVALID_ARGUMENT, INVALID_JSON, AUTHENTICATION_REQUIRED,
+    INVALID_TOKEN, TOKEN_EXPIRED, INSUFFICIENT_BALANCE, IDEMPOTENCY_KEY_REUSED,
+    PROVIDER_RATE_LIMITED, LEDGER_UNAVAILABLE, BODY_TOO_LARGE, NOT_FOUND, ..."""
+    field: NotRequired[str]
+    """the request field at fault (400 only)"""
+
+
+@reply
+class Error(TypedDict):
+    """Every refusal, whatever its status."""
+
+    error: ErrorDetail
+
+
 def error_body(status: int, message: str, reason: str, field: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": status, "message": message, "reason": reason}
+    detail = ErrorDetail(code=status, message=message, reason=reason)
     if field:
-        error["field"] = field
-    return {"error": error}
+        detail["field"] = field
+    return to_data(Error, Error(error=detail))
 
 
 def error_response(
@@ -104,7 +120,7 @@ def _camel(exc: GatewayError) -> tuple[str, str | None]:
     field = exc.metadata.get("field")
     if field is None or isinstance(exc, InvalidInput):
         return exc.message, field
-    camel = CAMEL_FIELDS.get(field, field)
+    camel = wire_name(field)
     message = exc.message
     if message.startswith(f"{field}:"):
         message = camel + message[len(field) :]

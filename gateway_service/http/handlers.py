@@ -1,4 +1,6 @@
-"""The HTTP API's routes: request JSON in, one core call, camelCase JSON out.
+"""The HTTP API's routes: a request model in, one core call, a reply model out. Each route is
+declared by its handler's signature (`http.api`): who may call it, what it reads and what it
+answers are checked and documented from there.
 
 Public (no token needed): POST /v1/generate and /v1/generate/stream with an `apiKey` (BYOK),
 POST /v1/eligibility, /healthz, /readyz, /openapi.json. Everything under /v1/me needs a JWT.
@@ -6,47 +8,215 @@ POST /v1/eligibility, /healthz, /readyz, /openapi.json. Everything under /v1/me 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Self
 
 from aiohttp import web
+from annotated_types import Interval
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
-from gateway_service.core import GenerateRequest
+from gateway_service import core
+from gateway_service.auth import Identity
 from gateway_service.errors import GatewayError
-from gateway_service.http import body, views
-from gateway_service.http.auth import caller, signed_in
+from gateway_service.http import openapi, views
+from gateway_service.http.api import Answer, EventStream, Routes
 from gateway_service.http.disconnect import ClientGone, until_disconnected
-from gateway_service.http.errors import error_response
-from gateway_service.http.openapi import OPENAPI
+from gateway_service.http.errors import Error, HttpRefusal
+from gateway_service.http.shapes import (
+    FROM_TEXT,
+    NOT_BLANK,
+    PRINTABLE_ASCII,
+    Body,
+    Printable,
+    Query,
+    QueryBool,
+    Says,
+    Text,
+    names_pattern,
+    prefixes_pattern,
+)
 from gateway_service.http.sse import SseStream
 from gateway_service.http.state import ADDRESSES, GATEWAY, STATE
 from gateway_service.http.stream_cap import one_stream_slot
 from gateway_service.limits.rate import rate_headers
-
-routes = web.RouteTableDef()
-
-GENERATE_FIELDS = frozenset(
-    {"content", "systemPrompt", "provider", "model", "maxTokens", "apiKey", "idempotencyKey"}
+from gateway_service.providers.registry import (
+    _OPENAI_MODEL_PREFIXES,
+    PROVIDER_NAMES,
+    UnknownProviderError,
+    provider_for,
 )
-ELIGIBILITY_FIELDS = frozenset(
-    {"estimatedTokens", "hasApiKey", "content", "systemPrompt", "maxTokens"}
-)
-USAGE_PARAMS = frozenset({"days", "include_history"})
-PURCHASE_PARAMS = frozenset({"page_size", "page_token"})
+
+routes = Routes()
+
+# The ledger's own bounds (ledger_service.domain.ledger; tests/http/test_shapes.py holds them
+# equal): stated here so that the document says them and a request past them is refused here.
+MAX_USAGE_DAYS = 366
 DEFAULT_USAGE_DAYS = 30
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 20
+# The core's bound on an estimate (`Gateway.eligibility` states it inline; the test holds it).
+MAX_ESTIMATED_TOKENS = 10**9
+
+# ---- requests -------------------------------------------------------------------------------
+
+Prompt = Annotated[
+    str,
+    StringConstraints(pattern=NOT_BLANK),
+    Says(string_pattern_mismatch="must not be empty"),
+    Field(description="the prompt: not blank (bounded, with systemPrompt, by MAX_PROMPT_CHARS)"),
+]
 
 
-def generate_request(obj: dict[str, Any], address: str = "") -> GenerateRequest:
-    # Ranges beyond the transport's own (int32) are the core's to check, as over gRPC.
-    return GenerateRequest(
-        client_address=address,
-        content=body.string(obj, "content", required=True),
-        system_prompt=body.string(obj, "systemPrompt"),
-        provider=body.string(obj, "provider"),
-        model=body.string(obj, "model"),
-        max_tokens=body.integer(obj, "maxTokens", -body.INT32_MAX, body.INT32_MAX),
-        api_key=body.string(obj, "apiKey"),
-        idempotency_key=body.string(obj, "idempotencyKey"),
+def _provider_of(provider: str, model: str) -> None:
+    """The core's rule (`providers.registry.provider_for`), refused in the core's words."""
+    try:
+        provider_for(provider, model)
+    except UnknownProviderError as exc:
+        problem = str(exc).split(": ", 1)[-1]
+        raise PydanticCustomError(
+            "unknown_provider", "{problem}", {"field": "provider", "problem": problem}
+        ) from None
+
+
+def _known_provider(name: str) -> str:
+    if name.strip():  # blank: the model's name tells it (`GenerateRequest._provider_known`)
+        _provider_of(name, "")
+    return name
+
+
+ProviderName = Annotated[
+    Printable,
+    AfterValidator(_known_provider),
+    # The same rule as the document says it (a provider's name implies printable text).
+    Field(
+        description='"anthropic" or "openai" (any case); empty: told by the model\'s name',
+        json_schema_extra={"pattern": names_pattern(PROVIDER_NAMES)},
+    ),
+]
+ModelName = Annotated[Printable, Field(description="the provider's model; empty: its default")]
+MaxTokens = Annotated[
+    int,
+    Interval(ge=0, le=core.MAX_OUTPUT_TOKENS),
+    Field(description="upper bound on output tokens; 0: the server's default"),
+]
+ApiKey = Annotated[
+    str,
+    StringConstraints(pattern=PRINTABLE_ASCII),
+    Says(string_pattern_mismatch="must be printable ASCII (no line breaks or control characters)"),
+    Field(description="your own provider key (BYOK): never logged, never stored"),
+]
+IdempotencyKey = Annotated[
+    Printable,
+    StringConstraints(max_length=core.MAX_KEY_CHARS),
+    Says(string_too_long=f"at most {core.MAX_KEY_CHARS} printable characters"),
+    Field(description="a retried call with the same key is not charged twice"),
+]
+
+# Without a provider, the model's name must tell it (`providers.registry.provider_for`).
+MODEL_TELLS_PROVIDER = prefixes_pattern(("claude", *_OPENAI_MODEL_PREFIXES))
+
+
+def _provider_rule(schema: dict[str, Any]) -> None:
+    """The provider rule in JSON Schema: a provider named, or a model whose name tells it, or
+    neither (the default provider)."""
+    families = ", ".join(f"{prefix}..." for prefix in _OPENAI_MODEL_PREFIXES)
+    schema["description"] += (
+        f" Without a provider, the model's name tells it (claude...: anthropic; {families}: "
+        "openai); with neither, the server's default provider and model."
     )
+    nothing = {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^ *$"}]}
+    named = {"type": "string", "pattern": "[^ ]"}
+    schema["anyOf"] = [
+        {"required": ["provider"], "properties": {"provider": named}},
+        {
+            "properties": {
+                "provider": nothing,
+                "model": {
+                    "anyOf": [
+                        {"type": "null"},
+                        {"type": "string", "pattern": MODEL_TELLS_PROVIDER},
+                    ]
+                },
+            }
+        },
+    ]
+
+
+class GenerateRequest(Body, json_schema_extra=_provider_rule):
+    """One AI call. Fields not listed here are refused (400); `null` means not given."""
+
+    content: Prompt
+    system_prompt: Text | None = None
+    provider: ProviderName | None = None
+    model: ModelName | None = None
+    max_tokens: MaxTokens | None = None
+    api_key: ApiKey | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+    @model_validator(mode="after")
+    def _provider_known(self) -> Self:
+        if not (self.provider or "").strip():
+            _provider_of("", self.model or "")
+        return self
+
+    def call(self, address: str = "") -> core.GenerateRequest:
+        # The prompt's length (a setting) is the core's to check, as over gRPC.
+        return core.GenerateRequest(
+            client_address=address,
+            content=self.content,
+            system_prompt=self.system_prompt or "",
+            provider=self.provider or "",
+            model=self.model or "",
+            max_tokens=self.max_tokens or 0,
+            api_key=self.api_key or "",
+            idempotency_key=self.idempotency_key or "",
+        )
+
+
+class EligibilityRequest(Body):
+    """Would a call be allowed. Fields not listed here are refused (400); `null` means not
+    given."""
+
+    estimated_tokens: Annotated[int, Interval(ge=0, le=MAX_ESTIMATED_TOKENS)] | None = None
+    """tokens the call may use; ignored when `content` is given"""
+    has_api_key: bool | None = None
+    content: Text | None = None
+    """the call itself: its hold is sized exactly as the call's would be"""
+    system_prompt: Text | None = None
+    max_tokens: MaxTokens | None = None
+
+
+class UsageQuery(Query):
+    days: Annotated[int, Interval(ge=1, le=MAX_USAGE_DAYS), FROM_TEXT] = DEFAULT_USAGE_DAYS
+    """the window, in days back from now"""
+    include_history: QueryBool = False
+    """also list the calls themselves, newest first (true or false; 1 or 0)"""
+
+
+class PurchasesQuery(Query):
+    page_size: Annotated[int, Interval(ge=1, le=MAX_PAGE_SIZE), FROM_TEXT] = DEFAULT_PAGE_SIZE
+    """purchases per page"""
+    page_token: str = ""
+    """nextPageToken of the previous page (any other value is refused); empty: the first page"""
+
+
+class NoQuery(Query):
+    """No parameters: any is refused."""
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+RATE_LIMITED = (402, 403, 409, 429, 503, 504)
+STREAM_EVENTS = EventStream(
+    {
+        "delta": views.StreamDelta,
+        "usage": views.StreamUsage,
+        "done": views.StreamDone,
+        "error": Error,
+    },
+    "`delta` events (a chunk of text each), then one `usage` and `done`; a failure after the "
+    "stream started is one `error` event instead of usage and done",
+)
 
 
 def address_of(request: web.Request) -> str:
@@ -56,21 +226,40 @@ def address_of(request: web.Request) -> str:
     return request.app[ADDRESSES].resolve(peer, request.headers.get("X-Forwarded-For"))
 
 
-@routes.post("/v1/generate")
-async def generate(request: web.Request) -> web.Response:
-    identity = await caller(request)
-    req = generate_request(await body.read_object(request, GENERATE_FIELDS), address_of(request))
-    result = await until_disconnected(request, request.app[GATEWAY].generate(identity, req))
-    return web.json_response(views.generate(result), headers=rate_headers(result.rate))
+@routes.post(
+    "/v1/generate",
+    summary="One AI call, metered (subscription) or tracked (BYOK)",
+    errors=RATE_LIMITED,
+    reply_headers=openapi.RATE_LIMIT,
+)
+async def generate(
+    request: web.Request, identity: Identity | None, body: GenerateRequest
+) -> Answer[views.GenerateResponse]:
+    gateway = request.app[GATEWAY]
+    call = gateway.generate(identity, body.call(address_of(request)))
+    result = await until_disconnected(request, call)
+    return Answer(views.generate(result), rate_headers(result.rate))
 
 
-@routes.post("/v1/generate/stream")
-@one_stream_slot
-async def generate_stream(request: web.Request) -> web.StreamResponse:
-    identity = await caller(request)
-    req = generate_request(await body.read_object(request, GENERATE_FIELDS), address_of(request))
-    sse = SseStream(request, request.app[GATEWAY].limits.write_timeout_seconds)
-    events = request.app[GATEWAY].stream(identity, req)
+@routes.post(
+    "/v1/generate/stream",
+    operation_id="generateStream",
+    summary="The same call, streamed as Server-Sent Events",
+    errors=RATE_LIMITED,
+    answers=STREAM_EVENTS,
+    reply_headers=openapi.RATE_LIMIT,
+    guard=one_stream_slot,  # refused at once, before the body is read
+)
+async def generate_stream(
+    request: web.Request, identity: Identity | None, body: GenerateRequest
+) -> web.StreamResponse:
+    """Events: `delta` (StreamDelta) per chunk of text, then one `usage` (StreamUsage), then
+    `done` (StreamDone). A failure after the stream started is one `error` event (Error) instead
+    of usage and done. A refusal before the stream starts is an ordinary JSON error with its
+    status. A client that disconnects is charged for what was streamed."""
+    gateway = request.app[GATEWAY]
+    sse = SseStream(request, gateway.limits.write_timeout_seconds)
+    events = gateway.stream(identity, body.call(address_of(request)))
     try:
         return await until_disconnected(request, sse.run(events))
     except (ClientGone, GatewayError):
@@ -79,65 +268,83 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         return sse.response  # already streamed, and ended with an error event if need be
 
 
-@routes.get("/v1/me/status")
-async def user_status(request: web.Request) -> web.Response:
-    identity = await signed_in(request)
-    body.query(request, frozenset())
-    return web.json_response(views.status(await request.app[GATEWAY].user_status(identity)))
+@routes.get(
+    "/v1/me/status",
+    operation_id="userStatus",
+    summary="Who you are to the gateway: user type, balance, tier",
+    errors=(503,),
+)
+async def user_status(request: web.Request, identity: Identity, query: NoQuery) -> views.UserStatus:
+    return views.status(await request.app[GATEWAY].user_status(identity))
 
 
-@routes.get("/v1/me/usage")
-async def usage_analytics(request: web.Request) -> web.Response:
-    identity = await signed_in(request)
-    params = body.query(request, USAGE_PARAMS)
-    days = body.query_int(params, "days", DEFAULT_USAGE_DAYS, 1, body.INT32_MAX)
-    include_history = body.query_bool(params, "include_history", False)
-    analytics = await request.app[GATEWAY].usage_analytics(identity, days, include_history)
-    return web.json_response(views.usage_analytics(analytics))
+@routes.get(
+    "/v1/me/usage",
+    operation_id="usageAnalytics",
+    summary="Your usage over the last days, by provider and model",
+    errors=(503,),
+)
+async def usage_analytics(
+    request: web.Request, identity: Identity, query: UsageQuery
+) -> views.UsageAnalytics:
+    gateway = request.app[GATEWAY]
+    analytics = await gateway.usage_analytics(identity, query.days, query.include_history)
+    return views.usage_analytics(analytics)
 
 
-@routes.get("/v1/me/purchases")
-async def purchase_history(request: web.Request) -> web.Response:
-    identity = await signed_in(request)
-    params = body.query(request, PURCHASE_PARAMS)
-    page_size = body.query_int(params, "page_size", 0, 1, body.INT32_MAX)
-    page_token = params.get("page_token", "")
-    page = await request.app[GATEWAY].purchase_history(identity, page_size, page_token)
-    return web.json_response(views.purchases(page))
+@routes.get(
+    "/v1/me/purchases",
+    operation_id="purchaseHistory",
+    summary="Your purchases, newest first, a page at a time",
+    errors=(503,),
+)
+async def purchase_history(
+    request: web.Request, identity: Identity, query: PurchasesQuery
+) -> views.PurchasePage:
+    gateway = request.app[GATEWAY]
+    page = await gateway.purchase_history(identity, query.page_size, query.page_token)
+    return views.purchases(page)
 
 
-@routes.post("/v1/eligibility")
-async def eligibility(request: web.Request) -> web.Response:
-    identity = await caller(request)
-    obj = await body.read_object(request, ELIGIBILITY_FIELDS)
-    estimated = body.integer(obj, "estimatedTokens", -body.INT64_MAX, body.INT64_MAX)
-    has_api_key = body.boolean(obj, "hasApiKey")
-    content = body.string(obj, "content")
+@routes.post(
+    "/v1/eligibility",
+    summary="Would a call of this size be allowed, and what would it hold",
+    errors=(503,),
+)
+async def eligibility(
+    request: web.Request, identity: Identity | None, body: EligibilityRequest
+) -> views.Eligibility:
     call = None
-    if content:
-        call = GenerateRequest(
-            content=content,
-            system_prompt=body.string(obj, "systemPrompt"),
-            max_tokens=body.integer(obj, "maxTokens", -body.INT32_MAX, body.INT32_MAX),
+    if body.content:
+        call = core.GenerateRequest(
+            content=body.content,
+            system_prompt=body.system_prompt or "",
+            max_tokens=body.max_tokens or 0,
         )
-    result = await request.app[GATEWAY].eligibility(identity, estimated, has_api_key, call)
-    return web.json_response(views.eligibility(result))
+    result = await request.app[GATEWAY].eligibility(
+        identity, body.estimated_tokens or 0, bool(body.has_api_key), call
+    )
+    return views.eligibility(result)
 
 
-@routes.get("/healthz")
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+@routes.get("/healthz", summary="The process is up")
+async def healthz(request: web.Request) -> views.Health:
+    return views.Health(status="ok")
 
 
-@routes.get("/readyz")
-async def readyz(request: web.Request) -> web.Response:
+@routes.get(
+    "/readyz",
+    summary="Ready to serve: the token ledger answers its health check",
+    errors={503: "Not ready (ledger unreachable, or shutting down)"},
+)
+async def readyz(request: web.Request) -> views.Ready:
     if request.app[STATE].draining:
-        return error_response(503, "shutting down", "SHUTTING_DOWN")
+        raise HttpRefusal(503, "shutting down", "SHUTTING_DOWN")
     if not await request.app[GATEWAY].ledger.ready():
-        return error_response(503, "the token ledger is unavailable", "LEDGER_UNAVAILABLE")
-    return web.json_response({"status": "ready"})
+        raise HttpRefusal(503, "the token ledger is unavailable", "LEDGER_UNAVAILABLE")
+    return views.Ready(status="ready")
 
 
-@routes.get("/openapi.json")
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+@routes.get("/openapi.json", summary="This document")
+async def openapi_document(request: web.Request) -> openapi.Document:
+    return openapi.served(request.app)

@@ -1,290 +1,56 @@
-"""The HTTP API as an OpenAPI 3.1 document (served at GET /openapi.json). Schemas are JSON Schema
-2020-12; the tests validate every real response body against them, so they stay true. Response
-objects list every field (`required`) and no other (`additionalProperties: false`)."""
+"""The HTTP API as an OpenAPI 3.1 document (served at GET /openapi.json), derived from the routes'
+declarations (`http.api`) and their models (`http.shapes`, `http.views`): nothing here
+restates a field. Schemas are JSON Schema 2020-12; request schemas say exactly what the handlers
+accept (tests/http/test_schema_contract.py runs schemathesis against a live edge to hold them to
+it), and the tests validate every real response against the reply schemas, which list every
+field (`required`) and no other (`additionalProperties: false`).
+
+The document served by an app describes exactly the routes that app has (`served`), so a route
+added with `http.api.Routes` is documented by being added. Routes built elsewhere are described
+here with `describe` (the LemonSqueezy webhook).
+
+A stream (`text/event-stream`) is described one event at a time, as OpenAPI 3.2's `itemSchema`
+does and as tools read `schema` for event streams before 3.2: an object with the event's name
+(`event`) and its `data`, a JSON text (`contentMediaType`) whose shape is `contentSchema`.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from gateway_service.core import MAX_KEY_CHARS, MAX_OUTPUT_TOKENS
+from aiohttp import web
+from pydantic import RootModel, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import core_schema
+
+from gateway_service.http import api
+from gateway_service.http.api import (
+    ENDPOINTS,
+    Endpoint,
+    EventStream,
+    Header,
+    HtmlPage,
+    RawBody,
+    describe,
+)
+from gateway_service.http.errors import Error
+from gateway_service.http.shapes import Body, adapter
+from gateway_service.http.views import WebhookOutcome
 
 Schema = dict[str, Any]
 
 API_VERSION = "1.0.0"
+REF = "#/components/schemas/{model}"
 
-
-def ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def obj(
-    properties: dict[str, Schema], required: list[str] | None = None, description: str = ""
-) -> Schema:
-    schema: Schema = {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties) if required is None else required,
-        "additionalProperties": False,
-    }
-    if description:
-        schema["description"] = description
-    return schema
-
-
-def described(schema: Schema, description: str) -> Schema:
-    return {**schema, "description": description}
-
-
-STRING: Schema = {"type": "string"}
-BOOL: Schema = {"type": "boolean"}
-COUNT: Schema = {"type": "integer", "minimum": 0}
-INT: Schema = {"type": "integer"}
-MICRO_USD: Schema = {"type": "integer", "description": "US dollars times 1,000,000 (exact)"}
-USD: Schema = {
-    "type": "string",
-    "pattern": r"^-?[0-9]+\.[0-9]{6}$",
-    "description": 'The same amount as a decimal string of dollars, e.g. "0.007500"',
-}
-TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
-USER_TYPE: Schema = {"type": "string", "enum": ["subscription", "byok", "unknown"]}
-
-SCHEMAS: dict[str, Schema] = {
-    "Error": obj(
-        {
-            "error": obj(
-                {
-                    "code": described(INT, "the HTTP status"),
-                    "message": described(STRING, "what went wrong, for a person"),
-                    "reason": described(
-                        STRING,
-                        "what went wrong, for a program: INVALID_ARGUMENT, INVALID_JSON, "
-                        "AUTHENTICATION_REQUIRED, INVALID_TOKEN, TOKEN_EXPIRED, "
-                        "INSUFFICIENT_BALANCE, IDEMPOTENCY_KEY_REUSED, PROVIDER_RATE_LIMITED, "
-                        "LEDGER_UNAVAILABLE, BODY_TOO_LARGE, NOT_FOUND, ...",
-                    ),
-                    "field": described(STRING, "the request field at fault (400 only)"),
-                },
-                required=["code", "message", "reason"],
-            )
-        }
-    ),
-    "GenerateRequest": obj(
-        {
-            "content": described(STRING, "the prompt (bounded by the server's MAX_PROMPT_CHARS)"),
-            "systemPrompt": nullable(STRING),
-            "provider": nullable(
-                described(STRING, '"anthropic" or "openai"; empty: chosen from the model name')
-            ),
-            "model": nullable(STRING),
-            "maxTokens": nullable(
-                {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": MAX_OUTPUT_TOKENS,
-                    "description": "upper bound on output tokens; 0: the server's default",
-                }
-            ),
-            "apiKey": nullable(
-                described(STRING, "your own provider key (BYOK): never logged, never stored")
-            ),
-            "idempotencyKey": nullable(
-                {
-                    "type": "string",
-                    "maxLength": MAX_KEY_CHARS,
-                    "description": "a retried call with the same key is not charged twice",
-                }
-            ),
-        },
-        required=["content"],
-        description="Fields not listed here are refused (400), `null` means not given.",
-    ),
-    "Usage": obj({"inputTokens": COUNT, "outputTokens": COUNT}),
-    "TokenUsage": obj(
-        {
-            "tokensCharged": described(COUNT, "used tokens plus the usage fee"),
-            "remainingBalance": COUNT,
-            "tokensUsed": COUNT,
-            "feeTokens": COUNT,
-            "settlementPending": described(
-                BOOL,
-                "the ledger was unreachable when the call ended: the charge is queued "
-                "(tokensCharged 0 and remainingBalance the pre-call value until it lands)",
-            ),
-        },
-        description="Subscription calls: what the ledger charged.",
-    ),
-    "UsageInfo": obj(
-        {
-            "tokensUsed": COUNT,
-            "estimatedCostMicroUsd": nullable(MICRO_USD),
-            "estimatedCostUsd": nullable(USD),
-        },
-        description="BYOK calls: tracked, never charged. Costs are null when the model's "
-        "price is unknown.",
-    ),
-    "StreamUsage": obj(
-        {
-            "provider": STRING,
-            "model": STRING,
-            "stopReason": STRING,
-            "usage": ref("Usage"),
-            "tokenUsage": nullable(ref("TokenUsage")),
-            "usageInfo": nullable(ref("UsageInfo")),
-        },
-        description="The `usage` event of a stream: the finished call without its text.",
-    ),
-    "GenerateResponse": obj(
-        {
-            "text": STRING,
-            "provider": STRING,
-            "model": STRING,
-            "stopReason": STRING,
-            "usage": ref("Usage"),
-            "tokenUsage": nullable(ref("TokenUsage")),
-            "usageInfo": nullable(ref("UsageInfo")),
-        }
-    ),
-    "StreamDelta": obj({"text": STRING}, description="The `delta` event: a chunk of text."),
-    "StreamDone": obj({}, description="The `done` event: the stream is complete."),
-    "UserStatus": obj(
-        {
-            "userType": USER_TYPE,
-            "hasSubscription": BOOL,
-            "hasPurchases": BOOL,
-            "availableTokens": COUNT,
-            "reservedTokens": COUNT,
-            "subscriptionTier": nullable(described(STRING, "from the JWT's tier claim")),
-            "quota": nullable(described(INT, "from the JWT's quota claim")),
-            "limits": nullable(
-                obj(
-                    {
-                        "requestsPerMinute": described(COUNT, "0: unlimited"),
-                        "tokensPerMinute": described(COUNT, "0: unlimited"),
-                        "callsInFlight": described(COUNT, "0: unlimited"),
-                        "requestsRemaining": described(COUNT, "requests left right now"),
-                        "tokensRemaining": described(COUNT, "provider tokens left this minute"),
-                        "callsInFlightNow": described(COUNT, "the caller's calls running now"),
-                    },
-                    description="The caller's rate limits and what is left of them now.",
-                )
-            ),
-            "month": nullable(
-                obj(
-                    {
-                        "quotaTokens": described(COUNT, "tokens a calendar month; 0: no quota"),
-                        "usedTokens": described(COUNT, "charged plus held this month"),
-                        "resetsAt": described(STRING, "RFC 3339, UTC: when the month ends"),
-                    },
-                    description="The monthly quota and this month's use of it.",
-                )
-            ),
-        }
-    ),
-    "EligibilityRequest": obj(
-        {
-            "estimatedTokens": nullable(
-                described(COUNT, "tokens the call may use; ignored when `content` is given")
-            ),
-            "hasApiKey": nullable(BOOL),
-            "content": nullable(
-                described(STRING, "the call itself: its hold is sized exactly as the call's")
-            ),
-            "systemPrompt": nullable(STRING),
-            "maxTokens": nullable(INT),
-        },
-        required=[],
-        description="Fields not listed here are refused (400), `null` means not given.",
-    ),
-    "Eligibility": obj(
-        {
-            "canMakeRequest": BOOL,
-            "reason": STRING,
-            "userType": USER_TYPE,
-            "requiredTokens": described(
-                COUNT, "what the call would hold (its tokens plus the fee), as its Reserve would"
-            ),
-            "availableTokens": COUNT,
-        }
-    ),
-    "UsageSummary": obj(
-        {
-            "totalRequests": COUNT,
-            "totalTokens": COUNT,
-            "tokensCharged": COUNT,
-            "estimatedTotalCostMicroUsd": described(
-                MICRO_USD, "over the calls whose cost is known"
-            ),
-            "estimatedTotalCostUsd": USD,
-            "unknownCostRequests": COUNT,
-        }
-    ),
-    "UsageBreakdown": obj({"provider": STRING, "model": STRING, "summary": ref("UsageSummary")}),
-    "UsageRecord": obj(
-        {
-            "usageId": STRING,
-            "userType": USER_TYPE,
-            "provider": STRING,
-            "model": STRING,
-            "inputTokens": COUNT,
-            "outputTokens": COUNT,
-            "tokensCharged": COUNT,
-            "estimatedCostMicroUsd": nullable(MICRO_USD),
-            "estimatedCostUsd": nullable(USD),
-            "createdAt": TIMESTAMP,
-        }
-    ),
-    "UsageAnalytics": obj(
-        {
-            "summary": ref("UsageSummary"),
-            "breakdown": {"type": "array", "items": ref("UsageBreakdown")},
-            "history": {
-                "type": "array",
-                "items": ref("UsageRecord"),
-                "description": "newest first; empty unless include_history=true",
-            },
-        }
-    ),
-    "Purchase": obj(
-        {
-            "purchaseId": STRING,
-            "purchaseType": {"type": "string", "enum": ["subscription", "one_time", "unknown"]},
-            "tokensPurchased": COUNT,
-            "tokensCredited": COUNT,
-            "platformFeeTokens": COUNT,
-            "tokensRefunded": COUNT,
-            "createdAt": TIMESTAMP,
-        }
-    ),
-    "PurchasePage": obj(
-        {
-            "purchases": {"type": "array", "items": ref("Purchase")},
-            "nextPageToken": nullable(described(STRING, "null on the last page")),
-        }
-    ),
-    "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
-    "WebhookOutcome": obj(
-        {
-            "status": {
-                "type": "string",
-                "enum": ["applied", "duplicate", "ignored", "dead_letter"],
-                "description": "dead_letter: kept with its body and reason for an operator",
-            },
-            "detail": {"type": "string"},
-        }
-    ),
-    "Ready": obj({"status": {"type": "string", "enum": ["ready"]}}),
-}
-
-_ERRORS = {
+ERRORS = {
     400: "Invalid input: the body is not a JSON object, a field has the wrong type or is "
     "unknown, or a value is out of range (`error.field` names it)",
     401: "Missing, malformed, expired or otherwise invalid JWT (or sign-in required)",
     402: "Not enough tokens for this call",
     403: "The provider refused your own API key",
+    404: "Not found",
     408: "The request body did not arrive within the body timeout (`BODY_TIMEOUT`); the "
     "connection is closed",
     409: "This idempotency key was used for a different request, or its call is running",
@@ -299,7 +65,7 @@ _ERRORS = {
     504: "The provider did not answer in time",
 }
 _SECONDS = {"type": "integer", "minimum": 0}
-RATE_LIMIT = {
+RATE_LIMIT: dict[str, Schema] = {
     "RateLimit-Limit": {
         "description": "the caller's requests per minute (sent when that is limited)",
         "schema": _SECONDS,
@@ -307,223 +73,263 @@ RATE_LIMIT = {
     "RateLimit-Remaining": {"description": "requests left now", "schema": _SECONDS},
     "RateLimit-Reset": {"description": "seconds until all are left again", "schema": _SECONDS},
 }
-RETRY_AFTER = {
+RETRY_AFTER: dict[str, Schema] = {
     "Retry-After": {
         "description": "seconds to wait before retrying",
         "schema": {"type": "integer", "minimum": 1},
     },
     **RATE_LIMIT,
 }
+SECURITY: dict[str, list[dict[str, list[str]]]] = {
+    "signed_in": [{"bearer": []}],
+    "optional": [{"bearer": []}, {}],
+    "public": [],
+}
 
 
-def _json(description: str, schema: Schema, headers: Schema | None = None) -> Schema:
+class Document(RootModel[dict[str, Any]]):
+    """An OpenAPI 3.1 document."""
+
+
+class _Schemas(GenerateJsonSchema):
+    """Pydantic's JSON Schema without per-field titles, and without defaults in answers (every
+    field of an answer is sent)."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        if self.mode == "serialization":
+            return self.generate_inner(schema["schema"])
+        return super().default_schema(schema)
+
+
+def _ref(shape: type) -> Schema:
+    return {"$ref": REF.format(model=shape.__name__)}
+
+
+def _json(
+    description: str, schema: Schema, headers: Mapping[str, Mapping[str, Any]] | None = None
+) -> Schema:
     response: Schema = {
         "description": description,
         "content": {"application/json": {"schema": schema}},
     }
     if headers:
-        response["headers"] = headers
+        response["headers"] = dict(headers)
     return response
 
 
-def _errors(*statuses: int) -> dict[str, Schema]:
+def _event_schema(stream: EventStream) -> Schema:
     return {
-        str(s): _json(_ERRORS[s], ref("Error"), RETRY_AFTER if s == 429 else None) for s in statuses
+        "description": stream.description,
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "event": {"const": name},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": _ref(model),
+                    },
+                },
+                "required": ["event", "data"],
+                "additionalProperties": False,
+            }
+            for name, model in stream.events.items()
+        ],
     }
 
 
-def _query(name: str, schema: Schema, description: str) -> Schema:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}  # fmt: skip
+def _event_schema_name(endpoint: Endpoint) -> str:
+    return endpoint.operation_id[:1].upper() + endpoint.operation_id[1:] + "Event"
 
 
-SIGNED_IN: list[dict[str, list[str]]] = [{"bearer": []}]
-SIGNED_IN_OR_PUBLIC: list[dict[str, list[str]]] = [{"bearer": []}, {}]
-GENERATE_ERRORS = (400, 401, 402, 403, 408, 409, 413, 415, 429, 500, 503, 504)
-READ_ERRORS = (400, 401, 500, 503)
+def _success(endpoint: Endpoint) -> Schema:
+    answers = endpoint.answers
+    headers = dict(endpoint.reply_headers)
+    if isinstance(answers, EventStream):
+        schema = {"$ref": REF.format(model=_event_schema_name(endpoint))}
+        response: Schema = {
+            "description": f"text/event-stream: {answers.description}",
+            "content": {"text/event-stream": {"schema": schema}},
+        }
+        if headers:
+            response["headers"] = headers
+        return response
+    if isinstance(answers, HtmlPage):
+        return {
+            "description": answers.description,
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        }
+    description = " ".join((answers.__doc__ or "").split()) or endpoint.summary
+    if answers is Document:
+        return _json(description, {"type": "object"})
+    return _json(description, _ref(answers), headers)
 
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "rpcai gateway",
-        "version": API_VERSION,
-        "description": "AI calls metered against prepaid tokens. Authenticate with "
-        "`Authorization: Bearer <JWT>`; without a token you are a public caller, who may only "
-        "make BYOK calls (with `apiKey`) and check eligibility. Every error is "
-        '`{"error": {"code", "message", "reason"}}`.',
+
+def _statuses(endpoint: Endpoint) -> dict[int, str]:
+    """The refusals an operation documents: its own, and those its declaration implies."""
+    implied: set[int] = {500}
+    if isinstance(endpoint.body, type) and issubclass(endpoint.body, Body):
+        implied |= {400, 408, 413, 415}
+    if endpoint.query is not None or endpoint.path_params is not None:
+        implied.add(400)
+    if endpoint.security != "public":
+        implied.add(401)
+    statuses = dict.fromkeys(implied, "")
+    statuses.update(endpoint.errors)
+    return {status: statuses[status] or ERRORS[status] for status in sorted(statuses)}
+
+
+def _parameters(endpoint: Endpoint) -> list[Schema]:
+    parameters: list[Schema] = []
+    for where, model in (("path", endpoint.path_params), ("query", endpoint.query)):
+        if model is None:
+            continue
+        schema = model.model_json_schema(ref_template=REF, schema_generator=_Schemas)
+        required = set(schema.get("required", ()))
+        for name, property_schema in schema.get("properties", {}).items():
+            property_schema = dict(property_schema)
+            parameter: Schema = {"name": name, "in": where, "required": name in required}
+            if "description" in property_schema:
+                parameter["description"] = property_schema.pop("description")
+            parameter["schema"] = property_schema
+            parameters.append(parameter)
+    for header in endpoint.headers:
+        parameters.append(_header(header))
+    return parameters
+
+
+def _header(header: Header) -> Schema:
+    return {
+        "name": header.name,
+        "in": "header",
+        "required": header.required,
+        "description": header.description,
+        "schema": {"type": "string"},
+    }
+
+
+def _operation(endpoint: Endpoint) -> Schema:
+    operation: Schema = {"operationId": endpoint.operation_id, "summary": endpoint.summary}
+    if endpoint.description:
+        operation["description"] = " ".join(endpoint.description.split())
+    operation["security"] = SECURITY[endpoint.security]
+    if parameters := _parameters(endpoint):
+        operation["parameters"] = parameters
+    body = endpoint.body
+    if isinstance(body, RawBody):
+        operation["requestBody"] = {
+            "required": body.required,
+            "description": body.description,
+            "content": {"application/json": {"schema": dict(body.schema)}},
+        }
+    elif body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    responses = {"200": _success(endpoint)}
+    for status, description in _statuses(endpoint).items():
+        headers = RETRY_AFTER if status in (429, 503) else None
+        responses[str(status)] = _json(description, _ref(Error), headers)
+    operation["responses"] = responses
+    return operation
+
+
+def _shapes(endpoints: Iterable[Endpoint]) -> list[tuple[type, JsonSchemaMode]]:
+    """Every shape the operations name, once: request models as they are validated, answers as
+    they are sent."""
+    shapes: dict[tuple[type, JsonSchemaMode], None] = {(Error, "serialization"): None}
+    for endpoint in endpoints:
+        if isinstance(endpoint.body, type):
+            shapes[(endpoint.body, "validation")] = None
+        answers = endpoint.answers
+        if isinstance(answers, EventStream):
+            shapes.update(
+                dict.fromkeys((shape, "serialization") for shape in answers.events.values())
+            )
+        elif isinstance(answers, type) and answers is not Document:
+            shapes[(answers, "serialization")] = None
+    return list(shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def _document(routes: frozenset[tuple[str, str]] | None, _version: int) -> Document:
+    endpoints = [e for key, e in ENDPOINTS.items() if routes is None or key in routes]
+    return Document(_build(endpoints))
+
+
+def _build(endpoints: list[Endpoint]) -> Schema:
+    inputs = [(key, mode, adapter(shape)) for key in _shapes(endpoints) for shape, mode in [key]]
+    _, definitions = TypeAdapter.json_schemas(inputs, ref_template=REF, schema_generator=_Schemas)
+    schemas: Schema = definitions.get("$defs", {})
+    paths: dict[str, Schema] = {}
+    for endpoint in endpoints:
+        if isinstance(endpoint.answers, EventStream):
+            schemas[_event_schema_name(endpoint)] = _event_schema(endpoint.answers)
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rpcai gateway",
+            "version": API_VERSION,
+            "description": "AI calls metered against prepaid tokens. Authenticate with "
+            "`Authorization: Bearer <JWT>`; without a token you are a public caller, who may "
+            "only make BYOK calls (with `apiKey`) and check eligibility. Request bodies are "
+            "I-JSON (RFC 7493): a key given twice or a string with a lone surrogate is refused. "
+            'Every error is `{"error": {"code", "message", "reason"}}`.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(schemas.items())),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+    }
+
+
+def document(routes: Collection[tuple[str, str]] | None = None) -> Schema:
+    """The document of every route described so far, or of those among `routes` ((METHOD, path
+    template) pairs)."""
+    key = None if routes is None else frozenset(routes)
+    return _document(key, api.version).root
+
+
+def served(app: web.Application) -> Document:
+    """The document of the routes `app` has."""
+    routes = frozenset(
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+    )
+    return _document(routes, api.version)
+
+
+# ---- routes built elsewhere ------------------------------------------------------------------
+
+describe(
+    "POST",
+    "/webhooks/lemonsqueezy",
+    operation_id="lemonsqueezyWebhook",
+    summary="A LemonSqueezy event, signed with X-Signature (hex HMAC-SHA256 of the raw body); "
+    "applied exactly once",
+    answers=WebhookOutcome,
+    headers=(Header("X-Signature", "hex HMAC-SHA256 of the raw body with the webhook secret"),),
+    body=RawBody(
+        {},
+        "LemonSqueezy's event ({meta, data}), checked against its signature before it is read: "
+        "any signed delivery that cannot be applied (empty, malformed, an unknown variant, no "
+        "user) is kept as a dead letter and answered 200, so that it is not retried",
+        required=False,
+    ),
+    errors={
+        401: "Missing or invalid signature; nothing changed",
+        413: "Body too large",
+        500: "The event could not be applied; retry later",
+        503: "Ledger unavailable, or webhooks not configured (the provider retries)",
     },
-    "paths": {
-        "/v1/generate": {
-            "post": {
-                "operationId": "generate",
-                "summary": "One AI call, metered (subscription) or tracked (BYOK)",
-                "security": SIGNED_IN_OR_PUBLIC,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": ref("GenerateRequest")}},
-                },
-                "responses": {
-                    "200": _json(
-                        "The answer and what it cost", ref("GenerateResponse"), RATE_LIMIT
-                    ),
-                    **_errors(*GENERATE_ERRORS),
-                },
-            }
-        },
-        "/v1/generate/stream": {
-            "post": {
-                "operationId": "generateStream",
-                "summary": "The same call, streamed as Server-Sent Events",
-                "description": "Events: `delta` (StreamDelta) per chunk of text, then one "
-                "`usage` (StreamUsage), then `done` (StreamDone). A failure after the stream "
-                "started is one `error` event (Error) instead of usage and done. A refusal "
-                "before the stream starts is an ordinary JSON error with its status. A client "
-                "that disconnects is charged for what was streamed.",
-                "security": SIGNED_IN_OR_PUBLIC,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": ref("GenerateRequest")}},
-                },
-                "responses": {
-                    "200": {
-                        "description": "text/event-stream of delta, usage, done (or error)",
-                        "headers": RATE_LIMIT,
-                        "content": {
-                            "text/event-stream": {
-                                "schema": {"type": "string"},
-                                "x-events": {
-                                    "delta": ref("StreamDelta"),
-                                    "usage": ref("StreamUsage"),
-                                    "done": ref("StreamDone"),
-                                    "error": ref("Error"),
-                                },
-                            }
-                        },
-                    },
-                    **_errors(*GENERATE_ERRORS),
-                },
-            }
-        },
-        "/v1/me/status": {
-            "get": {
-                "operationId": "userStatus",
-                "summary": "Who you are to the gateway: user type, balance, tier",
-                "security": SIGNED_IN,
-                "responses": {
-                    "200": _json("Your status", ref("UserStatus")),
-                    **_errors(*READ_ERRORS),
-                },
-            }
-        },
-        "/v1/me/usage": {
-            "get": {
-                "operationId": "usageAnalytics",
-                "summary": "Your usage over the last days, by provider and model",
-                "security": SIGNED_IN,
-                "parameters": [
-                    _query("days", {"type": "integer", "minimum": 1, "default": 30}, "window"),
-                    _query(
-                        "include_history",
-                        {"type": "boolean", "default": False},
-                        "also list the calls themselves (newest first)",
-                    ),
-                ],
-                "responses": {
-                    "200": _json("Your usage", ref("UsageAnalytics")),
-                    **_errors(*READ_ERRORS),
-                },
-            }
-        },
-        "/v1/me/purchases": {
-            "get": {
-                "operationId": "purchaseHistory",
-                "summary": "Your purchases, newest first, a page at a time",
-                "security": SIGNED_IN,
-                "parameters": [
-                    _query(
-                        "page_size",
-                        {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-                        "purchases per page",
-                    ),
-                    _query("page_token", STRING, "nextPageToken of the previous page"),
-                ],
-                "responses": {
-                    "200": _json("A page of purchases", ref("PurchasePage")),
-                    **_errors(*READ_ERRORS),
-                },
-            }
-        },
-        "/v1/eligibility": {
-            "post": {
-                "operationId": "eligibility",
-                "summary": "Would a call of this size be allowed, and what would it hold",
-                "security": SIGNED_IN_OR_PUBLIC,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": ref("EligibilityRequest")}},
-                },
-                "responses": {
-                    "200": _json("The answer", ref("Eligibility")),
-                    **_errors(400, 401, 408, 413, 415, 500, 503),
-                },
-            }
-        },
-        "/webhooks/lemonsqueezy": {
-            "post": {
-                "operationId": "lemonsqueezyWebhook",
-                "summary": "A LemonSqueezy event, signed with X-Signature (hex HMAC-SHA256 of the"
-                " raw body); applied exactly once",
-                "security": [],
-                "parameters": [
-                    {
-                        "name": "X-Signature",
-                        "in": "header",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                },
-                "responses": {
-                    "200": _json("Applied, a duplicate, ignored, or parked", ref("WebhookOutcome")),
-                    "401": _json("Missing or invalid signature; nothing changed", ref("Error")),
-                    "413": _json("Body too large", ref("Error")),
-                    "503": _json("Ledger unavailable (the provider retries)", ref("Error")),
-                },
-            }
-        },
-        "/healthz": {
-            "get": {
-                "operationId": "healthz",
-                "summary": "The process is up",
-                "security": [],
-                "responses": {"200": _json("Up", ref("Health"))},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "summary": "Ready to serve: the token ledger answers its health check",
-                "security": [],
-                "responses": {
-                    "200": _json("Ready", ref("Ready")),
-                    "503": _json("Not ready (ledger unreachable, or shutting down)", ref("Error")),
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "summary": "This document",
-                "security": [],
-                "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
-            }
-        },
-    },
-    "components": {
-        "schemas": SCHEMAS,
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-    },
-}
+)

@@ -25,6 +25,7 @@ JWT_SECRET = "e2e-jwt-secret-that-is-long-enough-for-hs256"
 ISSUER = "https://auth.rpcai.test"
 AUDIENCE = "rpcai-gateway"
 PLATFORM_KEY = "sk-platform-e2e"
+ADMIN_CLAIM, ADMIN_VALUE = "role", "admin"
 NO_LIMITS = json.dumps(
     {
         "public": {"requests_per_minute": 0, "calls_in_flight": 0},
@@ -97,6 +98,9 @@ def gateway_settings(ledger_addr: str, sim_url: str, **overrides: Any) -> Settin
         "data_dir": f"/tmp/rpcai-e2e-{uuid.uuid4().hex[:8]}",
         # Tests not about limits run without them; the limit tests set their own.
         "rate_limits": NO_LIMITS,
+        # The operator role: a JWT with "role": "admin" (tests/e2e/test_admin.py).
+        "jwt_admin_claim": ADMIN_CLAIM,
+        "jwt_admin_value": ADMIN_VALUE,
     }
     values.update(overrides)
     return Settings(**values)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,13 +21,10 @@ from tests.e2e.conftest import Stack, bearer, mint
 from tests.e2e.e2e_support import gateway_on
 from tests.ledger_service.helpers import credit
 
-ADMIN = {"jwt_admin_claim": "role", "jwt_admin_value": "admin"}
-
 
 @pytest.fixture
-async def admin_stack(ledger: LedgerHarness, sim_url: str) -> AsyncIterator[Stack]:
-    async with gateway_on(ledger, sim_url, **ADMIN) as stack:
-        yield stack
+async def admin_stack(stack: Stack) -> Stack:
+    return stack  # every test stack has the role (tests/e2e/conftest.py: "role": "admin")
 
 
 def admin_stub(stack: Stack) -> admin_pb2_grpc.GatewayAdminAsyncStub:
@@ -139,11 +135,16 @@ async def test_everyone_else_is_refused(
     assert allowed == ([False, False] if audited else [])
 
 
-async def test_without_the_admin_settings_nobody_is_an_admin(stack: Stack) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await admin_stub(stack).LookupUser(
-            apb.LookupUserRequest(user_id="someone"), metadata=bearer(mint("ops", role="admin"))
-        )
+async def test_without_the_admin_settings_nobody_is_an_admin(
+    ledger: LedgerHarness, sim_url: str
+) -> None:
+    unset = {"jwt_admin_claim": None, "jwt_admin_value": None}
+    async with gateway_on(ledger, sim_url, **unset) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin_stub(stack).LookupUser(
+                apb.LookupUserRequest(user_id="someone"),
+                metadata=bearer(mint("ops", role="admin")),
+            )
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -1,24 +1,24 @@
 """The HTTP edge on a real socket (port 0) around the e2e stack's gateway core and JWT verifier
 (a real ledger on a fresh database, provider_sim over HTTP), an aiohttp client, and a check of
-every response body against the served OpenAPI document."""
+every response body (and every event of a stream) against the OpenAPI document."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from gateway_service.http import HttpServer, create_http_app
-from gateway_service.http.openapi import OPENAPI
+from gateway_service.http import HttpServer, create_http_app, openapi
 from gateway_service.webhooks.http import lemonsqueezy_route
 from tests.e2e.conftest import Stack, gateway_settings, mint, sim_url, stack
 
@@ -28,6 +28,8 @@ ORIGIN = "chrome-extension://rpcai-test-extension"
 WILDCARD_ORIGINS = "vscode-webview://*"
 MAX_BODY = 64 * 1024
 DOC_URI = "urn:rpcai:openapi"
+# Every route described (the edges below serve all of them): what the responses must match.
+OPENAPI = openapi.document()
 _REGISTRY: Registry[Any] = Registry().with_resource(
     DOC_URI, Resource.from_contents(OPENAPI, default_specification=DRAFT202012)
 )
@@ -56,6 +58,20 @@ def check_response(path: str, method: str, status: int, body: Any) -> None:
 
 def check_component(name: str, data: Any) -> None:
     check_schema(_pointer("components", "schemas", name), data)
+
+
+def check_event(path: str, event: str, data: str) -> None:
+    """One event of a stream must be one the document says `POST path` sends: its name one of
+    the event schema's, and its data (JSON text) what that event's `contentSchema` says."""
+    media = OPENAPI["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    name = media["schema"]["$ref"].rsplit("/", 1)[1]
+    check_component(name, {"event": event, "data": data})
+    events = {
+        branch["properties"]["event"]["const"]: branch["properties"]["data"]["contentSchema"]
+        for branch in OPENAPI["components"]["schemas"][name]["oneOf"]
+    }
+    assert event in events, (event, list(events))
+    check_component(events[event]["$ref"].rsplit("/", 1)[1], json.loads(data))
 
 
 @dataclass
@@ -140,15 +156,7 @@ class Edge:
         return response.status, parse_sse(text)
 
 
-EVENT_SCHEMAS = {
-    "delta": "StreamDelta",
-    "usage": "StreamUsage",
-    "done": "StreamDone",
-    "error": "Error",
-}
-
-
-def parse_sse(text: str) -> list[SseEvent]:
+def parse_sse(text: str, path: str = "/v1/generate/stream") -> list[SseEvent]:
     events: list[SseEvent] = []
     assert text.endswith("\n\n"), text[-200:]
     for block in text.strip("\n").split("\n\n"):
@@ -158,10 +166,42 @@ def parse_sse(text: str) -> list[SseEvent]:
             assert name in ("event", "data"), block
             assert name not in fields, block
             fields[name] = value
-        event = SseEvent(fields["event"], json.loads(fields["data"]))
-        check_component(EVENT_SCHEMAS[event.event], event.data)
-        events.append(event)
+        check_event(path, fields["event"], fields["data"])
+        events.append(SseEvent(fields["event"], json.loads(fields["data"])))
     return events
+
+
+# JSON answers an edge sent that the document does not describe, whoever asked (every test's
+# requests, raw ones included): `_no_drift` fails the test that caused one.
+DRIFTED: list[str] = []
+
+
+@web.middleware
+async def conforming_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Checks every JSON answer against the document, on the server side, so that no request a
+    test makes escapes the check (streams are checked event by event by `parse_sse`)."""
+    response = await handler(request)
+    if not isinstance(response, web.Response) or response.content_type != "application/json":
+        return response
+    resource = request.match_info.route.resource
+    template = resource.canonical if resource is not None else None
+    method = request.method.lower()
+    try:
+        body = json.loads(response.body) if isinstance(response.body, bytes) else None
+        if template is not None and method in OPENAPI["paths"].get(template, {}):
+            check_response(template, method, response.status, body)
+        elif response.status >= 400:
+            check_component("Error", body)
+    except (AssertionError, ValueError) as drift:
+        DRIFTED.append(f"{request.method} {template} -> {response.status}: {drift}")
+    return response
+
+
+@pytest.fixture(autouse=True)
+def _no_drift() -> Iterator[None]:
+    DRIFTED.clear()
+    yield
+    assert not DRIFTED, DRIFTED[:5]
 
 
 async def start_edge(stack: Stack, **overrides: Any) -> tuple[HttpServer, str]:
@@ -176,6 +216,7 @@ async def start_edge(stack: Stack, **overrides: Any) -> tuple[HttpServer, str]:
     app = create_http_app(
         stack.gateway.gateway, stack.gateway.verifier, settings, extra_routes=[webhook]
     )
+    app.middlewares.insert(0, conforming_answers)  # outermost: sees every answer as sent
     server = HttpServer(app)
     port = await server.start("127.0.0.1:0")
     return server, f"http://127.0.0.1:{port}"
