@@ -24,6 +24,7 @@ from ledger_service.domain.types import (
     Balance,
     DeadLetter,
     Granularity,
+    ModelFigures,
     MonthlyUsage,
     Payment,
     PlatformFigures,
@@ -176,6 +177,21 @@ def _payment_pb(p: Payment) -> pb.Payment:
     if p.amount_usd_cents is not None:
         message.amount_usd_cents = p.amount_usd_cents
     return message
+
+
+def _model_pb(m: ModelFigures) -> pb.ModelFigures:
+    return pb.ModelFigures(
+        provider=m.provider,
+        model=m.model,
+        requests=m.usage.requests,
+        provider_tokens_used=m.usage.provider_tokens_used,
+        tokens_charged=m.usage.tokens_charged,
+        usage_fee_tokens=m.usage.usage_fee_tokens,
+        provider_cost_micro_usd=m.usage.provider_cost_micro_usd,
+        unknown_cost_requests=m.usage.unknown_cost_requests,
+        byok_cost_micro_usd=m.usage.byok_cost_micro_usd,
+        gross_margin_micro_usd=m.gross_margin_micro_usd,
+    )
 
 
 def _figures_pb(f: PlatformFigures) -> pb.PlatformFigures:
@@ -584,25 +600,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
         return pb.GetPlatformAnalyticsResponse(
             periods=[
-                pb.PlatformPeriod(start=_ts(p.start), figures=_figures_pb(p.figures))
+                pb.PlatformPeriod(
+                    start=_ts(p.start),
+                    figures=_figures_pb(p.figures),
+                    models=[_model_pb(m) for m in p.models],
+                )
                 for p in a.periods
             ],
             totals=_figures_pb(a.totals),
-            models=[
-                pb.ModelFigures(
-                    provider=m.provider,
-                    model=m.model,
-                    requests=m.usage.requests,
-                    provider_tokens_used=m.usage.provider_tokens_used,
-                    tokens_charged=m.usage.tokens_charged,
-                    usage_fee_tokens=m.usage.usage_fee_tokens,
-                    provider_cost_micro_usd=m.usage.provider_cost_micro_usd,
-                    unknown_cost_requests=m.usage.unknown_cost_requests,
-                    byok_cost_micro_usd=m.usage.byok_cost_micro_usd,
-                    gross_margin_micro_usd=m.gross_margin_micro_usd,
-                )
-                for m in a.models
-            ],
+            models=[_model_pb(m) for m in a.models],
             top_users=[
                 pb.TopUser(
                     user_id=t.user_id,

@@ -146,12 +146,6 @@ class PlatformFigures(TypedDict):
 
 
 @reply
-class PlatformPeriod(TypedDict):
-    start: Timestamp_
-    figures: PlatformFigures
-
-
-@reply
 class ModelFigures(TypedDict):
     provider: str
     model: str
@@ -166,6 +160,14 @@ class ModelFigures(TypedDict):
     byok_cost_usd: Usd
     gross_margin_micro_usd: MicroUsd
     gross_margin_usd: Usd
+
+
+@reply
+class PlatformPeriod(TypedDict):
+    start: Timestamp_
+    figures: PlatformFigures
+    models: list[ModelFigures]
+    """the period's calls by provider and model, in the range's order"""
 
 
 @reply
@@ -203,6 +205,8 @@ class PlatformAnalytics(TypedDict):
     open_holds: Count
     held_tokens: Count
     revenue_per_token_micro_usd: Count
+    """what a credited token sold for over the range, rounded down (for display)"""
+    revenue_per_token_usd: Usd
 
 
 @reply
@@ -293,7 +297,12 @@ def platform_analytics(
         end=timestamp(request.end),
         granularity=granularity,  # type: ignore[typeddict-item]  # one of the query's literals
         periods=[
-            PlatformPeriod(start=timestamp(p.start), figures=_figures(p.figures)) for p in a.periods
+            PlatformPeriod(
+                start=timestamp(p.start),
+                figures=_figures(p.figures),
+                models=[_model(m) for m in p.models],
+            )
+            for p in a.periods
         ],
         totals=_figures(a.totals),
         models=[_model(m) for m in a.models],
@@ -320,6 +329,7 @@ def platform_analytics(
         open_holds=a.open_holds,
         held_tokens=a.held_tokens,
         revenue_per_token_micro_usd=a.revenue_per_token_micro_usd,
+        revenue_per_token_usd=usd(a.revenue_per_token_micro_usd),
     )
 
 

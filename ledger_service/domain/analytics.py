@@ -29,6 +29,7 @@ from ledger_service.domain.types import (
     Granularity,
     JournalFigures,
     ModelFigures,
+    ModelUsage,
     PlatformAnalytics,
     PlatformFigures,
     PlatformPeriod,
@@ -157,23 +158,35 @@ def assemble(starts: list[datetime], rows: PlatformRows) -> PlatformAnalytics:
     sums, _, credited_with_usd = _purchase_totals(rows.purchases)
     revenue_with_usd = sums["usd_cents"] * money.MICRO_USD_PER_CENT
     per_token = money.revenue_per_token(revenue_with_usd, credited_with_usd)
-    models = sorted(
-        (
-            ModelFigures(
-                m.provider,
-                m.model,
-                m.usage,
-                money.gross_margin(
-                    m.usage.tokens_charged,
-                    revenue_with_usd,
-                    credited_with_usd,
-                    m.usage.provider_cost_micro_usd,
-                ),
+
+    def figures_of(usages: Iterable[ModelUsage]) -> list[ModelFigures]:
+        return sorted(
+            (
+                ModelFigures(
+                    m.provider,
+                    m.model,
+                    m.usage,
+                    money.gross_margin(
+                        m.usage.tokens_charged,
+                        revenue_with_usd,
+                        credited_with_usd,
+                        m.usage.provider_cost_micro_usd,
+                    ),
+                )
+                for m in usages
+            ),
+            key=lambda m: (-m.usage.tokens_charged, -m.usage.requests, m.provider, m.model),
+        )
+
+    models = figures_of(rows.models)
+    order = {(m.provider, m.model): i for i, m in enumerate(models)}
+    for period in periods:
+        period.models.extend(
+            sorted(
+                figures_of(rows.period_models.get(period.start, [])),
+                key=lambda m: order[m.provider, m.model],
             )
-            for m in rows.models
-        ),
-        key=lambda m: (-m.usage.tokens_charged, -m.usage.requests, m.provider, m.model),
-    )
+        )
     by_source: dict[str, list[PurchaseGroup]] = defaultdict(list)
     for group in rows.purchases:
         by_source[group.source].append(group)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -511,6 +511,7 @@ class PlatformRows:
     users: dict[datetime, UserCounts]
     users_total: UserCounts
     models: list[ModelUsage]
+    period_models: dict[datetime, list[ModelUsage]]
     top_users: list[TopUser]
     purchases: list[PurchaseGroup]
     journal: dict[datetime, JournalFigures]
@@ -544,6 +545,7 @@ class PlatformFigures:
 class PlatformPeriod:
     start: datetime
     figures: PlatformFigures
+    models: list[ModelFigures] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, time
@@ -965,6 +966,10 @@ UNION ALL
 SELECT 'model', NULL, provider, model, NULL, {_USAGE_SUMS}, {_NO_USERS}
   FROM units GROUP BY provider, model
 UNION ALL
+SELECT 'period_model', period AT TIME ZONE 'UTC', provider, model, NULL, {_USAGE_SUMS},
+       {_NO_USERS}
+  FROM units GROUP BY period, provider, model
+UNION ALL
 SELECT 'users', period AT TIME ZONE 'UTC', NULL, NULL, NULL, {_NO_SUMS},
        count(*), count(*) FILTER (WHERE subscription), count(*) FILTER (WHERE byok)
   FROM people GROUP BY period
@@ -1045,6 +1050,7 @@ def _platform_rows(
     users: dict[datetime, UserCounts] = {}
     users_total = UserCounts()
     models: list[ModelUsage] = []
+    period_models: defaultdict[datetime, list[ModelUsage]] = defaultdict(list)
     top: list[TopUser] = []
     for row in usage:
         kind = row["kind"]
@@ -1052,6 +1058,10 @@ def _platform_rows(
             by_period[row["period"]] = _usage_figures(row)
         elif kind == "model":
             models.append(ModelUsage(row["provider"], row["model"], _usage_figures(row)))
+        elif kind == "period_model":
+            period_models[row["period"]].append(
+                ModelUsage(row["provider"], row["model"], _usage_figures(row))
+            )
         elif kind == "users":
             users[row["period"]] = _user_counts(row)
         elif kind == "range_users":
@@ -1067,6 +1077,7 @@ def _platform_rows(
         users=users,
         users_total=users_total,
         models=models,
+        period_models=dict(period_models),
         top_users=top,
         purchases=[
             PurchaseGroup(

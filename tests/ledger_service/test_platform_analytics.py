@@ -319,31 +319,35 @@ def expected(
     per_token = (
         sum(b.usd_cents or 0 for b in priced) * MICRO_PER_CENT // credited if credited else 0
     )
-    models = []
-    for provider, model in {(c.provider, c.model) for c in calls}:
-        of = [c for c in calls if (c.provider, c.model) == (provider, model)]
-        cost = sum(c.cost or 0 for c in of if c.kind == "subscription")
-        charged = sum(c.charged for c in of)
-        models.append(
-            pb.ModelFigures(
-                provider=provider,
-                model=model,
-                requests=len(of),
-                provider_tokens_used=sum(c.used for c in of),
-                tokens_charged=charged,
-                usage_fee_tokens=sum(c.fee for c in of),
-                provider_cost_micro_usd=cost,
-                unknown_cost_requests=sum(1 for c in of if c.cost is None),
-                byok_cost_micro_usd=sum(c.cost or 0 for c in of if c.kind != "subscription"),
-                gross_margin_micro_usd=(
-                    charged * sum(b.usd_cents or 0 for b in priced) * MICRO_PER_CENT // credited
-                    if credited
-                    else 0
+    revenue = sum(b.usd_cents or 0 for b in priced) * MICRO_PER_CENT
+
+    def models_of(calls: list[Call]) -> list[pb.ModelFigures]:
+        models = []
+        for provider, model in {(c.provider, c.model) for c in calls}:
+            of = [c for c in calls if (c.provider, c.model) == (provider, model)]
+            cost = sum(c.cost or 0 for c in of if c.kind == "subscription")
+            charged = sum(c.charged for c in of)
+            models.append(
+                pb.ModelFigures(
+                    provider=provider,
+                    model=model,
+                    requests=len(of),
+                    provider_tokens_used=sum(c.used for c in of),
+                    tokens_charged=charged,
+                    usage_fee_tokens=sum(c.fee for c in of),
+                    provider_cost_micro_usd=cost,
+                    unknown_cost_requests=sum(1 for c in of if c.cost is None),
+                    byok_cost_micro_usd=sum(c.cost or 0 for c in of if c.kind != "subscription"),
+                    gross_margin_micro_usd=(charged * revenue // credited if credited else 0)
+                    - cost,
                 )
-                - cost,
             )
-        )
-    models.sort(key=lambda m: (-m.tokens_charged, -m.requests, m.provider, m.model))
+        models.sort(key=lambda m: (-m.tokens_charged, -m.requests, m.provider, m.model))
+        return models
+
+    models = models_of(calls)
+    # A period lists its models in the range's order.
+    rank = {(m.provider, m.model): i for i, m in enumerate(models)}
     users = []
     for user in {c.user for c in calls if c.user}:
         theirs = [c for c in calls if c.user == user]
@@ -371,7 +375,12 @@ def expected(
     return pb.GetPlatformAnalyticsResponse(
         periods=[
             pb.PlatformPeriod(
-                start=ts(lo), figures=figures_of(e for e in in_range if lo <= e.at < hi)
+                start=ts(lo),
+                figures=figures_of(e for e in in_range if lo <= e.at < hi),
+                models=sorted(
+                    models_of([c for c in calls if lo <= c.at < hi]),
+                    key=lambda m: rank[m.provider, m.model],
+                ),
             )
             for lo, hi in zip(starts, bounds, strict=True)
         ],

@@ -178,6 +178,31 @@ function renderPeriods(a, granularity) {
       ["Public BYOK calls", "publicByokRequests"],
     ]),
   });
+  // Tokens by model over time: the busiest models of the range, the rest as one series (the
+  // palette has seven colours).
+  const ranked = (a.models || []).map(modelOf);
+  const shown = ranked.slice(0, ranked.length > 7 ? 6 : 7);
+  const tokensOf = (p, keep) =>
+    (p.models || [])
+      .filter((m) => keep(modelOf(m)))
+      .reduce((sum, m) => sum + num(m.providerTokensUsed), 0);
+  const byModel = shown.map((name) => ({
+    name,
+    values: periods.map((p) => tokensOf(p, (m) => m === name)),
+  }));
+  if (ranked.length > shown.length) {
+    byModel.push({
+      name: "other models",
+      values: periods.map((p) => tokensOf(p, (m) => !shown.includes(m))),
+    });
+  }
+  barChart($("models-time-chart"), {
+    title: "Provider tokens used, by model, per period",
+    labels,
+    integer: true,
+    stacked: true,
+    series: byModel,
+  });
   const figure = (key, show = int) => (p) => show(p.figures[key]);
   const numeric = { numeric: true };
   fillTable($("periods"), [

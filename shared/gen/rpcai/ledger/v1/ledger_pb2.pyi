@@ -1945,19 +1945,27 @@ class PlatformPeriod(_message.Message):
 
     START_FIELD_NUMBER: _builtins.int
     FIGURES_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def figures(self) -> Global___PlatformFigures: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFigures]:
+        """The period's calls by provider and model (ordered as the range's `models`); gross margins
+        value tokens charged at the range's revenue per credited token, as there.
+        """
+
     def __init__(
         self,
         *,
         start: _timestamp_pb2.Timestamp | None = ...,
         figures: Global___PlatformFigures | None = ...,
+        models: _abc.Iterable[Global___ModelFigures] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "models", b"models", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
