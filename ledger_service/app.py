@@ -128,6 +128,6 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
                     ledger, retention_policy(settings), settings.retention_interval_seconds
                 )
             ),
-            asyncio.create_task(rollup_forever(ledger)),
+            asyncio.create_task(rollup_forever(ledger, settings.analytics_rollup_interval_seconds)),
         ]
     return app

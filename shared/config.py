@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Resolved dead letters and applied parked payment events.
     resolved_retention_seconds: int = Field(default=90 * 86_400, ge=0)
     retention_interval_seconds: float = Field(default=60.0, gt=0)
+    # How often the analytics rollups (usage_daily, usage_monthly) catch up: a day is rolled
+    # once it is closed; until then the figures read its records (the answers are the same).
+    analytics_rollup_interval_seconds: float = Field(default=300.0, gt=0)
     # Monthly quotas count calendar months in this time zone (an IANA name, e.g. Europe/Paris).
     quota_timezone: str = "UTC"
 
