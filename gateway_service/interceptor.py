@@ -149,9 +149,17 @@ def _wrap(handler: Handler, verifier: JwtVerifier | None) -> Handler:
     return handler
 
 
+# More than the gateway has methods: an unknown method has no handler and is never cached.
+_MAX_WRAPPED_METHODS = 256
+
+
 class JwtInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, verifier: JwtVerifier) -> None:
         self.verifier = verifier
+        # Each method's wrapped handler, built once (the server hands back the same handler
+        # for a method on every call): the same object each call also lets the observing
+        # interceptor before this one keep its own wrapper.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -161,5 +169,11 @@ class JwtInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        open_method = is_open_method(handler_call_details.method)
-        return _wrap(handler, None if open_method else self.verifier)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, None if is_open_method(method) else self.verifier)
+        if len(self._wrapped) < _MAX_WRAPPED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped

@@ -163,9 +163,20 @@ def _code_of_int(value: int) -> str:
     return "UNKNOWN"
 
 
+# More than any service has methods: the cache cannot grow with what callers send (an unknown
+# method has no handler and is never cached).
+_MAX_OBSERVED_METHODS = 256
+
+
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call and logs it as one access line. First in the chain, so the
     calls the auth interceptor refuses are seen too. Health and reflection are left alone."""
+
+    def __init__(self) -> None:
+        # The observed form of each method's handler, built once: the server hands back the
+        # same handler object for a method on every call (a refusal's is new each time, and is
+        # wrapped anew), so the per-call cost is one dict lookup, not closures and label lookups.
+        self._observed: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -175,7 +186,13 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or is_open_method(details.method):
             return handler
-        return _observed(handler, details.method)
+        cached = self._observed.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        observed = _observed(handler, details.method)
+        if len(self._observed) < _MAX_OBSERVED_METHODS:
+            self._observed[details.method] = (handler, observed)
+        return observed
 
 
 def _observed(handler: Handler, method: str) -> Handler:
@@ -189,9 +206,14 @@ def _observed(handler: Handler, method: str) -> Handler:
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         return record, _Context(context, request_id), time.perf_counter()
 
+    handled: dict[str, Any] = {}  # status code -> its counter child
+
     def close_call(record: RequestRecord, context: Context, started: float, code: str) -> None:
         elapsed = time.perf_counter() - started
-        GRPC_HANDLED.labels(service, name, code).inc()
+        counter = handled.get(code)
+        if counter is None:
+            counter = handled[code] = GRPC_HANDLED.labels(service, name, code)
+        counter.inc()
         seconds_metric.observe(elapsed)
         log_request(record, code, elapsed)
 
