@@ -26,7 +26,9 @@ from gateway_service.limits.limiter import (
 )
 from gateway_service.metrics import metrics_route, outbox_gauges
 from gateway_service.outbox import Outbox
+from gateway_service.prompts import PromptLibrary
 from gateway_service.providers import Providers, build_providers
+from gateway_service.providers.registry import policies_from
 from gateway_service.servicer import SERVICE_NAME, GatewayServicer
 from gateway_service.stream_slots import StreamSlots
 from gateway_service.webhooks.http import lemonsqueezy_route
@@ -55,6 +57,7 @@ class GatewayApp:
         """Starts the outbox and the gRPC server; returns the gRPC port."""
         await self.outbox.start()
         await self.gateway.gate.warm()
+        self.gateway.prompts.start()  # SIGHUP and polling reload the prompts
         return await self.grpc.start(addr)
 
     async def start_http(self, addr: str) -> int:
@@ -67,6 +70,7 @@ class GatewayApp:
         await self.aclose_resources(grace)
 
     async def aclose_resources(self, grace: float = 5) -> None:
+        await self.gateway.prompts.stop()
         await self.gateway.wait_background()
         await self.gateway.gate.close()
         if not await self.outbox.drain(grace):
@@ -101,7 +105,14 @@ def build_rate_gate(settings: Settings) -> RateGate:
     return RateGate(limiter, config, lease_seconds=settings.stream_max_seconds + 60)
 
 
+# The providers' SDKs log each request's options, body included (prompts, server-held ones
+# rendered), at DEBUG: never below INFO, whatever LOG_LEVEL says.
+_SDK_LOGGERS = ("anthropic", "openai")
+
+
 def create_app(settings: Settings) -> GatewayApp:
+    for name in _SDK_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).level))
     token = _secret(settings.ledger_service_token)
     if not token:
         raise SystemExit("LEDGER_SERVICE_TOKEN is required to reach the ledger")
@@ -109,12 +120,15 @@ def create_app(settings: Settings) -> GatewayApp:
         raise SystemExit("JWT_SECRET or JWT_JWKS_URL is required")
     verifier = JwtVerifier.from_settings(settings)
     ledger = LedgerClient(settings.ledger_addr, token, settings.ledger_timeout_seconds)
+    retry, breaker = policies_from(settings)
     providers = build_providers(
         anthropic_api_key=_secret(settings.anthropic_api_key),
         openai_api_key=_secret(settings.openai_api_key),
         anthropic_base_url=settings.anthropic_base_url,
         openai_base_url=settings.openai_base_url,
         timeout_seconds=settings.provider_timeout_seconds,
+        retry=retry,
+        breaker=breaker,
     )
 
     async def send(method: str, payload: bytes) -> None:
@@ -143,6 +157,7 @@ def create_app(settings: Settings) -> GatewayApp:
             write_timeout_seconds=settings.stream_write_timeout_seconds,
         ),
         gate=gate,
+        prompts=PromptLibrary(settings.prompts_dir, settings.prompts_reload_seconds),
     )
     grpc_app = GrpcApp(
         [SERVICE_NAME, ADMIN_SERVICE_NAME],

@@ -21,8 +21,8 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ from gateway_service.metering import (
 )
 from gateway_service.outbox import Outbox
 from gateway_service.pricing import estimate_cost_micro_usd
+from gateway_service.prompts import PromptLibrary, PromptRef, Value
 from gateway_service.providers import Providers
 from gateway_service.providers.base import (
     Completion,
@@ -80,6 +81,9 @@ class GenerateRequest:
     # Where the call comes from (set by the transport, trusted proxies resolved): public callers
     # are rate-limited by it.
     client_address: str = ""
+    # A server-held prompt instead of `system_prompt` (gateway_service.prompts), and its values.
+    prompt_id: str = ""
+    variables: Mapping[str, Value] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # never show the caller's key or prompt in a log line
         return f"GenerateRequest(provider={self.provider!r}, model={self.model!r})"
@@ -176,6 +180,7 @@ class _Plan:
     user_id: str | None
     tier: str | None = None
     quota_claim: int | None = None
+    prompt: PromptRef | None = None  # the server-held prompt the call used, for its usage record
 
     @property
     def user_type(self) -> str:
@@ -290,8 +295,10 @@ class Gateway:
         limits: CallLimits | None = None,
         gate: RateGate | None = None,
         quota_clock: Callable[[], datetime] | None = None,
+        prompts: PromptLibrary | None = None,
     ) -> None:
         self.ledger = ledger
+        self.prompts = prompts or PromptLibrary(None)
         self.providers = providers
         self.outbox = outbox
         # Unlimited unless given (the app always gives one, from the configured limits).
@@ -306,6 +313,7 @@ class Gateway:
     # ---- planning -------------------------------------------------------------------------
 
     def _plan(self, caller: Identity | None, req: GenerateRequest) -> _Plan:
+        req, prompt = self._rendered(req)  # before anything is sized from the text
         check_call(req)  # text fields: one rule set for both transports
         if not req.content.strip():
             raise invalid("content", "must not be empty")
@@ -334,8 +342,31 @@ class Gateway:
             api_key=req.api_key or None,
         )
         if caller is None:
-            return _Plan(provider.name, request, byok, None)
-        return _Plan(provider.name, request, byok, caller.user_id, caller.tier, caller.quota)
+            return _Plan(provider.name, request, byok, None, prompt=prompt)
+        return _Plan(
+            provider.name, request, byok, caller.user_id, caller.tier, caller.quota, prompt
+        )
+
+    def _rendered(self, req: GenerateRequest) -> tuple[GenerateRequest, PromptRef | None]:
+        """A call naming a server-held prompt, as if its caller had sent the rendered text (and
+        the prompt's provider, model and max_tokens where the call left them empty): it is then
+        validated, sized, held and charged exactly like that call."""
+        if not req.prompt_id:
+            if req.variables:
+                raise invalid("variables", "only with prompt_id")
+            return req, None
+        if req.system_prompt:
+            raise invalid("system_prompt", "give either system_prompt or prompt_id, not both")
+        prompt = self.prompts.get(req.prompt_id)
+        names_model = bool(req.provider.strip() or req.model.strip())
+        rendered = replace(
+            req,
+            system_prompt=prompt.render(req.variables),
+            provider=req.provider if names_model else prompt.provider,
+            model=req.model if names_model else prompt.model,
+            max_tokens=req.max_tokens or prompt.max_tokens,
+        )
+        return rendered, PromptRef(prompt.id, prompt.version)
 
     def _limited(self, plan: _Plan, req: GenerateRequest) -> Caller:
         """The call's caller as its rate limits see it."""
@@ -356,6 +387,17 @@ class Gateway:
             digest = hashlib.sha256(f"{plan.user_id}\x00{req.idempotency_key}".encode())
             return f"generate:{digest.hexdigest()[:40]}"
         return f"generate:{uuid.uuid4()}"
+
+    def _fail_fast(self, plan: _Plan, req: GenerateRequest) -> None:
+        """A provider whose breaker is open refuses the call before any hold is made. Not a
+        keyed call: it may have an answer to replay, which needs no provider (its Reserve
+        tells; the provider's own check still refuses a new attempt, and the hold is released)."""
+        if req.idempotency_key:
+            return
+        try:
+            self.providers.check_open(plan.provider_name)
+        except ProviderError as exc:
+            raise provider_failure(exc, byok=plan.byok) from None
 
     def _lease(self, hold: _Hold | None, started: float, max_seconds: float) -> HoldLease:
         extend = None
@@ -409,6 +451,7 @@ class Gateway:
             info = await self._record_byok(plan, completion.model, usage)
             return _result(completion, usage_info=info)
 
+        self._fail_fast(plan, req)
         hold = await self._reserve(plan, req)
         if hold.reply.replayed:
             # An earlier attempt with this key: its answer, never a second charge.
@@ -470,6 +513,7 @@ class Gateway:
         provider = self.providers.get(plan.provider_name)
         hold: _Hold | None = None
         if not plan.byok:
+            self._fail_fast(plan, req)
             hold = await self._reserve(plan, req)
             if hold.reply.replayed:
                 first = _replayed_answer(hold.reply)
@@ -714,12 +758,7 @@ class Gateway:
         request = lpb.SettleRequest(
             reservation_id=hold.reservation_id,
             user_id=plan.user_id or "",
-            usage=lpb.Usage(
-                provider=provider,
-                model=model,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-            ),
+            usage=_ledger_usage(plan, provider, model, input_tokens, output_tokens),
             answer=answer,
         )
         cost = estimate_cost_micro_usd(provider, model, input_tokens, output_tokens)
@@ -767,12 +806,7 @@ class Gateway:
             idempotency_key=f"byok:{uuid.uuid4()}",
             user_id=plan.user_id or "",
             user_type=lpb.USER_TYPE_PUBLIC_BYOK if plan.user_id is None else lpb.USER_TYPE_BYOK,
-            usage=lpb.Usage(
-                provider=plan.provider_name,
-                model=model,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-            ),
+            usage=_ledger_usage(plan, plan.provider_name, model, input_tokens, output_tokens),
         )
         if cost is not None:
             request.estimated_cost_micro_usd = cost
@@ -813,6 +847,19 @@ _REFUSALS = {
     "TOO_MANY_CALLS_IN_FLIGHT": "too many calls in flight",
     "UNAVAILABLE": "rate limiter unavailable",
 }
+
+
+def _ledger_usage(
+    plan: _Plan, provider: str, model: str, input_tokens: int, output_tokens: int
+) -> lpb.Usage:
+    """A call's usage as the ledger records it, with the server-held prompt it used."""
+    usage = lpb.Usage(
+        provider=provider, model=model, input_tokens=input_tokens, output_tokens=output_tokens
+    )
+    if plan.prompt is not None:
+        usage.prompt.id = plan.prompt.id
+        usage.prompt.version = plan.prompt.version
+    return usage
 
 
 def _timestamp(moment: datetime) -> Timestamp:

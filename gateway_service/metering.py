@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.providers.base import CompletionRequest
+from gateway_service.providers.retry import call_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,12 +147,14 @@ class HoldLease:
         return asyncio.get_running_loop().time() >= self.cut_at
 
     async def run(self, work: Awaitable[T]) -> T:
-        """Awaits `work`, cancelling it at `cut_at` (which moves while the hold is extended)."""
+        """Awaits `work`, cancelling it at `cut_at` (which moves while the hold is extended).
+        Provider retries inside `work` never wait past `cut_at` (`retry.call_deadline`)."""
         scope = asyncio.timeout_at(self.cut_at)
         self._scopes.add(scope)
         try:
             async with scope:
-                return await work
+                with call_deadline(lambda: self.cut_at):
+                    return await work
         except TimeoutError:
             if scope.expired():
                 raise CallCut from None

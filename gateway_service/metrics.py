@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from gateway_service.pricing import PRICES
 from shared import observe
@@ -61,6 +61,23 @@ RATE_LIMIT_REFUSALS = Counter(
     "rpcai_rate_limit_refusals_total",
     "Calls refused by a rate limit or quota, by reason.",
     ["reason"],
+)
+PROVIDER_RETRIES = Counter(
+    "rpcai_provider_retries_total",
+    "Provider attempts made again after a retryable failure, by provider and the failure's kind.",
+    ["provider", "outcome"],
+)
+PROVIDER_LOST_TOKENS = Counter(
+    "rpcai_provider_retry_lost_tokens_total",
+    "Provider tokens used by attempts that failed before anything reached the caller and were "
+    "retried: never charged to a user (the platform's loss).",
+    ["provider"],
+)
+BREAKER_STATE = Gauge(
+    "rpcai_provider_breaker_state",
+    "Each provider's circuit breaker in this process: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+    multiprocess_mode="livemax",  # with several workers: the worst live one
 )
 
 _KNOWN_MODELS = frozenset(model for _, model in PRICES)

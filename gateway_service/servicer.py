@@ -29,6 +29,7 @@ from gateway_service.core import (
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.interceptor import DOMAIN, current_identity
 from gateway_service.limits.rate import rate_metadata
+from gateway_service.prompts import Prompt
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as pb
 from shared.gen.rpcai.gateway.v1 import gateway_pb2_grpc
 from shared.rich_errors import rich_status
@@ -151,6 +152,8 @@ def generate_request(request: pb.GenerateTextRequest, address: str = "") -> Gene
         max_tokens=request.max_tokens,
         api_key=request.api_key,
         idempotency_key=request.idempotency_key,
+        prompt_id=request.prompt_id,
+        variables=dict(request.variables),
     )
 
 
@@ -366,6 +369,36 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
                 created_at=p.created_at,
             )
         return response
+
+    @unary
+    async def ListPrompts(
+        self, request: pb.ListPromptsRequest, context: Context
+    ) -> pb.ListPromptsResponse:
+        """Any caller (a public BYOK call may name a prompt too); never a prompt's text."""
+        return pb.ListPromptsResponse(
+            prompts=[_prompt_info(prompt) for prompt in self.gateway.prompts.list()]
+        )
+
+
+def _prompt_info(prompt: Prompt) -> pb.PromptInfo:
+    info = pb.PromptInfo(
+        id=prompt.id,
+        version=prompt.version,
+        description=prompt.description,
+        provider=prompt.provider,
+        model=prompt.model,
+        max_tokens=prompt.max_tokens,
+    )
+    for variable in prompt.variables:
+        added = info.variables.add(
+            name=variable.name,
+            type=variable.type.value,
+            required=variable.required,
+            description=variable.description,
+        )
+        if (default := variable.default_text) is not None:
+            added.default_value = default
+    return info
 
 
 _PURCHASE_TYPES = {1: "subscription", 2: "one_time"}

@@ -261,7 +261,11 @@ def _usage(request_usage: pb.Usage, present: bool) -> Usage | None:
     if not present:
         return None
     u = request_usage
-    return Usage(u.provider, u.model, u.input_tokens, u.output_tokens)
+    if not u.HasField("prompt"):
+        return Usage(u.provider, u.model, u.input_tokens, u.output_tokens)
+    return Usage(
+        u.provider, u.model, u.input_tokens, u.output_tokens, u.prompt.id, u.prompt.version
+    )
 
 
 def _summary(s: UsageSummary) -> pb.UsageSummary:

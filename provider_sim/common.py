@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import socket
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from provider_sim.script import Plan
 
 JSON_TYPE = "application/json"
 SSE_HEADERS = {
@@ -30,6 +35,8 @@ class SimStats:
 
 STATS: web.AppKey[SimStats] = web.AppKey("provider_sim_stats", SimStats)
 API_KEYS: web.AppKey[frozenset[str] | None] = web.AppKey("provider_sim_api_keys")
+# Requests seen per (route, user text) carrying a `fail_times` directive.
+ATTEMPTS: web.AppKey[dict[tuple[str, str], int]] = web.AppKey("provider_sim_attempts", dict)
 
 
 # One encoder for the process: json.dumps(..., separators=...) would build a new one per call.
@@ -140,3 +147,40 @@ def text_event(event: str | None, payload: object) -> Callable[[str], bytes]:
     answer's."""
     head, tail = sse(event, payload).split(encode_json(SLOT), 1)
     return lambda text: head + encode_json(text) + tail
+
+
+def scripted_failure(request: web.Request, plan: Plan, user_text: str) -> int | str | None:
+    """What this request fails with: `fail` always; `fail_times` for its first N requests (the
+    same route and user text); None: serve it."""
+    if plan.fail is not None:
+        return plan.fail
+    if plan.fail_times is None:
+        return None
+    what, times = plan.fail_times
+    attempts = request.app[ATTEMPTS]
+    key = (request.path, user_text)
+    attempts[key] = seen = attempts.get(key, 0) + 1
+    if seen > times:
+        return None
+    return what if what in ("reset", "cut") else int(what)
+
+
+def retry_after_headers(plan: Plan, headers: dict[str, str]) -> dict[str, str]:
+    if plan.retry_after is None:
+        return headers
+    return {
+        **headers,
+        "retry-after": str(math.ceil(plan.retry_after)),
+        "retry-after-ms": str(round(plan.retry_after * 1000)),
+    }
+
+
+def reset_connection(request: web.Request) -> web.Response:
+    """Drop the connection with a TCP reset before any answer (a crashed proxy, a dead peer)."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    return web.Response(status=500)  # never sent: the connection is gone

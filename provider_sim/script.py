@@ -14,6 +14,11 @@ Directives in the user content drive failure paths in tests:
   [[pace:SECONDS]]  sleep between streamed deltas (lets tests cancel mid-stream)
   [[malformed]]     200 with a body that does not parse
   [[cut:N]]         stream N deltas, then drop the connection without the final events
+  [[fail_times:WHAT:N]] the first N requests carrying this same user text fail, later ones are
+                    served: WHAT is an HTTP status (its real error body), `reset` (the
+                    connection is reset before any answer) or `cut` (a stream sends its opening
+                    events, then drops the connection before any text; a JSON call: reset)
+  [[retry_after:S]] an error answer says `retry-after: S` (seconds; also `retry-after-ms`)
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class Plan:
     pace: float = 0.0
     malformed: bool = False
     cut: int | None = None
+    fail_times: tuple[str, int] | None = None
+    retry_after: float | None = None
 
     @property
     def deltas(self) -> list[str]:
@@ -107,6 +114,12 @@ def _apply(name: str, arg: str, options: dict[str, Any]) -> None:
             options["malformed"] = True
         elif name == "cut":
             options["cut"] = max(0, int(arg))
+        elif name == "fail_times":
+            what, times = arg.split(":")
+            if what in ("reset", "cut") or 400 <= int(what) <= 599:
+                options["fail_times"] = (what, max(0, int(times)))
+        elif name == "retry_after":
+            options["retry_after"] = max(0.0, float(arg))
         elif name == "tokenizer" and arg == "bytes":
             options["tokenizer"] = arg
     except ValueError:

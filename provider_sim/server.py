@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from provider_sim.anthropic_wire import messages
-from provider_sim.common import API_KEYS, STATS, SimStats
+from provider_sim.common import API_KEYS, ATTEMPTS, STATS, SimStats
 from provider_sim.openai_wire import chat_completions
 
 
@@ -20,6 +20,7 @@ def create_app(api_keys: Iterable[str] | None = None) -> web.Application:
     app = web.Application()
     app[STATS] = SimStats()
     app[API_KEYS] = frozenset(api_keys) if api_keys is not None else None
+    app[ATTEMPTS] = {}
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/health", _health)

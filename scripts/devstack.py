@@ -26,6 +26,8 @@ def main() -> int:
     env = devsecrets.load()
     if not settings.lemonsqueezy_variant_tokens.strip("{} "):
         env["LEMONSQUEEZY_VARIANT_TOKENS"] = devsecrets.DEV_CATALOG
+    if settings.prompts_dir is None:
+        env["PROMPTS_DIR"] = "prompts"  # the example prompt library (prompts/*.toml)
     if not settings.jwt_admin_claim:
         # The dev stack has an operator role: `dev_token NAME --admin` mints its JWTs.
         env |= {"JWT_ADMIN_CLAIM": DEV_ADMIN_CLAIM, "JWT_ADMIN_VALUE": DEV_ADMIN_VALUE}

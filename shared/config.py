@@ -92,6 +92,24 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=1024, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
 
+    # --- gateway: server-held prompts (gateway_service/prompts.py documents the files)
+    # One TOML file a prompt; unset: no prompts (a call naming one is NOT_FOUND).
+    prompts_dir: Path | None = None
+    # How often changed files are read again; 0: only on SIGHUP.
+    prompts_reload_seconds: float = Field(default=5.0, ge=0)
+
+    # --- gateway: provider retries and circuit breakers (gateway_service/providers/retry.py and
+    # breaker.py state the rules). Attempts per call, 1: no retry; waits with full jitter.
+    provider_max_attempts: int = Field(default=3, ge=1, le=10)
+    provider_retry_base_seconds: float = Field(default=0.25, ge=0)
+    provider_retry_max_seconds: float = Field(default=4.0, ge=0)
+    # A provider's breaker opens when at least this share of at least BREAKER_MIN_CALLS attempts
+    # in the last BREAKER_WINDOW_SECONDS failed, and stays open BREAKER_OPEN_SECONDS.
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_min_calls: int = Field(default=10, ge=1)
+    breaker_window_seconds: float = Field(default=30.0, gt=0)
+    breaker_open_seconds: float = Field(default=30.0, gt=0)
+
     # --- gateway: holds and the calls they pay for
     # A call's hold lives this long and is extended while the call runs; a call that can no
     # longer keep its hold alive is cut (and settled) before the hold expires.
@@ -195,6 +213,10 @@ class Settings(BaseSettings):
         if self.stream_write_timeout_seconds * 2 > self.hold_ttl_seconds:
             # A stalled write must end well before a hold the gateway could not extend expires.
             raise ValueError("STREAM_WRITE_TIMEOUT_SECONDS must be at most HOLD_TTL_SECONDS / 2")
+        if self.provider_retry_base_seconds > self.provider_retry_max_seconds:
+            raise ValueError(
+                "PROVIDER_RETRY_BASE_SECONDS must not exceed PROVIDER_RETRY_MAX_SECONDS"
+            )
         if bool(self.jwt_admin_claim) != bool(self.jwt_admin_value):
             raise ValueError("set both JWT_ADMIN_CLAIM and JWT_ADMIN_VALUE, or neither")
         if 0 < self.transient_key_retention_seconds < self.reserve_max_ttl_seconds:

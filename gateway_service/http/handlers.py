@@ -8,12 +8,13 @@ POST /v1/eligibility, /healthz, /readyz, /openapi.json. Everything under /v1/me 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, NotRequired, Self
 
 from aiohttp import web
 from annotated_types import Interval
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from gateway_service import core
 from gateway_service.auth import Identity
@@ -34,11 +35,13 @@ from gateway_service.http.shapes import (
     Text,
     names_pattern,
     prefixes_pattern,
+    reply,
 )
 from gateway_service.http.sse import SseStream
 from gateway_service.http.state import ADDRESSES, GATEWAY, STATE
 from gateway_service.http.stream_cap import one_stream_slot
 from gateway_service.limits.rate import rate_headers
+from gateway_service.prompts import MAX_INTEGER, PROMPT_ID
 from gateway_service.providers.registry import (
     _OPENAI_MODEL_PREFIXES,
     PROVIDER_NAMES,
@@ -112,8 +115,49 @@ IdempotencyKey = Annotated[
     Field(description="a retried call with the same key is not charged twice"),
 ]
 
+PromptId = Annotated[
+    str,
+    StringConstraints(pattern=f"^{PROMPT_ID.pattern}$"),
+    Says(string_pattern_mismatch="must be a prompt's id (GET /v1/prompts)"),
+    Field(
+        description="a server-held prompt (GET /v1/prompts) as the system prompt, rendered by "
+        "the server and never returned; its provider, model and maxTokens apply where the call "
+        "leaves them empty. Not with systemPrompt"
+    ),
+]
+# Any name: the prompt's own declaration says which are known (an unknown one is 400, by name).
+VariableValue = Text | Annotated[int, Interval(ge=-MAX_INTEGER, le=MAX_INTEGER)] | bool
+Variables = Annotated[
+    dict[str, VariableValue],
+    Field(description="the prompt's variables (only with promptId), each of its declared type"),
+]
+
 # Without a provider, the model's name must tell it (`providers.registry.provider_for`).
 MODEL_TELLS_PROVIDER = prefixes_pattern(("claude", *_OPENAI_MODEL_PREFIXES))
+
+
+def _generate_rules(schema: dict[str, Any]) -> None:
+    """The call's rules across fields, in JSON Schema: the provider's, and a server-held prompt
+    or a system prompt, not both (variables only with a prompt)."""
+    _provider_rule(schema)
+    schema["description"] += (
+        " promptId and systemPrompt exclude each other; variables go with promptId."
+    )
+    given = {"type": "string"}
+    schema["allOf"] = [
+        {
+            "not": {
+                "required": ["promptId", "systemPrompt"],
+                "properties": {"promptId": given, "systemPrompt": given},
+            }
+        },
+        {
+            "not": {
+                "required": ["variables"],
+                "properties": {"variables": {"type": "object"}, "promptId": {"type": "null"}},
+            }
+        },
+    ]
 
 
 def _provider_rule(schema: dict[str, Any]) -> None:
@@ -142,7 +186,7 @@ def _provider_rule(schema: dict[str, Any]) -> None:
     ]
 
 
-class GenerateRequest(Body, json_schema_extra=_provider_rule):
+class GenerateRequest(Body, json_schema_extra=_generate_rules):
     """One AI call. Fields not listed here are refused (400); `null` means not given."""
 
     content: Prompt
@@ -152,11 +196,29 @@ class GenerateRequest(Body, json_schema_extra=_provider_rule):
     max_tokens: MaxTokens | None = None
     api_key: ApiKey | None = None
     idempotency_key: IdempotencyKey | None = None
+    prompt_id: PromptId | None = None
+    variables: Variables | None = None
 
     @model_validator(mode="after")
     def _provider_known(self) -> Self:
         if not (self.provider or "").strip():
             _provider_of("", self.model or "")
+        return self
+
+    @model_validator(mode="after")
+    def _one_system_prompt(self) -> Self:
+        if self.prompt_id is not None and self.system_prompt is not None:
+            raise PydanticCustomError(
+                "prompt_and_system_prompt",
+                "{problem}",
+                {"field": "systemPrompt", "problem": "give either systemPrompt or promptId"},
+            )
+        if self.variables is not None and self.prompt_id is None:
+            raise PydanticCustomError(
+                "variables_without_prompt",
+                "{problem}",
+                {"field": "variables", "problem": "only with promptId"},
+            )
         return self
 
     def call(self, address: str = "") -> core.GenerateRequest:
@@ -170,6 +232,8 @@ class GenerateRequest(Body, json_schema_extra=_provider_rule):
             max_tokens=self.max_tokens or 0,
             api_key=self.api_key or "",
             idempotency_key=self.idempotency_key or "",
+            prompt_id=self.prompt_id or "",
+            variables=self.variables or {},
         )
 
 
@@ -207,6 +271,11 @@ class NoQuery(Query):
 # ---- routes ---------------------------------------------------------------------------------
 
 RATE_LIMITED = (402, 403, 409, 429, 503, 504)
+# A call may name a server-held prompt that does not exist (or no longer does).
+GENERATE_ERRORS = {
+    **dict.fromkeys(RATE_LIMITED, ""),
+    404: "PROMPT_NOT_FOUND: no server-held prompt has that promptId (GET /v1/prompts)",
+}
 STREAM_EVENTS = EventStream(
     {
         "delta": views.StreamDelta,
@@ -229,7 +298,7 @@ def address_of(request: web.Request) -> str:
 @routes.post(
     "/v1/generate",
     summary="One AI call, metered (subscription) or tracked (BYOK)",
-    errors=RATE_LIMITED,
+    errors=GENERATE_ERRORS,
     reply_headers=openapi.RATE_LIMIT,
 )
 async def generate(
@@ -245,7 +314,7 @@ async def generate(
     "/v1/generate/stream",
     operation_id="generateStream",
     summary="The same call, streamed as Server-Sent Events",
-    errors=RATE_LIMITED,
+    errors=GENERATE_ERRORS,
     answers=STREAM_EVENTS,
     reply_headers=openapi.RATE_LIMIT,
     guard=one_stream_slot,  # refused at once, before the body is read
@@ -327,9 +396,34 @@ async def eligibility(
     return views.eligibility(result)
 
 
+@routes.get(
+    "/v1/prompts",
+    operation_id="listPrompts",
+    summary="The server-held prompts a call may name (promptId): never their text",
+    errors=(503,),
+)
+async def list_prompts(
+    request: web.Request, identity: Identity | None, query: NoQuery
+) -> views.PromptList:
+    """Any caller (a BYOK call may name a prompt too): ids, versions, descriptions, variables
+    and the defaults a call by promptId takes."""
+    return views.prompt_list(request.app[GATEWAY].prompts.list())
+
+
 @routes.get("/healthz", summary="The process is up")
 async def healthz(request: web.Request) -> views.Health:
     return views.Health(status="ok")
+
+
+BreakerStatus = Literal["closed", "half_open", "open"]
+
+
+@reply
+class Readiness(TypedDict):
+    status: Literal["ready"]
+    providers: NotRequired[dict[str, BreakerStatus]]
+    """Only when a provider's circuit breaker is not closed: its state (calls to an `open` one
+    fail fast with 503 PROVIDER_UNAVAILABLE and Retry-After)."""
 
 
 @routes.get(
@@ -337,12 +431,21 @@ async def healthz(request: web.Request) -> views.Health:
     summary="Ready to serve: the token ledger answers its health check",
     errors={503: "Not ready (ledger unreachable, or shutting down)"},
 )
-async def readyz(request: web.Request) -> views.Ready:
+async def readyz(request: web.Request) -> Readiness:
+    """A provider's open breaker keeps the gateway ready (200, named in `providers`): every
+    replica sees the same provider outage, and leaving the load balancer would also stop the
+    calls to the other provider, the reads and the webhooks."""
     if request.app[STATE].draining:
         raise HttpRefusal(503, "shutting down", "SHUTTING_DOWN")
     if not await request.app[GATEWAY].ledger.ready():
         raise HttpRefusal(503, "the token ledger is unavailable", "LEDGER_UNAVAILABLE")
-    return views.Ready(status="ready")
+    breakers = request.app[GATEWAY].providers.breakers()
+    degraded: dict[str, BreakerStatus] = {
+        name: state for name, state in breakers.items() if state != "closed"
+    }
+    if degraded:
+        return Readiness(status="ready", providers=degraded)
+    return Readiness(status="ready")
 
 
 @routes.get("/openapi.json", summary="This document")

@@ -15,6 +15,7 @@ from typing_extensions import TypedDict
 
 from gateway_service import core
 from gateway_service.http.shapes import reply, to_data
+from gateway_service.prompts import Prompt
 from gateway_service.webhooks.lemonsqueezy import Status
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 
@@ -277,6 +278,65 @@ def eligibility(e: core.Eligibility) -> Eligibility:
         user_type=user_type(e.user_type),
         required_tokens=e.required_tokens,
         available_tokens=e.available_tokens,
+    )
+
+
+# ---- server-held prompts --------------------------------------------------------------------
+
+
+@reply
+class PromptVariable(TypedDict):
+    name: str
+    type: Literal["string", "integer", "boolean"]
+    required: bool
+    default: str | int | bool | None
+    """the value used when the call gives none; null for a required variable"""
+    description: str
+
+
+@reply
+class PromptInfo(TypedDict):
+    """A server-held prompt, without its text."""
+
+    id: str
+    version: str
+    description: str
+    variables: list[PromptVariable]
+    provider: str | None
+    """used when the call names no provider or model; null: the server's default"""
+    model: str | None
+    max_tokens: Count | None
+    """used when the call gives none; null: the server's default"""
+
+
+@reply
+class PromptList(TypedDict):
+    prompts: list[PromptInfo]
+
+
+def prompt_list(prompts: list[Prompt]) -> PromptList:
+    return PromptList(
+        prompts=[
+            PromptInfo(
+                id=prompt.id,
+                version=prompt.version,
+                description=prompt.description,
+                variables=[
+                    PromptVariable(
+                        name=variable.name,
+                        type=variable.type.value,
+                        required=variable.required,
+                        default=variable.default,
+                        description=variable.description,
+                    )
+                    for variable in prompt.variables
+                ],
+                provider=prompt.provider or None,
+                model=prompt.model or None,
+                max_tokens=prompt.max_tokens or None,
+            )
+            for prompt in prompts
+        ]
     )
 
 

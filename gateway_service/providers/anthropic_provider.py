@@ -12,6 +12,7 @@ from anthropic.types import RawMessageStreamEvent
 from gateway_service.providers.base import ANTHROPIC, Completion, CompletionRequest, token_count
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
 from gateway_service.providers.http_client import provider_http_client
+from gateway_service.providers.retry import Resilience
 from gateway_service.providers.sdk import SdkProvider
 from gateway_service.providers.stream import ProviderStream, SdkStream
 
@@ -28,8 +29,10 @@ class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
         base_url: str | None = None,
         timeout_seconds: float = 60.0,
         default_model: str = DEFAULT_ANTHROPIC_MODEL,
+        resilience: Resilience | None = None,
     ) -> None:
-        # One client (one connection pool) per process. The gateway owns retries: max_retries=0.
+        # One client (one connection pool) per process. The gateway owns retries (retry.py):
+        # max_retries=0.
         # Without a platform key the client still exists so BYOK calls can share its pool; the
         # placeholder is never sent (client_for refuses first).
         client = anthropic.AsyncAnthropic(
@@ -42,7 +45,7 @@ class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
             # OpenTelemetry span per call, about 2% of the gateway's CPU per metered call.
             open_telemetry=False,
         )
-        super().__init__(client, bool(api_key), default_model)
+        super().__init__(client, bool(api_key), default_model, resilience)
 
     async def _create(
         self, client: anthropic.AsyncAnthropic, request: CompletionRequest
@@ -61,7 +64,7 @@ class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
 
 class AnthropicStream(ProviderStream):
     def __init__(self, provider: AnthropicProvider, request: CompletionRequest) -> None:
-        super().__init__(provider.name, request)
+        super().__init__(provider.name, request, provider.resilience)
         self._provider = provider
 
     async def _open(self) -> SdkStream:

@@ -91,10 +91,10 @@ def _from_status(
     headers = exc.response.headers
     request_id = headers.get("request-id") or headers.get("x-request-id")
     body_type = _error_type(exc.body)
-    retry_after = None
+    # Kept for every status: a 503 or 529 may say when to come back as a 429 does.
+    retry_after = parse_retry_after(headers.get("retry-after-ms"), headers.get("retry-after"))
     if status == 429:
         kind = ProviderErrorKind.RATE_LIMITED
-        retry_after = parse_retry_after(headers.get("retry-after-ms"), headers.get("retry-after"))
     elif status in (401, 403):
         kind = ProviderErrorKind.AUTH
     elif status == 408:

@@ -10,6 +10,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from gateway_service.providers.base import OPENAI, Completion, CompletionRequest, token_count
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
 from gateway_service.providers.http_client import provider_http_client
+from gateway_service.providers.retry import Resilience
 from gateway_service.providers.sdk import SdkProvider
 from gateway_service.providers.stream import ProviderStream, SdkStream
 
@@ -26,8 +27,10 @@ class OpenAIProvider(SdkProvider[openai.AsyncOpenAI]):
         base_url: str | None = None,
         timeout_seconds: float = 60.0,
         default_model: str = DEFAULT_OPENAI_MODEL,
+        resilience: Resilience | None = None,
     ) -> None:
-        # One client (one connection pool) per process. The gateway owns retries: max_retries=0.
+        # One client (one connection pool) per process. The gateway owns retries (retry.py):
+        # max_retries=0.
         # Without a platform key the client still exists so BYOK calls can share its pool; the
         # placeholder is never sent (client_for refuses first).
         client = openai.AsyncOpenAI(
@@ -37,7 +40,7 @@ class OpenAIProvider(SdkProvider[openai.AsyncOpenAI]):
             max_retries=0,
             http_client=provider_http_client(),  # a bounded read-ahead: see http_client
         )
-        super().__init__(client, bool(api_key), default_model)
+        super().__init__(client, bool(api_key), default_model, resilience)
 
     async def _create(self, client: openai.AsyncOpenAI, request: CompletionRequest) -> Completion:
         return _completion(await client.chat.completions.create(**_params(request)))
@@ -48,7 +51,7 @@ class OpenAIProvider(SdkProvider[openai.AsyncOpenAI]):
 
 class OpenAIStream(ProviderStream):
     def __init__(self, provider: OpenAIProvider, request: CompletionRequest) -> None:
-        super().__init__(provider.name, request)
+        super().__init__(provider.name, request, provider.resilience)
         self._provider = provider
 
     async def _open(self) -> SdkStream:

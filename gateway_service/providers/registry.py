@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Literal
 
 from gateway_service.providers.anthropic_provider import DEFAULT_ANTHROPIC_MODEL, AnthropicProvider
 from gateway_service.providers.base import ANTHROPIC, OPENAI, Provider
+from gateway_service.providers.breaker import BreakerPolicy, BreakerState
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
 from gateway_service.providers.openai_provider import DEFAULT_OPENAI_MODEL, OpenAIProvider
+from gateway_service.providers.retry import Resilience, RetryPolicy
+from gateway_service.providers.sdk import SdkProvider
+
+if TYPE_CHECKING:
+    from shared.config import Settings
 
 PROVIDER_NAMES = (ANTHROPIC, OPENAI)
+_STATE_NAMES: dict[BreakerState, Literal["closed", "half_open", "open"]] = {
+    BreakerState.CLOSED: "closed",
+    BreakerState.HALF_OPEN: "half_open",
+    BreakerState.OPEN: "open",
+}
 _OPENAI_MODEL_PREFIXES = ("gpt", "o1", "o3", "o4", "chatgpt")
 
 
@@ -62,6 +75,38 @@ class Providers:
     def get(self, name: str) -> Provider:
         return self._providers[name]
 
+    def _resilience(self, name: str) -> Resilience | None:
+        provider = self._providers.get(name)
+        return provider.resilience if isinstance(provider, SdkProvider) else None
+
+    def use_policies(
+        self,
+        retry: RetryPolicy,
+        breaker: BreakerPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Each provider retries by `retry` behind a fresh breaker of `breaker` (at start-up,
+        from the settings: `policies_from`)."""
+        for name, provider in self._providers.items():
+            if isinstance(provider, SdkProvider):
+                provider.resilience = Resilience(name, retry, breaker, clock=clock)
+
+    def check_open(self, name: str) -> None:
+        """Raises the fast failure of the provider's breaker while it is open (before a call
+        makes a hold); a half-open breaker lets the call on to ask for a probe slot."""
+        resilience = self._resilience(name)
+        if resilience is not None and resilience.breaker.state is BreakerState.OPEN:
+            resilience.breaker.admit()
+
+    def breakers(self) -> dict[str, Literal["closed", "half_open", "open"]]:
+        """Each provider's breaker state (`closed`, `half_open`, `open`), for /readyz."""
+        states: dict[str, Literal["closed", "half_open", "open"]] = {}
+        for name in self._providers:
+            resilience = self._resilience(name)
+            if resilience is not None:
+                states[name] = _STATE_NAMES[resilience.breaker.state]
+        return states
+
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
@@ -77,11 +122,18 @@ def build_providers(
     anthropic_default_model: str = DEFAULT_ANTHROPIC_MODEL,
     openai_default_model: str = DEFAULT_OPENAI_MODEL,
     default_provider: str = ANTHROPIC,
+    retry: RetryPolicy | None = None,
+    breaker: BreakerPolicy | None = None,
 ) -> Providers:
     """Both providers. Call inside the running event loop and `aclose()` on shutdown.
 
     `openai_base_url` includes the API version path (`http://host:port/v1`), as for the SDK.
+    `retry` and `breaker` apply to each provider (one breaker per provider).
     """
+
+    def resilience(name: str) -> Resilience:
+        return Resilience(name, retry, breaker)
+
     return Providers(
         {
             ANTHROPIC: AnthropicProvider(
@@ -89,13 +141,31 @@ def build_providers(
                 base_url=anthropic_base_url,
                 timeout_seconds=timeout_seconds,
                 default_model=anthropic_default_model,
+                resilience=resilience(ANTHROPIC),
             ),
             OPENAI: OpenAIProvider(
                 api_key=openai_api_key,
                 base_url=openai_base_url,
                 timeout_seconds=timeout_seconds,
                 default_model=openai_default_model,
+                resilience=resilience(OPENAI),
             ),
         },
         default_provider=default_provider,
     )
+
+
+def policies_from(settings: Settings) -> tuple[RetryPolicy, BreakerPolicy]:
+    """The retry and breaker policies the settings describe (for `build_providers`)."""
+    retry = RetryPolicy(
+        max_attempts=settings.provider_max_attempts,
+        base_seconds=settings.provider_retry_base_seconds,
+        max_seconds=settings.provider_retry_max_seconds,
+    )
+    breaker = BreakerPolicy(
+        failure_rate=settings.breaker_failure_rate,
+        min_calls=settings.breaker_min_calls,
+        window_seconds=settings.breaker_window_seconds,
+        open_seconds=settings.breaker_open_seconds,
+    )
+    return retry, breaker

@@ -1,6 +1,7 @@
 """What both providers do the same way around their SDK client: one long-lived client per
 process, the caller's key on the shared connection pool for BYOK calls, SDK errors mapped to one
-ProviderError without chaining the SDK exception."""
+ProviderError without chaining the SDK exception, and retries with a circuit breaker
+(`retry.Resilience`: which failures are tried again, how long to wait, when to stop)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import openai
 from gateway_service.metrics import ProviderCall
 from gateway_service.providers.base import Completion, CompletionRequest
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
+from gateway_service.providers.retry import Resilience
 
 Client = TypeVar("Client", anthropic.AsyncAnthropic, openai.AsyncOpenAI)
 
@@ -21,10 +23,17 @@ class SdkProvider(ABC, Generic[Client]):
     name: str
     _client: Client
 
-    def __init__(self, client: Client, has_platform_key: bool, default_model: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        has_platform_key: bool,
+        default_model: str,
+        resilience: Resilience | None = None,
+    ) -> None:
         self.default_model = default_model
         self._client = client
         self._has_platform_key = has_platform_key
+        self.resilience = resilience or Resilience(self.name)
 
     def client_for(self, request: CompletionRequest) -> Client:
         """The SDK client for this call: the caller's key on the shared pool, or the platform's."""
@@ -41,7 +50,22 @@ class SdkProvider(ABC, Generic[Client]):
         """One non-streaming call through the SDK."""
 
     async def generate(self, request: CompletionRequest) -> Completion:
+        """The answer of the first attempt that succeeds (see `retry` for which are made)."""
         client = self.client_for(request)
+        failures = 0
+        while True:
+            self.resilience.admit()
+            try:
+                completion = await self._attempt(client, request)
+            except ProviderError as error:
+                failures += 1
+                if not await self.resilience.again(error, failures):
+                    raise
+                continue
+            self.resilience.succeeded()
+            return completion
+
+    async def _attempt(self, client: Client, request: CompletionRequest) -> Completion:
         call = ProviderCall(self.name, request.model)
         try:
             completion = await self._create(client, request)

@@ -6,6 +6,11 @@ Usage rule (what `usage` reports, and what the gateway settles):
 - otherwise an estimate of what was consumed: input tokens as reported at the start of the stream
   (Anthropic's message_start) or else ceil(prompt chars / 4); output tokens the largest of what
   the provider reported so far, the number of deltas received, and ceil(delta chars / 4).
+
+Retries (`retry`): a failure before the first item reached the caller (while opening, or after a
+200 but before any text) is tried again on a fresh request; the usage the failed attempt had
+consumed by the rule above is the platform's loss (counted, never charged), and `usage` then
+describes the new attempt only. From the first item on, a failure ends the stream.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from gateway_service.providers.base import (
     estimate_output_tokens,
 )
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind, map_sdk_error
+from gateway_service.providers.retry import Resilience
 
 
 class SdkStream(Protocol):
@@ -35,21 +41,29 @@ class SdkStream(Protocol):
 
 
 class ProviderStream(ABC):
-    def __init__(self, provider: str, request: CompletionRequest) -> None:
+    def __init__(
+        self, provider: str, request: CompletionRequest, resilience: Resilience | None = None
+    ) -> None:
         self.provider = provider
-        self.model = request.model
-        self.stop_reason: str | None = None
         self._request = request
-        self._sdk: SdkStream | None = None
-        self._opened = False  # the provider answered 200: from here on, tokens are consumed
+        self._resilience = resilience  # None: one attempt
         self._finished = False  # StreamEnd delivered, or failed, or closed
+        self._delivered = False  # an item reached the caller: no retry from here on
+        self._sdk: SdkStream | None = None
+        self._call: ProviderCall | None = None  # timed from the request's sending
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """The state of an attempt that has not been sent yet."""
+        self.model = self._request.model
+        self.stop_reason: str | None = None
+        self._opened = False  # the provider answered 200: from here on, tokens are consumed
         self._deltas = 0
         self._chars = 0
         # Subclasses fill these from provider events; _final once the closing usage arrived.
         self._input_tokens: int | None = None
         self._output_tokens: int | None = None
         self._final = False
-        self._call: ProviderCall | None = None  # timed from the request's sending
 
     @abstractmethod
     async def _open(self) -> SdkStream:
@@ -115,6 +129,39 @@ class ProviderStream(ABC):
             call.done(outcome)
 
     async def _advance(self) -> StreamItem:
+        if self._delivered or self._resilience is None:
+            return await self._next_item()
+        failures = 0
+        while True:
+            self._resilience.admit()
+            error: ProviderError | None = None
+            try:
+                item = await self._next_item()
+            except ProviderError as exc:
+                error = exc
+            except StopAsyncIteration:
+                raise
+            except Exception as exc:
+                error = map_sdk_error(self.provider, exc)
+                if error is None:
+                    raise
+            if error is None:
+                self._delivered = True
+                self._resilience.succeeded()
+                return item
+            # Outside the except block: the SDK exception is not chained onto ours.
+            failures += 1
+            lost = self.usage.total
+            self._called(error.kind.value)
+            sdk, self._sdk = self._sdk, None
+            if sdk is not None:
+                with suppress(Exception):
+                    await sdk.close()
+            self._fresh()
+            if not await self._resilience.again(error, failures, lost_tokens=lost):
+                raise error
+
+    async def _next_item(self) -> StreamItem:
         if self._sdk is None:
             self._call = ProviderCall(self.provider, self.model)
             self._sdk = await self._open()

@@ -659,6 +659,7 @@ class Ledger:
             input=checked.input_tokens,
             output=checked.output_tokens,
             cost=cost_micro_usd,
+            **_prompt_fields(checked),
         )
         # An answer too large to keep is not kept: the call is charged all the same, and a retry
         # of it learns that it ran, without its text.
@@ -713,6 +714,7 @@ class Ledger:
             input=checked.input_tokens,
             output=checked.output_tokens,
             cost=cost_micro_usd,
+            **_prompt_fields(checked),
         )
         return await self.store.record_usage(key, digest, user, user_type, checked, cost_micro_usd)
 
@@ -941,4 +943,16 @@ def _usage(usage: Usage | None) -> Usage:
     _id("usage.model", usage.model)
     _amount("usage.input_tokens", usage.input_tokens, 0, MAX_TOKENS_PER_CALL)
     _amount("usage.output_tokens", usage.output_tokens, 0, MAX_TOKENS_PER_CALL)
+    if usage.prompt_id is not None or usage.prompt_version is not None:
+        # A server-held prompt is named whole: its id and its version, each an id.
+        _id("usage.prompt.id", usage.prompt_id or "")
+        _id("usage.prompt.version", usage.prompt_version or "")
     return usage
+
+
+def _prompt_fields(usage: Usage) -> dict[str, object]:
+    """The prompt's part of a request hash: nothing when the call used none, so the hashes of
+    calls without one stay what they were before prompts existed (their replays still match)."""
+    if usage.prompt_id is None:
+        return {}
+    return {"prompt": [usage.prompt_id, usage.prompt_version]}

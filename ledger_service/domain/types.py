@@ -43,6 +43,9 @@ class Usage:
     model: str
     input_tokens: int
     output_tokens: int
+    # The server-held prompt the call used (both or neither), for analytics by prompt.
+    prompt_id: str | None = None
+    prompt_version: str | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -83,6 +83,8 @@ class HotItem(NamedTuple):
     output_tokens: int | None = None
     cost: int | None = None
     answer: bytes | None = None
+    prompt_id: str | None = None  # settle and usage: the call's server-held prompt (0011)
+    prompt_version: str | None = None
 
 
 # Batch sizes are counted in power-of-two buckets: a batch of n lands in the first bound >= n.

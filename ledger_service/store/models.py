@@ -298,6 +298,8 @@ class UsageRecord(Base):
         ),
         # A hold has one user: still one usage record per hold.
         UniqueConstraint("user_id", "hold_id"),
+        # A server-held prompt is named by both, or the call used none (migration 0011).
+        CheckConstraint("(prompt_id IS NULL) = (prompt_version IS NULL)", name="prompt_whole"),
     )
 
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -318,6 +320,9 @@ class UsageRecord(Base):
     hold_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
     request_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The server-held prompt the call used (the gateway's prompt library); NULL: none.
+    prompt_id: Mapped[str | None] = mapped_column(Text)
+    prompt_version: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
 
 

@@ -479,6 +479,8 @@ class PostgresStore:
                 output_tokens=usage.output_tokens,
                 cost=cost_micro_usd,
                 answer=answer,
+                prompt_id=usage.prompt_id,
+                prompt_version=usage.prompt_version,
             )
         )
         return _settlement(a)
@@ -522,6 +524,8 @@ class PostgresStore:
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 cost=cost_micro_usd,
+                prompt_id=usage.prompt_id,
+                prompt_version=usage.prompt_version,
             )
         )
         return UsageRecorded(usage_id=str(a["usage_id"]), replayed=bool(a.get("replayed", False)))

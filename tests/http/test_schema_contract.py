@@ -228,6 +228,9 @@ _GOOD: dict[str, st.SearchStrategy[Any]] = {
     "idempotencyKey": st.one_of(st.none(), _PRINTABLE_TEXT, st.just("k" * 200)),
     "estimatedTokens": st.one_of(st.none(), st.integers(0, 10**9)),
     "hasApiKey": st.one_of(st.none(), st.booleans()),
+    # No prompt is configured here: a well-formed id is 404, which the schema cannot know.
+    "promptId": st.none(),
+    "variables": st.none(),
 }
 _EDGE: dict[str, st.SearchStrategy[Any]] = {
     "content": st.sampled_from(["", " ", "\t\n", "\u3000", "\x1c", "\u0085", "\ud800"]),
@@ -244,6 +247,8 @@ _EDGE: dict[str, st.SearchStrategy[Any]] = {
         st.integers(10**9, 2**63), st.sampled_from([-1, 10**40, 2.5, "1", False])
     ),
     "hasApiKey": st.sampled_from([0, 1, "true", 1.0]),
+    "promptId": st.sampled_from(["", " x", "a/b", "x" * 129, "\ud800", 5]),
+    "variables": st.sampled_from([{"n": 1.5}, {"n": [1]}, {"n": 10**18}, {"n": None}, []]),
 }
 
 

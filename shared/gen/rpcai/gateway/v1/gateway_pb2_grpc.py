@@ -64,6 +64,11 @@ class AiGatewayStub:
                 request_serializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.GetPurchaseHistoryRequest.SerializeToString,
                 response_deserializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.GetPurchaseHistoryResponse.FromString,
                 _registered_method=True)
+        self.ListPrompts = channel.unary_unary(
+                '/rpcai.gateway.v1.AiGateway/ListPrompts',
+                request_serializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.ListPromptsRequest.SerializeToString,
+                response_deserializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.ListPromptsResponse.FromString,
+                _registered_method=True)
 
 
 class AiGatewayServicer:
@@ -106,6 +111,13 @@ class AiGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPrompts(self, request, context):
+        """The server-held prompts a call may name (prompt_id): ids, versions, variables; never text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AiGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +150,11 @@ def add_AiGatewayServicer_to_server(servicer, server):
                     servicer.GetPurchaseHistory,
                     request_deserializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.GetPurchaseHistoryRequest.FromString,
                     response_serializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.GetPurchaseHistoryResponse.SerializeToString,
+            ),
+            'ListPrompts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrompts,
+                    request_deserializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.ListPromptsRequest.FromString,
+                    response_serializer=rpcai_dot_gateway_dot_v1_dot_gateway__pb2.ListPromptsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +319,33 @@ class AiGateway:
             '/rpcai.gateway.v1.AiGateway/GetPurchaseHistory',
             rpcai_dot_gateway_dot_v1_dot_gateway__pb2.GetPurchaseHistoryRequest.SerializeToString,
             rpcai_dot_gateway_dot_v1_dot_gateway__pb2.GetPurchaseHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrompts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcai.gateway.v1.AiGateway/ListPrompts',
+            rpcai_dot_gateway_dot_v1_dot_gateway__pb2.ListPromptsRequest.SerializeToString,
+            rpcai_dot_gateway_dot_v1_dot_gateway__pb2.ListPromptsResponse.FromString,
             options,
             channel_credentials,
             insecure,

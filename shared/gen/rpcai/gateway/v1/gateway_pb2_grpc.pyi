@@ -41,6 +41,8 @@ class AiGatewayStub:
     CheckRequestEligibility: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CheckRequestEligibilityRequest, _gateway_pb2.CheckRequestEligibilityResponse]
     GetUsageAnalytics: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetUsageAnalyticsRequest, _gateway_pb2.GetUsageAnalyticsResponse]
     GetPurchaseHistory: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetPurchaseHistoryRequest, _gateway_pb2.GetPurchaseHistoryResponse]
+    ListPrompts: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListPromptsRequest, _gateway_pb2.ListPromptsResponse]
+    """The server-held prompts a call may name (prompt_id): ids, versions, variables; never text."""
 
 @_typing.type_check_only
 class AiGatewayAsyncStub(AiGatewayStub):
@@ -52,6 +54,8 @@ class AiGatewayAsyncStub(AiGatewayStub):
     CheckRequestEligibility: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CheckRequestEligibilityRequest, _gateway_pb2.CheckRequestEligibilityResponse]  # type: ignore[assignment]
     GetUsageAnalytics: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetUsageAnalyticsRequest, _gateway_pb2.GetUsageAnalyticsResponse]  # type: ignore[assignment]
     GetPurchaseHistory: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetPurchaseHistoryRequest, _gateway_pb2.GetPurchaseHistoryResponse]  # type: ignore[assignment]
+    ListPrompts: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListPromptsRequest, _gateway_pb2.ListPromptsResponse]  # type: ignore[assignment]
+    """The server-held prompts a call may name (prompt_id): ids, versions, variables; never text."""
 
 class AiGatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -96,5 +100,13 @@ class AiGatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GetPurchaseHistoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetPurchaseHistoryResponse, _abc.Awaitable[_gateway_pb2.GetPurchaseHistoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPrompts(
+        self,
+        request: _gateway_pb2.ListPromptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListPromptsResponse, _abc.Awaitable[_gateway_pb2.ListPromptsResponse]]:
+        """The server-held prompts a call may name (prompt_id): ids, versions, variables; never text."""
 
 def add_AiGatewayServicer_to_server(servicer: AiGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
