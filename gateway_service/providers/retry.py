@@ -87,19 +87,28 @@ class Resilience:
         self.breaker = CircuitBreaker(provider, breaker, clock)
         self.draw = draw
 
-    def admit(self) -> None:
+    # `counted`: the attempt uses the platform's key. A BYOK attempt (the caller's own key)
+    # neither passes the breaker nor moves it: a caller whose key is rate-limited or revoked
+    # must not be able to open the platform's breaker and stop every subscription call.
+
+    def admit(self, counted: bool = True) -> None:
         """Before each attempt: raises the breaker's fast failure while it is open."""
-        self.breaker.admit()
+        if counted:
+            self.breaker.admit()
 
-    def succeeded(self) -> None:
-        self.breaker.record(failed=False)
+    def succeeded(self, counted: bool = True) -> None:
+        if counted:
+            self.breaker.record(failed=False)
 
-    async def again(self, error: ProviderError, failures: int, lost_tokens: int = 0) -> bool:
+    async def again(
+        self, error: ProviderError, failures: int, lost_tokens: int = 0, counted: bool = True
+    ) -> bool:
         """After attempt number `failures` failed with `error` before anything reached the
         caller: reports it, and waits before the next attempt. False: no next attempt (the
         caller raises `error`)."""
         retryable = is_retryable(error)
-        self.breaker.record(failed=retryable)
+        if counted:
+            self.breaker.record(failed=retryable)
         if lost_tokens:
             PROVIDER_LOST_TOKENS.labels(self.provider).inc(lost_tokens)
         if not retryable or failures >= self.policy.max_attempts:

@@ -52,17 +52,18 @@ class SdkProvider(ABC, Generic[Client]):
     async def generate(self, request: CompletionRequest) -> Completion:
         """The answer of the first attempt that succeeds (see `retry` for which are made)."""
         client = self.client_for(request)
+        platform_key = not request.api_key  # BYOK attempts leave the breaker alone
         failures = 0
         while True:
-            self.resilience.admit()
+            self.resilience.admit(platform_key)
             try:
                 completion = await self._attempt(client, request)
             except ProviderError as error:
                 failures += 1
-                if not await self.resilience.again(error, failures):
+                if not await self.resilience.again(error, failures, counted=platform_key):
                     raise
                 continue
-            self.resilience.succeeded()
+            self.resilience.succeeded(platform_key)
             return completion
 
     async def _attempt(self, client: Client, request: CompletionRequest) -> Completion:

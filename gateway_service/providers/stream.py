@@ -133,7 +133,7 @@ class ProviderStream(ABC):
             return await self._next_item()
         failures = 0
         while True:
-            self._resilience.admit()
+            self._resilience.admit(not self._request.api_key)
             error: ProviderError | None = None
             try:
                 item = await self._next_item()
@@ -147,7 +147,7 @@ class ProviderStream(ABC):
                     raise
             if error is None:
                 self._delivered = True
-                self._resilience.succeeded()
+                self._resilience.succeeded(not self._request.api_key)
                 return item
             # Outside the except block: the SDK exception is not chained onto ours.
             failures += 1
@@ -158,7 +158,9 @@ class ProviderStream(ABC):
                 with suppress(Exception):
                     await sdk.close()
             self._fresh()
-            if not await self._resilience.again(error, failures, lost_tokens=lost):
+            if not await self._resilience.again(
+                error, failures, lost_tokens=lost, counted=not self._request.api_key
+            ):
                 raise error
 
     async def _next_item(self) -> StreamItem:

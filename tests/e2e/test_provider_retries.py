@@ -432,3 +432,30 @@ async def test_failed_probe_opens_the_breaker_again(
         assert info is not None
         assert math.isclose(float(info.metadata["retry_after_seconds"]), 10)
         assert own_sim.stats.requests == before + 1  # open again: not called
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_byok_failures_never_open_the_platforms_breaker(
+    ledger: LedgerHarness, own_sim: Sim, provider: str
+) -> None:
+    """A caller's own key being rate-limited or broken says nothing of the provider: however
+    many of its calls fail, subscription calls still reach the provider."""
+    policy = BreakerPolicy(failure_rate=0.5, min_calls=2, window_seconds=30, open_seconds=20)
+    async with gateway_on(ledger, own_sim.url) as stack:
+        stack.gateway.providers.use_policies(RetryPolicy(max_attempts=1), policy, clock=Clock())
+        _, auth = await funded(stack)
+        byok = gpb.GenerateTextRequest(
+            content="[[fail:429]] hello",
+            model=MODELS[provider],
+            max_tokens=100,
+            api_key="sk-caller-own-key",
+        )
+        for _ in range(3 * policy.min_calls):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stack.stub.GenerateText(byok)  # a public caller, no token
+        assert stack.gateway.providers.breakers()[provider] == "closed"
+        healthy = gpb.GenerateTextRequest(
+            content="[[usage:40,60]] hello", model=MODELS[provider], max_tokens=100
+        )
+        reply = await stack.stub.GenerateText(healthy, metadata=auth)
+        assert reply.token_usage.tokens_charged == 125
