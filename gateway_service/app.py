@@ -27,7 +27,8 @@ from gateway_service.limits.limiter import (
 from gateway_service.metrics import metrics_route, outbox_gauges
 from gateway_service.outbox import Outbox
 from gateway_service.prompts import PromptLibrary
-from gateway_service.providers import Providers, build_providers
+from gateway_service.providers import PROVIDER_NAMES, Providers, build_providers
+from gateway_service.providers.fallback import Fallbacks
 from gateway_service.providers.registry import policies_from
 from gateway_service.servicer import SERVICE_NAME, GatewayServicer
 from gateway_service.stream_slots import StreamSlots
@@ -121,6 +122,10 @@ def create_app(settings: Settings) -> GatewayApp:
     verifier = JwtVerifier.from_settings(settings)
     ledger = LedgerClient(settings.ledger_addr, token, settings.ledger_timeout_seconds)
     retry, breaker = policies_from(settings)
+    try:
+        fallbacks = Fallbacks.parse(settings.provider_fallbacks, PROVIDER_NAMES)
+    except ValueError as exc:
+        raise SystemExit(f"PROVIDER_FALLBACKS: {exc}") from None
     providers = build_providers(
         anthropic_api_key=_secret(settings.anthropic_api_key),
         openai_api_key=_secret(settings.openai_api_key),
@@ -129,6 +134,7 @@ def create_app(settings: Settings) -> GatewayApp:
         timeout_seconds=settings.provider_timeout_seconds,
         retry=retry,
         breaker=breaker,
+        fallbacks=fallbacks,
     )
 
     async def send(method: str, payload: bytes) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import uuid
@@ -43,6 +44,7 @@ from gateway_service.metering import (
     storable_count,
     storable_model,
 )
+from gateway_service.metrics import PROVIDER_FALLBACKS
 from gateway_service.outbox import Outbox
 from gateway_service.pricing import estimate_cost_micro_usd
 from gateway_service.prompts import PromptLibrary, PromptRef, Value
@@ -55,6 +57,7 @@ from gateway_service.providers.base import (
     Usage,
 )
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from gateway_service.providers.fallback import falls_back
 from gateway_service.validation import check_call
 from shared import observe, tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
@@ -181,6 +184,19 @@ class _Plan:
     tier: str | None = None
     quota_claim: int | None = None
     prompt: PromptRef | None = None  # the server-held prompt the call used, for its usage record
+    # Who else may serve it, in order, when its provider cannot (providers.fallback).
+    fallbacks: tuple[tuple[str, CompletionRequest], ...] = ()
+
+    @property
+    def candidates(self) -> tuple[_Plan, ...]:
+        """This plan, then the plans of its fallbacks (charged as the candidate that served)."""
+        later = (replace(self, provider_name=p, request=r, fallbacks=()) for p, r in self.fallbacks)
+        return (self, *later)
+
+    @property
+    def hold_tokens(self) -> int:
+        """What its hold covers: every token the candidate that can use the most can use."""
+        return max(hold_estimate(plan.request) for plan in self.candidates)
 
     @property
     def user_type(self) -> str:
@@ -343,9 +359,24 @@ class Gateway:
         )
         if caller is None:
             return _Plan(provider.name, request, byok, None, prompt=prompt)
+        # A BYOK key belongs to one provider: only calls on the platform's keys fall back.
+        fallbacks = () if byok else self._fallbacks(provider.name, request)
         return _Plan(
-            provider.name, request, byok, caller.user_id, caller.tier, caller.quota, prompt
+            provider.name,
+            request,
+            byok,
+            caller.user_id,
+            caller.tier,
+            caller.quota,
+            prompt,
+            fallbacks,
         )
+
+    def _fallbacks(
+        self, provider: str, request: CompletionRequest
+    ) -> tuple[tuple[str, CompletionRequest], ...]:
+        chain = self.providers.fallbacks_of(provider, request.model)
+        return tuple((t.provider, replace(request, model=t.model)) for t in chain)
 
     def _rendered(self, req: GenerateRequest) -> tuple[GenerateRequest, PromptRef | None]:
         """A call naming a server-held prompt, as if its caller had sent the rendered text (and
@@ -375,7 +406,7 @@ class Gateway:
     async def _admit(self, plan: _Plan, req: GenerateRequest) -> Admission:
         """Takes the call's share of its limits (the tokens of its hold size), or refuses it
         before any hold or provider call."""
-        return await self.gate.admit(self._limited(plan, req), hold_estimate(plan.request))
+        return await self.gate.admit(self._limited(plan, req), plan.hold_tokens)
 
     def _key_refused(self, plan: _Plan, req: GenerateRequest, exc: GatewayError) -> None:
         if exc.reason == "PROVIDER_KEY_REFUSED" and plan.user_id is None:
@@ -388,16 +419,36 @@ class Gateway:
             return f"generate:{digest.hexdigest()[:40]}"
         return f"generate:{uuid.uuid4()}"
 
-    def _fail_fast(self, plan: _Plan, req: GenerateRequest) -> None:
-        """A provider whose breaker is open refuses the call before any hold is made. Not a
-        keyed call: it may have an answer to replay, which needs no provider (its Reserve
+    def _candidates(self, plan: _Plan, req: GenerateRequest) -> tuple[_Plan, ...]:
+        """Who may serve a subscription call, in order. A provider whose breaker is open is
+        passed over before any hold is made; all of them open: the call is refused, fast. Not
+        a keyed call: it may have an answer to replay, which needs no provider (its Reserve
         tells; the provider's own check still refuses a new attempt, and the hold is released)."""
+        plans = plan.candidates
         if req.idempotency_key:
-            return
-        try:
-            self.providers.check_open(plan.provider_name)
-        except ProviderError as exc:
-            raise provider_failure(exc, byok=plan.byok) from None
+            return plans
+        serving = tuple(p for p in plans if not self.providers.is_open(p.provider_name))
+        if not serving:
+            try:
+                self.providers.check_open(plan.provider_name)
+            except ProviderError as exc:
+                raise provider_failure(exc, byok=plan.byok) from None
+            return plans  # its cool-down ended meanwhile: half-open, it takes a probe
+        if serving[0] is not plan:
+            _fell_back(plan, serving[0])
+        return serving
+
+    async def _first_answer(self, plans: tuple[_Plan, ...]) -> tuple[_Plan, Completion]:
+        """The answer of the first candidate that serves the call, and that candidate."""
+        for plan, after in itertools.pairwise(plans):
+            try:
+                return plan, await self.providers.get(plan.provider_name).generate(plan.request)
+            except ProviderError as exc:
+                if not falls_back(exc):
+                    raise
+                _fell_back(plan, after)
+        last = plans[-1]
+        return last, await self.providers.get(last.provider_name).generate(last.request)
 
     def _lease(self, hold: _Hold | None, started: float, max_seconds: float) -> HoldLease:
         extend = None
@@ -441,8 +492,8 @@ class Gateway:
                 self._spawn(admission.finish(used))
 
     async def _generate(self, plan: _Plan, req: GenerateRequest) -> GenerateResult:
-        provider = self.providers.get(plan.provider_name)
         if plan.byok:
+            provider = self.providers.get(plan.provider_name)
             try:
                 completion = await provider.generate(plan.request)
             except ProviderError as exc:
@@ -451,14 +502,14 @@ class Gateway:
             info = await self._record_byok(plan, completion.model, usage)
             return _result(completion, usage_info=info)
 
-        self._fail_fast(plan, req)
+        plans = self._candidates(plan, req)
         hold = await self._reserve(plan, req)
         if hold.reply.replayed:
             # An earlier attempt with this key: its answer, never a second charge.
             return _replayed_answer(hold.reply)
         lease = self._lease(hold, hold.sent_at, self.limits.call_seconds)
         try:
-            completion = await lease.run(provider.generate(plan.request))
+            served, completion = await lease.run(self._first_answer(plans))
         except BaseException as exc:
             # Failed, timed out, cut or cancelled: nothing to charge. Released even when
             # cancelled (the release is shielded; nothing before it awaits).
@@ -475,7 +526,7 @@ class Gateway:
         result = _result(completion)
         answer = _encode_answer(result) if req.idempotency_key else b""
         settled = await self._shielded(
-            self._settle(hold.reply, plan, completion.model, usage, answer)
+            self._settle(hold.reply, served, completion.model, usage, answer)
         )
         observe.note(tokens_charged=settled.tokens_charged)
         return replace(result, token_usage=settled)
@@ -510,19 +561,20 @@ class Gateway:
     async def _stream(
         self, plan: _Plan, req: GenerateRequest, spent: _Spent
     ) -> AsyncGenerator[Delta | GenerateResult]:
-        provider = self.providers.get(plan.provider_name)
         hold: _Hold | None = None
+        later: list[_Plan] = []
         if not plan.byok:
-            self._fail_fast(plan, req)
+            plans = self._candidates(plan, req)
             hold = await self._reserve(plan, req)
             if hold.reply.replayed:
                 first = _replayed_answer(hold.reply)
                 yield Delta(first.text)
                 yield first
                 return
+            plan, *later = plans  # charged as the candidate that serves it
         loop = asyncio.get_running_loop()
         lease = self._lease(hold, loop.time(), self.limits.stream_seconds)
-        stream = provider.stream(plan.request)
+        stream = self.providers.get(plan.provider_name).stream(plan.request)
         # The whole text is kept only when it is stored as the answer for retries (a keyed
         # metered call); otherwise a stream's memory would grow with everything it sent.
         parts: list[str] | None = [] if hold is not None and req.idempotency_key else None
@@ -533,7 +585,18 @@ class Gateway:
             end: StreamEnd | None = None
             try:
                 while end is None:
-                    item = await lease.run(anext(stream))
+                    try:
+                        item = await lease.run(anext(stream))
+                    except ProviderError as exc:
+                        # Nothing reached the caller yet: the next candidate may serve it.
+                        if delivered or not later or not falls_back(exc):
+                            raise
+                        with contextlib.suppress(Exception):
+                            await stream.aclose()
+                        _fell_back(plan, later[0])
+                        plan = later.pop(0)
+                        stream = self.providers.get(plan.provider_name).stream(plan.request)
+                        continue
                     if isinstance(item, TextDelta):
                         delivered += 1
                         if parts is not None:
@@ -711,7 +774,7 @@ class Gateway:
                 lpb.ReserveRequest(
                     idempotency_key=key,
                     user_id=plan.user_id,
-                    estimated_tokens=hold_estimate(plan.request),
+                    estimated_tokens=plan.hold_tokens,
                     ttl_seconds=self.limits.hold_ttl_seconds,
                     request_fingerprint=plan.fingerprint,
                     transient_key=not req.idempotency_key,
@@ -838,6 +901,10 @@ class Gateway:
     async def wait_background(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _fell_back(plan: _Plan, to: _Plan) -> None:
+    PROVIDER_FALLBACKS.labels(plan.provider_name, to.provider_name).inc()
 
 
 # Why eligibility says no, for each limit.

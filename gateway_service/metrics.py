@@ -73,6 +73,12 @@ PROVIDER_LOST_TOKENS = Counter(
     "retried: never charged to a user (the platform's loss).",
     ["provider"],
 )
+PROVIDER_FALLBACKS = Counter(
+    "rpcai_provider_fallbacks_total",
+    "Subscription calls handed down their fallback chain: from the provider that could not "
+    "serve, to the next candidate.",
+    ["from_provider", "to_provider"],
+)
 BREAKER_STATE = Gauge(
     "rpcai_provider_breaker_state",
     "Each provider's circuit breaker in this process: 0 closed, 1 half-open, 2 open.",

@@ -116,7 +116,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     user_text = "".join(text_of(m.get("content")) for m in msgs if m.get("role") == "user")
     plan = make_plan(prompt_texts, user_text, body["max_tokens"])
     await pause(request, plan.delay)
-    failure = scripted_failure(request, plan, user_text)
+    failure = scripted_failure(request, plan, user_text, body["model"])
     if isinstance(failure, int):
         headers = retry_after_headers(plan, headers)
         return error_response(failure, headers)

@@ -149,11 +149,16 @@ def text_event(event: str | None, payload: object) -> Callable[[str], bytes]:
     return lambda text: head + encode_json(text) + tail
 
 
-def scripted_failure(request: web.Request, plan: Plan, user_text: str) -> int | str | None:
-    """What this request fails with: `fail` always; `fail_times` for its first N requests (the
-    same route and user text); None: serve it."""
+def scripted_failure(
+    request: web.Request, plan: Plan, user_text: str, model: str
+) -> int | str | None:
+    """What this request fails with: `fail` always; `down` when it asks for that model;
+    `fail_times` for its first N requests (the same route and user text); None: serve it."""
     if plan.fail is not None:
         return plan.fail
+    if plan.down is not None and plan.down[0] == model:
+        what = plan.down[1]
+        return what if what in ("reset", "cut") else int(what)
     if plan.fail_times is None:
         return None
     what, times = plan.fail_times

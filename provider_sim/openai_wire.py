@@ -140,7 +140,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         prompt_texts, user_text, body.get("max_completion_tokens", body.get("max_tokens"))
     )
     await pause(request, plan.delay)
-    failure = scripted_failure(request, plan, user_text)
+    failure = scripted_failure(request, plan, user_text, body["model"])
     if isinstance(failure, int):
         headers = retry_after_headers(plan, headers)
         return error_response(failure, headers)

@@ -19,6 +19,8 @@ Directives in the user content drive failure paths in tests:
                     connection is reset before any answer) or `cut` (a stream sends its opening
                     events, then drops the connection before any text; a JSON call: reset)
   [[retry_after:S]] an error answer says `retry-after: S` (seconds; also `retry-after-ms`)
+  [[down:MODEL:WHAT]] every request for MODEL fails as `fail_times` says WHAT; other models are
+                    served (a provider's model out while another provider's is up: fallbacks)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Plan:
     cut: int | None = None
     fail_times: tuple[str, int] | None = None
     retry_after: float | None = None
+    down: tuple[str, str] | None = None  # (model, what)
 
     @property
     def deltas(self) -> list[str]:
@@ -118,6 +121,10 @@ def _apply(name: str, arg: str, options: dict[str, Any]) -> None:
             what, times = arg.split(":")
             if what in ("reset", "cut") or 400 <= int(what) <= 599:
                 options["fail_times"] = (what, max(0, int(times)))
+        elif name == "down":
+            model, what = arg.rsplit(":", 1)
+            if what in ("reset", "cut") or 400 <= int(what) <= 599:
+                options["down"] = (model, what)
         elif name == "retry_after":
             options["retry_after"] = max(0.0, float(arg))
         elif name == "tokenizer" and arg == "bytes":

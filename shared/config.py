@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     breaker_min_calls: int = Field(default=10, ge=1)
     breaker_window_seconds: float = Field(default=30.0, gt=0)
     breaker_open_seconds: float = Field(default=30.0, gt=0)
+    # Subscription calls a provider cannot serve now go on down a chain of provider/model pairs
+    # (gateway_service/providers/fallback.py), e.g. "anthropic/* > openai/gpt-4o-mini"; empty: none.
+    provider_fallbacks: str = ""
 
     # --- gateway: holds and the calls they pay for
     # A call's hold lives this long and is extended while the call runs; a call that can no

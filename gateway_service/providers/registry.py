@@ -10,6 +10,7 @@ from gateway_service.providers.anthropic_provider import DEFAULT_ANTHROPIC_MODEL
 from gateway_service.providers.base import ANTHROPIC, OPENAI, Provider
 from gateway_service.providers.breaker import BreakerPolicy, BreakerState
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind
+from gateway_service.providers.fallback import Fallbacks, Target
 from gateway_service.providers.openai_provider import DEFAULT_OPENAI_MODEL, OpenAIProvider
 from gateway_service.providers.retry import Resilience, RetryPolicy
 from gateway_service.providers.sdk import SdkProvider
@@ -56,13 +57,29 @@ def provider_for(provider: str, model: str, default: str = ANTHROPIC) -> str:
 
 
 class Providers:
-    """One long-lived provider (one SDK client, one connection pool) per provider name."""
+    """One long-lived provider (one SDK client, one connection pool) per provider name, and
+    the fallback chains between them."""
 
     def __init__(
-        self, providers: Mapping[str, Provider], default_provider: str = ANTHROPIC
+        self,
+        providers: Mapping[str, Provider],
+        default_provider: str = ANTHROPIC,
+        fallbacks: Fallbacks | None = None,
     ) -> None:
         self._providers = dict(providers)
         self.default_provider = default_provider
+        self.fallbacks = fallbacks or Fallbacks()
+
+    def fallbacks_of(self, provider: str, model: str) -> tuple[Target, ...]:
+        """Who serves a subscription call to `provider`/`model` it cannot serve now, in order
+        (only configured providers)."""
+        chain = self.fallbacks.after(provider, model)
+        return tuple(t for t in chain if t.provider in self._providers)
+
+    def is_open(self, name: str) -> bool:
+        """Whether the provider's breaker refuses calls now (a half-open one still takes probes)."""
+        resilience = self._resilience(name)
+        return resilience is not None and resilience.breaker.state is BreakerState.OPEN
 
     def resolve(self, provider: str, model: str) -> tuple[Provider, str]:
         """The provider for a request and the model to ask it for (its default when empty)."""
@@ -95,7 +112,7 @@ class Providers:
         """Raises the fast failure of the provider's breaker while it is open (before a call
         makes a hold); a half-open breaker lets the call on to ask for a probe slot."""
         resilience = self._resilience(name)
-        if resilience is not None and resilience.breaker.state is BreakerState.OPEN:
+        if resilience is not None and self.is_open(name):
             resilience.breaker.admit()
 
     def breakers(self) -> dict[str, Literal["closed", "half_open", "open"]]:
@@ -124,6 +141,7 @@ def build_providers(
     default_provider: str = ANTHROPIC,
     retry: RetryPolicy | None = None,
     breaker: BreakerPolicy | None = None,
+    fallbacks: Fallbacks | None = None,
 ) -> Providers:
     """Both providers. Call inside the running event loop and `aclose()` on shutdown.
 
@@ -152,6 +170,7 @@ def build_providers(
             ),
         },
         default_provider=default_provider,
+        fallbacks=fallbacks,
     )
 
 
