@@ -314,6 +314,8 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
                 content=request.content,
                 system_prompt=request.system_prompt,
                 max_tokens=request.max_tokens,
+                prompt_id=request.prompt_id,
+                variables=dict(request.variables),
             )
         e = await self.gateway.eligibility(
             current_identity(), request.estimated_tokens, request.has_api_key, call

@@ -140,6 +140,11 @@ def _generate_rules(schema: dict[str, Any]) -> None:
     """The call's rules across fields, in JSON Schema: the provider's, and a server-held prompt
     or a system prompt, not both (variables only with a prompt)."""
     _provider_rule(schema)
+    _prompt_rule(schema)
+
+
+def _prompt_rule(schema: dict[str, Any]) -> None:
+    """A server-held prompt or a system prompt, not both; variables only with a prompt."""
     schema["description"] += (
         " promptId and systemPrompt exclude each other; variables go with promptId."
     )
@@ -186,6 +191,24 @@ def _provider_rule(schema: dict[str, Any]) -> None:
     ]
 
 
+def _one_of(
+    prompt_id: str | None, system_prompt: str | None, variables: dict[str, Any] | None
+) -> None:
+    """A server-held prompt or a system prompt, not both; variables only with a prompt."""
+    if prompt_id is not None and system_prompt is not None:
+        raise PydanticCustomError(
+            "prompt_and_system_prompt",
+            "{problem}",
+            {"field": "systemPrompt", "problem": "give either systemPrompt or promptId"},
+        )
+    if variables is not None and prompt_id is None:
+        raise PydanticCustomError(
+            "variables_without_prompt",
+            "{problem}",
+            {"field": "variables", "problem": "only with promptId"},
+        )
+
+
 class GenerateRequest(Body, json_schema_extra=_generate_rules):
     """One AI call. Fields not listed here are refused (400); `null` means not given."""
 
@@ -207,18 +230,7 @@ class GenerateRequest(Body, json_schema_extra=_generate_rules):
 
     @model_validator(mode="after")
     def _one_system_prompt(self) -> Self:
-        if self.prompt_id is not None and self.system_prompt is not None:
-            raise PydanticCustomError(
-                "prompt_and_system_prompt",
-                "{problem}",
-                {"field": "systemPrompt", "problem": "give either systemPrompt or promptId"},
-            )
-        if self.variables is not None and self.prompt_id is None:
-            raise PydanticCustomError(
-                "variables_without_prompt",
-                "{problem}",
-                {"field": "variables", "problem": "only with promptId"},
-            )
+        _one_of(self.prompt_id, self.system_prompt, self.variables)
         return self
 
     def call(self, address: str = "") -> core.GenerateRequest:
@@ -237,7 +249,7 @@ class GenerateRequest(Body, json_schema_extra=_generate_rules):
         )
 
 
-class EligibilityRequest(Body):
+class EligibilityRequest(Body, json_schema_extra=_prompt_rule):
     """Would a call be allowed. Fields not listed here are refused (400); `null` means not
     given."""
 
@@ -248,6 +260,24 @@ class EligibilityRequest(Body):
     """the call itself: its hold is sized exactly as the call's would be"""
     system_prompt: Text | None = None
     max_tokens: MaxTokens | None = None
+    prompt_id: PromptId | None = None
+    variables: Variables | None = None
+
+    @model_validator(mode="after")
+    def _one_system_prompt(self) -> Self:
+        _one_of(self.prompt_id, self.system_prompt, self.variables)
+        return self
+
+    def call(self) -> core.GenerateRequest | None:
+        if not self.content:
+            return None
+        return core.GenerateRequest(
+            content=self.content,
+            system_prompt=self.system_prompt or "",
+            max_tokens=self.max_tokens or 0,
+            prompt_id=self.prompt_id or "",
+            variables=self.variables or {},
+        )
 
 
 class UsageQuery(Query):
@@ -378,20 +408,13 @@ async def purchase_history(
 @routes.post(
     "/v1/eligibility",
     summary="Would a call of this size be allowed, and what would it hold",
-    errors=(503,),
+    errors={503: "", 404: GENERATE_ERRORS[404]},
 )
 async def eligibility(
     request: web.Request, identity: Identity | None, body: EligibilityRequest
 ) -> views.Eligibility:
-    call = None
-    if body.content:
-        call = core.GenerateRequest(
-            content=body.content,
-            system_prompt=body.system_prompt or "",
-            max_tokens=body.max_tokens or 0,
-        )
     result = await request.app[GATEWAY].eligibility(
-        identity, body.estimated_tokens or 0, bool(body.has_api_key), call
+        identity, body.estimated_tokens or 0, bool(body.has_api_key), body.call()
     )
     return views.eligibility(result)
 

@@ -299,3 +299,45 @@ async def test_the_ledger_checks_and_stores_the_prompt_of_a_usage_record(
     with pytest.raises(grpc.aio.AioRpcError) as reused:
         await ledger.RecordUsage(other, metadata=AUTH)
     assert rpc_error(reused.value)[1] == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_eligibility_by_prompt_sizes_the_hold_from_the_rendered_text(
+    prompts_stack: tuple[Stack, str],
+) -> None:
+    """Eligibility names what the call by id would hold: the rendered text and the prompt's
+    max_tokens, as its Reserve takes them (the call then holds exactly that)."""
+    stack, url = prompts_stack
+    user, auth = await _funded(stack)
+    variables = {"language": "Go", "level": "junior"}
+    checked = await stack.stub.CheckRequestEligibility(
+        pb.CheckRequestEligibilityRequest(content=CONTENT, prompt_id="review", variables=variables),
+        metadata=auth,
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            url + "/v1/eligibility",
+            json={"content": CONTENT, "promptId": "review", "variables": variables},
+            headers=dict(auth),
+        ) as response:
+            assert response.status == 200, await response.text()
+            over_http = await response.json()
+        async with session.post(
+            url + "/v1/eligibility",
+            json={"content": CONTENT, "promptId": "nope"},
+            headers=dict(auth),
+        ) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["reason"] == "PROMPT_NOT_FOUND"
+    await stack.stub.GenerateText(
+        pb.GenerateTextRequest(content=CONTENT, prompt_id="review", variables=variables),
+        metadata=auth,
+    )
+    [row] = await _rows(stack.ledger, user)
+    assert checked.can_make_request
+    assert checked.required_tokens == over_http["requiredTokens"] == row["amount"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.stub.CheckRequestEligibility(
+            pb.CheckRequestEligibilityRequest(content=CONTENT, prompt_id="review"),
+            metadata=auth,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # `language` is required

@@ -422,11 +422,33 @@ Global___MonthlyQuota: _TypeAlias = MonthlyQuota  # noqa: Y015
 class CheckRequestEligibilityRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class VariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
     HAS_API_KEY_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    PROMPT_ID_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
     estimated_tokens: _builtins.int
     """Tokens the call may use (input and output); ignored when `content` describes the call."""
     has_api_key: _builtins.bool
@@ -437,6 +459,12 @@ class CheckRequestEligibilityRequest(_message.Message):
     system_prompt: _builtins.str
     max_tokens: _builtins.int
     """0: the server default, as for GenerateText."""
+    prompt_id: _builtins.str
+    """A server-held prompt and its variables instead of `system_prompt`, as for GenerateText:
+    sized from the rendered text (and the prompt's max_tokens where the call leaves it 0).
+    """
+    @_builtins.property
+    def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -445,10 +473,12 @@ class CheckRequestEligibilityRequest(_message.Message):
         content: _builtins.str = ...,
         system_prompt: _builtins.str = ...,
         max_tokens: _builtins.int = ...,
+        prompt_id: _builtins.str = ...,
+        variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "estimated_tokens", b"estimated_tokens", "has_api_key", b"has_api_key", "max_tokens", b"max_tokens", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "estimated_tokens", b"estimated_tokens", "has_api_key", b"has_api_key", "max_tokens", b"max_tokens", "prompt_id", b"prompt_id", "system_prompt", b"system_prompt", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
