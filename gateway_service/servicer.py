@@ -347,9 +347,17 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
                 output_tokens=h.usage.output_tokens,
                 tokens_charged=h.tokens_charged,
                 created_at=h.created_at,
+                prompt_id=h.usage.prompt.id,
+                prompt_version=h.usage.prompt.version,
             )
             if h.HasField("estimated_cost_micro_usd"):
                 record.estimated_cost_micro_usd = h.estimated_cost_micro_usd
+        for p in a.by_prompt:
+            response.by_prompt.add(
+                prompt_id=p.prompt.id,
+                prompt_version=p.prompt.version,
+                summary=_summary(p.summary),
+            )
         return response
 
     @unary

@@ -563,8 +563,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 tokens_charged=h.tokens_charged,
                 created_at=_ts(h.created_at),
             )
+            if h.usage.prompt_id is not None:
+                record.usage.prompt.id = h.usage.prompt_id
+                record.usage.prompt.version = h.usage.prompt_version or ""
             if h.estimated_cost_micro_usd is not None:
                 record.estimated_cost_micro_usd = h.estimated_cost_micro_usd
+        for p in a.by_prompt:
+            response.by_prompt.add(
+                prompt=pb.PromptRef(id=p.prompt_id, version=p.prompt_version),
+                summary=_summary(p.summary),
+            )
         return response
 
     @rpc

@@ -380,7 +380,7 @@ async def user_status(request: web.Request, identity: Identity, query: NoQuery) 
 @routes.get(
     "/v1/me/usage",
     operation_id="usageAnalytics",
-    summary="Your usage over the last days, by provider and model",
+    summary="Your usage over the last days, by provider and model, and by server-held prompt",
     errors=(503,),
 )
 async def usage_analytics(

@@ -373,16 +373,28 @@ class UsageRecord(TypedDict):
     estimated_cost_micro_usd: MicroUsd | None
     estimated_cost_usd: Usd | None
     created_at: Timestamp_
+    prompt_id: str | None
+    """the server-held prompt the call used (GET /v1/prompts); null: none"""
+    prompt_version: str | None
+
+
+@reply
+class PromptUsage(TypedDict):
+    prompt_id: str
+    prompt_version: str
+    summary: UsageSummary
 
 
 @reply
 class UsageAnalytics(TypedDict):
-    """Your usage over the window, by provider and model."""
+    """Your usage over the window, by provider and model, and by server-held prompt."""
 
     summary: UsageSummary
     breakdown: list[UsageBreakdown]
     history: list[UsageRecord]
     """newest first; empty unless include_history=true"""
+    by_prompt: list[PromptUsage]
+    """by prompt and version, most used first; calls that used none are in no entry"""
 
 
 def _summary(s: lpb.UsageSummary) -> UsageSummary:
@@ -409,6 +421,8 @@ def _record(h: lpb.UsageRecord) -> UsageRecord:
         estimated_cost_micro_usd=cost,
         estimated_cost_usd=usd(cost),
         created_at=timestamp(h.created_at),
+        prompt_id=h.usage.prompt.id or None,
+        prompt_version=h.usage.prompt.version or None,
     )
 
 
@@ -420,6 +434,12 @@ def usage_analytics(a: lpb.GetUsageAnalyticsResponse) -> UsageAnalytics:
             for b in a.breakdown
         ],
         history=[_record(h) for h in a.history],
+        by_prompt=[
+            PromptUsage(
+                prompt_id=p.prompt.id, prompt_version=p.prompt.version, summary=_summary(p.summary)
+            )
+            for p in a.by_prompt
+        ],
     )
 
 

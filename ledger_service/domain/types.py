@@ -339,10 +339,18 @@ class UsageEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptBreakdown:
+    prompt_id: str
+    prompt_version: str
+    summary: UsageSummary
+
+
+@dataclass(frozen=True, slots=True)
 class UsageAnalytics:
     summary: UsageSummary
     breakdown: list[UsageBreakdown]
     history: list[UsageEntry]
+    by_prompt: list[PromptBreakdown]
 
 
 @dataclass(frozen=True, slots=True)

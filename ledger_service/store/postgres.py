@@ -51,6 +51,7 @@ from ledger_service.domain.types import (
     ParkedOperation,
     Payment,
     PlatformRows,
+    PromptBreakdown,
     PurchaseCredited,
     PurchaseGroup,
     PurchasePage,
@@ -594,7 +595,9 @@ class PostgresStore:
     ) -> UsageAnalytics:
         rows = await self.pool.fetch(
             """
-            SELECT provider, model, GROUPING(provider, model) AS is_total,
+            SELECT provider, model, prompt_id, prompt_version,
+                   GROUPING(provider, model) AS not_by_model,
+                   GROUPING(prompt_id, prompt_version) AS not_by_prompt,
                    count(*) AS requests,
                    coalesce(sum(input_tokens + output_tokens), 0)::bigint AS tokens,
                    coalesce(sum(tokens_charged), 0)::bigint AS charged,
@@ -602,14 +605,15 @@ class PostgresStore:
                    count(*) FILTER (WHERE estimated_cost_micro_usd IS NULL) AS unknown_cost
               FROM usage_records
              WHERE user_id = $1 AND created_at >= $2
-             GROUP BY ROLLUP ((provider, model))
-             ORDER BY is_total DESC, requests DESC, provider, model
+             GROUP BY GROUPING SETS ((), (provider, model), (prompt_id, prompt_version))
+             ORDER BY not_by_model DESC, requests DESC, provider, model, prompt_id, prompt_version
             """,
             user_id,
             since,
         )
         summary = UsageSummary(0, 0, 0, 0, 0)
         breakdown: list[UsageBreakdown] = []
+        by_prompt: list[PromptBreakdown] = []
         for row in rows:
             item = UsageSummary(
                 total_requests=row["requests"],
@@ -618,16 +622,20 @@ class PostgresStore:
                 estimated_total_cost_micro_usd=row["cost"],
                 unknown_cost_requests=row["unknown_cost"],
             )
-            if row["is_total"]:
-                summary = item
-            else:
+            if not row["not_by_model"]:
                 breakdown.append(UsageBreakdown(row["provider"], row["model"], item))
+            elif not row["not_by_prompt"]:
+                if row["prompt_id"] is not None:  # the calls that used none: not a prompt's
+                    by_prompt.append(PromptBreakdown(row["prompt_id"], row["prompt_version"], item))
+            else:
+                summary = item
         history: list[UsageEntry] = []
         if include_history:
             for row in await self.pool.fetch(
                 """
                 SELECT id, user_type, provider, model, input_tokens, output_tokens,
-                       tokens_charged, estimated_cost_micro_usd, created_at
+                       tokens_charged, estimated_cost_micro_usd, created_at,
+                       prompt_id, prompt_version
                   FROM usage_records WHERE user_id = $1 AND created_at >= $2
                  ORDER BY created_at DESC, id DESC LIMIT $3
                 """,
@@ -644,13 +652,15 @@ class PostgresStore:
                             row["model"],
                             row["input_tokens"],
                             row["output_tokens"],
+                            row["prompt_id"],
+                            row["prompt_version"],
                         ),
                         tokens_charged=row["tokens_charged"],
                         estimated_cost_micro_usd=row["estimated_cost_micro_usd"],
                         created_at=row["created_at"],
                     )
                 )
-        return UsageAnalytics(summary=summary, breakdown=breakdown, history=history)
+        return UsageAnalytics(summary, breakdown, history, by_prompt)
 
     @_guarded
     async def purchase_history(

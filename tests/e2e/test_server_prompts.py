@@ -341,3 +341,42 @@ async def test_eligibility_by_prompt_sizes_the_hold_from_the_rendered_text(
             metadata=auth,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # `language` is required
+
+
+async def test_usage_analytics_break_usage_down_by_prompt(
+    prompts_stack: tuple[Stack, str],
+) -> None:
+    stack, url = prompts_stack
+    user, auth = await _funded(stack)
+    by_id = pb.GenerateTextRequest(content=CONTENT, prompt_id="review", variables={"language": "C"})
+    for request in (by_id, by_id, pb.GenerateTextRequest(content=CONTENT, max_tokens=40)):
+        await stack.stub.GenerateText(request, metadata=auth)
+    rows = await _rows(stack.ledger, user)
+    by_prompt = [r for r in rows if r["prompt_id"] == "review"]
+    analytics = await stack.stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(days=1, include_history=True), metadata=auth
+    )
+    assert [(p.prompt_id, p.prompt_version) for p in analytics.by_prompt] == [("review", "4")]
+    summary = analytics.by_prompt[0].summary
+    assert (summary.total_requests, summary.tokens_charged) == (
+        2,
+        sum(r["tokens_charged"] for r in by_prompt),
+    )
+    assert analytics.summary.total_requests == 3  # the call without a prompt is in no entry
+    assert sorted((h.prompt_id, h.prompt_version) for h in analytics.history) == [
+        ("", ""),
+        ("review", "4"),
+        ("review", "4"),
+    ]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            url + "/v1/me/usage?days=1&include_history=true", headers=dict(auth)
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        body = await response.json()
+    assert [
+        (p["promptId"], p["promptVersion"], p["summary"]["totalRequests"]) for p in body["byPrompt"]
+    ] == [("review", "4", 2)]
+    assert sorted(str(h["promptId"]) for h in body["history"]) == ["None", "review", "review"]

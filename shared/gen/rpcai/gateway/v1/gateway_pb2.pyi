@@ -608,6 +608,8 @@ class UsageRecord(_message.Message):
     TOKENS_CHARGED_FIELD_NUMBER: _builtins.int
     ESTIMATED_COST_MICRO_USD_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROMPT_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_VERSION_FIELD_NUMBER: _builtins.int
     usage_id: _builtins.str
     user_type: Global___UserType.ValueType
     provider: _builtins.str
@@ -616,6 +618,9 @@ class UsageRecord(_message.Message):
     output_tokens: _builtins.int
     tokens_charged: _builtins.int
     estimated_cost_micro_usd: _builtins.int
+    prompt_id: _builtins.str
+    """The server-held prompt the call used (ListPrompts); empty: none."""
+    prompt_version: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -630,10 +635,12 @@ class UsageRecord(_message.Message):
         tokens_charged: _builtins.int = ...,
         estimated_cost_micro_usd: _builtins.int | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        prompt_id: _builtins.str = ...,
+        prompt_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "created_at", b"created_at", "estimated_cost_micro_usd", b"estimated_cost_micro_usd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "created_at", b"created_at", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "provider", b"provider", "tokens_charged", b"tokens_charged", "usage_id", b"usage_id", "user_type", b"user_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd", "created_at", b"created_at", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "prompt_id", b"prompt_id", "prompt_version", b"prompt_version", "provider", b"provider", "tokens_charged", b"tokens_charged", "usage_id", b"usage_id", "user_type", b"user_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["estimated_cost_micro_usd"]  # noqa: Y015
     _WhichOneofArgType__estimated_cost_micro_usd: _TypeAlias = _typing.Literal["_estimated_cost_micro_usd", b"_estimated_cost_micro_usd"]  # noqa: Y015
@@ -642,28 +649,62 @@ class UsageRecord(_message.Message):
 Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
 
 @_typing.final
+class PromptUsage(_message.Message):
+    """The calls that used one version of a server-held prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_VERSION_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    prompt_id: _builtins.str
+    prompt_version: _builtins.str
+    @_builtins.property
+    def summary(self) -> Global___UsageSummary: ...
+    def __init__(
+        self,
+        *,
+        prompt_id: _builtins.str = ...,
+        prompt_version: _builtins.str = ...,
+        summary: Global___UsageSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_id", b"prompt_id", "prompt_version", b"prompt_version", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptUsage: _TypeAlias = PromptUsage  # noqa: Y015
+
+@_typing.final
 class GetUsageAnalyticsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUMMARY_FIELD_NUMBER: _builtins.int
     BREAKDOWN_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    BY_PROMPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def summary(self) -> Global___UsageSummary: ...
     @_builtins.property
     def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageBreakdown]: ...
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]: ...
+    @_builtins.property
+    def by_prompt(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptUsage]:
+        """By server-held prompt and version, most used first (calls without one are in no row)."""
+
     def __init__(
         self,
         *,
         summary: Global___UsageSummary | None = ...,
         breakdown: _abc.Iterable[Global___UsageBreakdown] | None = ...,
         history: _abc.Iterable[Global___UsageRecord] | None = ...,
+        by_prompt: _abc.Iterable[Global___PromptUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "history", b"history", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "by_prompt", b"by_prompt", "history", b"history", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

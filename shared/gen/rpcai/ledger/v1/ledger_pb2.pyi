@@ -1314,12 +1314,39 @@ class UsageRecord(_message.Message):
 Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
 
 @_typing.final
+class PromptBreakdown(_message.Message):
+    """The calls that used one version of a server-held prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prompt(self) -> Global___PromptRef: ...
+    @_builtins.property
+    def summary(self) -> Global___UsageSummary: ...
+    def __init__(
+        self,
+        *,
+        prompt: Global___PromptRef | None = ...,
+        summary: Global___UsageSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptBreakdown: _TypeAlias = PromptBreakdown  # noqa: Y015
+
+@_typing.final
 class GetUsageAnalyticsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUMMARY_FIELD_NUMBER: _builtins.int
     BREAKDOWN_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    BY_PROMPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def summary(self) -> Global___UsageSummary: ...
     @_builtins.property
@@ -1328,16 +1355,21 @@ class GetUsageAnalyticsResponse(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]:
         """Newest first, at most 1000 rows; only when include_history is set."""
 
+    @_builtins.property
+    def by_prompt(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptBreakdown]:
+        """By server-held prompt and version (calls that used none are in no row), most used first."""
+
     def __init__(
         self,
         *,
         summary: Global___UsageSummary | None = ...,
         breakdown: _abc.Iterable[Global___UsageBreakdown] | None = ...,
         history: _abc.Iterable[Global___UsageRecord] | None = ...,
+        by_prompt: _abc.Iterable[Global___PromptBreakdown] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "history", b"history", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "by_prompt", b"by_prompt", "history", b"history", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
