@@ -143,6 +143,7 @@ def supervise_workers(settings: Settings, workers: int) -> int:
             env,
             expect_lines=2,
             grace=settings.shutdown_grace_seconds,
+            forward=(signal.SIGHUP,),  # each worker reloads its prompts
         )
     finally:
         for holder in (grpc_holder, http_holder):

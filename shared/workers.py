@@ -112,8 +112,10 @@ class Supervisor:
         *,
         expect_lines: int,
         grace: float,
+        forward: Sequence[int] = (),
     ) -> None:
         self.module = module
+        self.forward = tuple(forward)
         self.argv = list(argv)
         self.count = count
         self.env = dict(env)
@@ -161,11 +163,22 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
 
+    def _pass_on(self, signum: int, frame: FrameType | None) -> None:
+        """A signal the workers act on (the gateway's SIGHUP: reload the prompts), sent to each
+        that listens: one still starting has not set its handler yet, and reads everything
+        fresh anyway."""
+        for worker in self.workers:
+            if worker.ready.is_set() and worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signum)
+
     def run(self) -> int:
         """Serves until SIGTERM/SIGINT; 0 when every worker then stopped cleanly, 1 when a worker
         could not start."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        for forwarded in self.forward:
+            signal.signal(forwarded, self._pass_on)
         self.workers = [self._spawn(i) for i in range(self.count)]
         try:
             started = self._wait_ready()
@@ -273,7 +286,10 @@ def supervise(
     *,
     expect_lines: int,
     grace: float,
+    forward: Sequence[int] = (),
 ) -> int:
+    """`forward`: signals the supervisor passes on to its workers (else their default action
+    applies to the supervisor itself)."""
     # Prometheus values of every worker in one directory (shared/metrics.py), so that a scrape
     # answered by any worker counts them all: the operator's PROMETHEUS_MULTIPROC_DIR, else ours.
     given = os.environ.get(MULTIPROC_ENV)
@@ -287,6 +303,7 @@ def supervise(
             {**env, MULTIPROC_ENV: directory},
             expect_lines=expect_lines,
             grace=grace,
+            forward=forward,
         ).run()
     finally:
         if not given:

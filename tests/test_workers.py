@@ -342,3 +342,57 @@ async def test_outboxes_of_killed_workers_are_all_drained_by_the_next_start(
     await again.start()
     assert again.pending == 0
     await again.close()
+
+
+async def test_sighup_to_the_supervisor_reloads_every_workers_prompts(
+    ledger: LedgerHarness, sim_url: str, tmp_path: Path
+) -> None:
+    """The operator signals the gateway's pid (the supervisor's): each worker reloads its
+    prompts, and the supervisor lives on (SIGHUP's default action would end it and its
+    workers)."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    prompt = prompts / "hello.toml"
+    prompt.write_text('version = "1"\ndescription = "d"\nsystem = "s"\n')
+    env = gateway_process_env(
+        ledger.address,
+        sim_url,
+        str(tmp_path),
+        WORKERS="2",
+        PROMPTS_DIR=str(prompts),
+        PROMPTS_RELOAD_SECONDS="0",  # SIGHUP only
+        SHUTDOWN_GRACE_SECONDS="5",
+    )
+    service = processes.start("gateway_service", env)
+    try:
+        assert service.proc.stdout is not None
+        second = await asyncio.to_thread(service.proc.stdout.readline)
+        assert second.startswith("gateway http listening on 127.0.0.1:"), second
+        Output(service)
+        http = second.rsplit(" ", 1)[1].strip()
+        workers = workers_of(service.proc)
+
+        async def versions() -> set[str]:
+            """The version each of CONNECTIONS fresh connections is told (both workers)."""
+            seen: set[str] = set()
+            for _ in range(CONNECTIONS):
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://{http}/v1/prompts") as response,
+                ):
+                    seen.add((await response.json())["prompts"][0]["version"])
+            return seen
+
+        assert await versions() == {"1"}
+        prompt.write_text('version = "2"\ndescription = "d"\nsystem = "s"\n')
+        service.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while (seen := await versions()) != {"2"} and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert seen == {"2"}
+        assert service.proc.poll() is None
+        assert workers_of(service.proc) == workers  # the same workers: none died of it
+        service.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(service.proc.wait, 30) == 0
+    finally:
+        service.stop()
