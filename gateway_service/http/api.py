@@ -135,6 +135,8 @@ class Endpoint:
     headers: tuple[Header, ...] = ()
     reply_headers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     errors: Mapping[int, str] = field(default_factory=dict)  # status -> what it means here
+    # What a 202 with no body means here (empty: the operation never answers one).
+    accepted: str = ""
 
 
 # Every operation described so far, by (METHOD, path template): the document's source. Change
@@ -171,8 +173,10 @@ def describe(
     body: type[Body] | RawBody | None = None,
     headers: tuple[Header, ...] = (),
     errors: Mapping[int, str] | tuple[int, ...] = (),
+    accepted: str = "",
 ) -> None:
-    """Documents a route whose handler is built elsewhere (nothing is checked for it here)."""
+    """Documents a route whose handler is built elsewhere (nothing is checked for it here).
+    `accepted`: when it may answer 202 with no body, what that means."""
     endpoint = Endpoint(
         method=method.upper(),
         path=path,
@@ -184,6 +188,7 @@ def describe(
         body=body,
         headers=headers,
         errors=_errors(errors),
+        accepted=accepted,
     )
     register(endpoint)
 

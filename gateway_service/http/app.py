@@ -31,9 +31,10 @@ from gateway_service.http.connections import (
     ConnectionLimits,
     GuardedSite,
 )
-from gateway_service.http.cors import CorsPolicy
+from gateway_service.http.cors import CORS, CorsPolicy
 from gateway_service.http.errors import error_middleware
 from gateway_service.http.handlers import routes
+from gateway_service.http.mcp import mcp_lifecycle, mcp_routes
 from gateway_service.http.pages import page_routes
 from gateway_service.http.protocol import EdgeRunner, server_header
 from gateway_service.http.state import ADDRESSES, GATEWAY, STATE, STREAMS, VERIFIER, EdgeState
@@ -76,6 +77,7 @@ def create_http_app(
         ],
     )
     app[CONNECTIONS] = guard
+    app[CORS] = cors
     app[STREAMS] = stream_slots or StreamSlots(settings.max_concurrent_streams)
     app[GATEWAY] = gateway
     app[ADMIN] = AdminDesk(gateway.ledger)
@@ -85,6 +87,8 @@ def create_http_app(
     app.router.add_routes(routes)
     app.router.add_routes(admin_routes)  # /v1/admin: operators only
     app.router.add_routes(page_routes())  # /usage, /dashboard and their files
+    app.router.add_routes(mcp_routes())  # /mcp: the same calls as MCP tools
+    app.cleanup_ctx.append(mcp_lifecycle)  # the MCP SDK's task group, for the app's life
     app.router.add_routes(list(extra_routes))
     app.on_response_prepare.append(cors.on_response_prepare)
     app.on_response_prepare.append(server_header)

@@ -23,6 +23,9 @@ MAX_AGE_SECONDS = 600
 
 
 class CorsPolicy:
+    """The origins (exact, or fnmatch patterns such as `vscode-webview://*`) browsers may call
+    from (HTTP_CORS_ORIGINS)."""
+
     def __init__(self, origins: Iterable[str]) -> None:
         self.exact = frozenset(o for o in origins if o and "*" not in o)
         self.patterns = tuple(o for o in origins if "*" in o)
@@ -73,6 +76,9 @@ class CorsPolicy:
         if self.allows(origin) and hdrs.ACCESS_CONTROL_ALLOW_ORIGIN not in response.headers:
             response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
             response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
+
+
+CORS: web.AppKey[CorsPolicy] = web.AppKey("cors_policy", CorsPolicy)
 
 
 def _is_preflight(request: web.Request) -> bool:

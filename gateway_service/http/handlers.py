@@ -144,25 +144,24 @@ def _generate_rules(schema: dict[str, Any]) -> None:
 
 
 def _prompt_rule(schema: dict[str, Any]) -> None:
-    """A server-held prompt or a system prompt, not both; variables only with a prompt."""
+    """A server-held prompt or a system prompt, not both; variables only with a prompt. Stated
+    as the two shapes a body may take (no `not`): test generators build valid bodies from
+    positive branches, and filter those of a `not` until few are left."""
     schema["description"] += (
         " promptId and systemPrompt exclude each other; variables go with promptId."
     )
-    given = {"type": "string"}
-    schema["allOf"] = [
+    absent = {"type": "null"}
+    shapes = [
+        {"properties": {"promptId": absent, "variables": absent}},
         {
-            "not": {
-                "required": ["promptId", "systemPrompt"],
-                "properties": {"promptId": given, "systemPrompt": given},
-            }
-        },
-        {
-            "not": {
-                "required": ["variables"],
-                "properties": {"variables": {"type": "object"}, "promptId": {"type": "null"}},
-            }
+            "required": ["promptId"],
+            "properties": {"promptId": {"type": "string"}, "systemPrompt": absent},
         },
     ]
+    if "anyOf" in schema:  # another rule's branches: both must hold
+        schema["allOf"] = [{"anyOf": schema.pop("anyOf")}, {"anyOf": shapes}]
+    else:
+        schema["anyOf"] = shapes
 
 
 def _provider_rule(schema: dict[str, Any]) -> None:

@@ -232,6 +232,8 @@ def _operation(endpoint: Endpoint) -> Schema:
             "content": {"application/json": {"schema": _ref(body)}},
         }
     responses = {"200": _success(endpoint)}
+    if endpoint.accepted:
+        responses["202"] = {"description": endpoint.accepted}
     for status, description in _statuses(endpoint).items():
         headers = RETRY_AFTER if status in (429, 503) else None
         responses[str(status)] = _json(description, _ref(Error), headers)
