@@ -461,6 +461,7 @@ describe(
     errors={
         403: "ORIGIN_NOT_ALLOWED: a browser page of an origin not in HTTP_CORS_ORIGINS",
         406: "The Accept header does not include application/json",
+        503: "SHUTTING_DOWN: the edge stopped while the call ran (its hold was released)",
     },
     accepted="A notification (a message without `id`): accepted, no body",
 )

@@ -5,11 +5,13 @@ same answers, the same refusals; who calls comes only from the request's bearer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpx2
 import mcp_types as types
 import pytest
@@ -18,7 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.e2e.conftest import mint
 from tests.e2e.e2e_support import open_holds, wait_no_open_holds
-from tests.http.conftest import ORIGIN, Edge
+from tests.http.conftest import ORIGIN, Edge, start_edge
 from tests.ledger_service.helpers import balance, credit
 
 HUNDRED_TOKENS = "[[usage:40,60]] hi"  # 40 in + 60 out = 100 used -> 125 charged
@@ -335,5 +337,35 @@ async def test_a_client_that_leaves_mid_call_has_its_hold_released(edge: Edge) -
     with pytest.raises(asyncio.CancelledError):
         await post
     await wait_no_open_holds(edge.stack.ledger)
+    b = await balance(edge.stack.ledger.stub, user)
+    assert (b.available_tokens, b.reserved_tokens) == (800, 0)
+
+
+async def test_shutdown_past_the_grace_releases_a_tool_call(edge: Edge) -> None:
+    """A tool call still running when the edge stops (past its grace) is cancelled with the
+    SDK's task group: its hold is released, nothing charged, and the stop does not hang."""
+    server, url = await start_edge(edge.stack)
+    user, auth = edge.user()
+    await credit(edge.stack.ledger.stub, user, 1000)
+    request = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {
+            "name": "generate_text",
+            "arguments": {**CALL, "content": "[[delay:30]] [[usage:40,60]] slow"},
+        },
+    }
+    headers = {**auth, "Accept": "application/json, text/event-stream"}
+    post = asyncio.create_task(edge.session.post(f"{url}/mcp", json=request, headers=headers))
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await open_holds(edge.stack.ledger):
+        assert asyncio.get_running_loop().time() < deadline, "the call never made its hold"
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(server.stop(grace=0.2), timeout=10)
+    with contextlib.suppress(aiohttp.ClientError):
+        async with await post as response:
+            await response.read()
+    await wait_no_open_holds(edge.stack.ledger, within=3)
     b = await balance(edge.stack.ledger.stub, user)
     assert (b.available_tokens, b.reserved_tokens) == (800, 0)
