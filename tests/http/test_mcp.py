@@ -313,38 +313,11 @@ async def test_browser_pages_of_other_origins_are_refused(edge: Edge) -> None:
     assert allowed.headers["Access-Control-Allow-Origin"] == ORIGIN
 
 
-async def test_a_client_that_leaves_mid_call_has_its_hold_released(edge: Edge) -> None:
-    """The tool runs in the SDK's task group, not the request's: the client going away must
-    still reach the call, so its hold is released (not left to expire) and nothing charged."""
-    user, auth = edge.user()
-    await credit(edge.stack.ledger.stub, user, 1000)
-    request = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "tools/call",
-        "params": {
-            "name": "generate_text",
-            "arguments": {**CALL, "content": "[[delay:30]] [[usage:40,60]] slow"},
-        },
-    }
-    headers = {**auth, "Accept": "application/json, text/event-stream"}
-    post = asyncio.create_task(edge.session.post(f"{edge.url}/mcp", json=request, headers=headers))
-    deadline = asyncio.get_running_loop().time() + 5
-    while not await open_holds(edge.stack.ledger):  # the call is at the provider
-        assert asyncio.get_running_loop().time() < deadline, "the call never made its hold"
-        await asyncio.sleep(0.02)
-    post.cancel()  # the client leaves: its connection closes
-    with pytest.raises(asyncio.CancelledError):
-        await post
-    await wait_no_open_holds(edge.stack.ledger)
-    b = await balance(edge.stack.ledger.stub, user)
-    assert (b.available_tokens, b.reserved_tokens) == (800, 0)
-
-
-async def test_shutdown_past_the_grace_releases_a_tool_call(edge: Edge) -> None:
-    """A tool call still running when the edge stops (past its grace) is cancelled with the
-    SDK's task group: its hold is released, nothing charged, and the stop does not hang."""
-    server, url = await start_edge(edge.stack)
+async def slow_call_at_the_provider(
+    edge: Edge, url: str
+) -> tuple[str, asyncio.Task[aiohttp.ClientResponse]]:
+    """A funded user's generate_text posted raw, once its hold is made (the call then waits
+    30 s at the provider): the user and the request's task."""
     user, auth = edge.user()
     await credit(edge.stack.ledger.stub, user, 1000)
     request = {
@@ -362,6 +335,26 @@ async def test_shutdown_past_the_grace_releases_a_tool_call(edge: Edge) -> None:
     while not await open_holds(edge.stack.ledger):
         assert asyncio.get_running_loop().time() < deadline, "the call never made its hold"
         await asyncio.sleep(0.02)
+    return user, post
+
+
+async def test_a_client_that_leaves_mid_call_has_its_hold_released(edge: Edge) -> None:
+    """The tool runs in the SDK's task group, not the request's: the client going away must
+    still reach the call, so its hold is released (not left to expire) and nothing charged."""
+    user, post = await slow_call_at_the_provider(edge, edge.url)
+    post.cancel()  # the client leaves: its connection closes
+    with pytest.raises(asyncio.CancelledError):
+        await post
+    await wait_no_open_holds(edge.stack.ledger)
+    b = await balance(edge.stack.ledger.stub, user)
+    assert (b.available_tokens, b.reserved_tokens) == (800, 0)
+
+
+async def test_shutdown_past_the_grace_releases_a_tool_call(edge: Edge) -> None:
+    """A tool call still running when the edge stops (past its grace) is cancelled with the
+    SDK's task group: its hold is released, nothing charged, and the stop does not hang."""
+    server, url = await start_edge(edge.stack)
+    user, post = await slow_call_at_the_provider(edge, url)
     await asyncio.wait_for(server.stop(grace=0.2), timeout=10)
     with contextlib.suppress(aiohttp.ClientError):
         async with await post as response:
