@@ -64,6 +64,9 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP asks for a prompt reload (the prompt library takes it while it runs). Without
+    # prompts, or while draining, its default action would end the process mid-call: ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         port = await app.start(settings.gateway_addr)
         # Scripts read this first line for the gRPC address: keep it first and unchanged.

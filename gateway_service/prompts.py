@@ -391,6 +391,8 @@ class PromptLibrary:
             return
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # Removing it restores SIGHUP's default action, which would end a draining process.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self._poller.cancel()
         await asyncio.gather(self._poller, return_exceptions=True)
         self._poller = None

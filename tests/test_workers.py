@@ -396,3 +396,30 @@ async def test_sighup_to_the_supervisor_reloads_every_workers_prompts(
         assert await asyncio.to_thread(service.proc.wait, 30) == 0
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sighup_without_prompts_ends_no_process(
+    ledger: LedgerHarness, sim_url: str, tmp_path: Path, workers: str
+) -> None:
+    """Log rotation and `systemctl reload` send SIGHUP too: with nothing to reload, its default
+    action must not end a worker (cutting its calls) or a single-process gateway."""
+    env = gateway_process_env(
+        ledger.address, sim_url, str(tmp_path), WORKERS=workers, SHUTDOWN_GRACE_SECONDS="5"
+    )
+    service = processes.start("gateway_service", env)
+    try:
+        assert service.proc.stdout is not None
+        second = await asyncio.to_thread(service.proc.stdout.readline)
+        assert second.startswith("gateway http listening on 127.0.0.1:"), second
+        output = Output(service)
+        before = workers_of(service.proc)
+        service.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(2)
+        assert service.proc.poll() is None
+        assert workers_of(service.proc) == before
+        assert not [line for line in output.lines if "exited unexpectedly" in line]
+        service.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(service.proc.wait, 30) == 0
+    finally:
+        service.stop()
