@@ -694,6 +694,8 @@ class Gateway:
         hold is sized exactly as that call's Reserve would size it; else from
         `estimated_tokens` (the tokens it may use, input and output)."""
         if call is not None:
+            if call.prompt_id and not call.content:
+                raise invalid("content", "needed with prompt_id: the call's hold is sized from it")
             call, _ = self._rendered(call)  # sized from the text the server would send
             if call.max_tokens < 0 or call.max_tokens > MAX_OUTPUT_TOKENS:
                 raise invalid("max_tokens", f"must be within 0..{MAX_OUTPUT_TOKENS}")

@@ -309,7 +309,7 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
         self, request: pb.CheckRequestEligibilityRequest, context: Context
     ) -> pb.CheckRequestEligibilityResponse:
         call = None
-        if request.content:
+        if request.content or request.prompt_id:
             call = GenerateRequest(
                 content=request.content,
                 system_prompt=request.system_prompt,

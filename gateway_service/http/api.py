@@ -137,6 +137,9 @@ class Endpoint:
     errors: Mapping[int, str] = field(default_factory=dict)  # status -> what it means here
     # What a 202 with no body means here (empty: the operation never answers one).
     accepted: str = ""
+    # An error status may carry the operation's own answer shape too (a protocol that answers
+    # its errors in its own envelope: JSON-RPC), besides the edge's `Error`.
+    errors_in_answer: bool = False
 
 
 # Every operation described so far, by (METHOD, path template): the document's source. Change
@@ -174,6 +177,7 @@ def describe(
     headers: tuple[Header, ...] = (),
     errors: Mapping[int, str] | tuple[int, ...] = (),
     accepted: str = "",
+    errors_in_answer: bool = False,
 ) -> None:
     """Documents a route whose handler is built elsewhere (nothing is checked for it here).
     `accepted`: when it may answer 202 with no body, what that means."""
@@ -189,6 +193,7 @@ def describe(
         headers=headers,
         errors=_errors(errors),
         accepted=accepted,
+        errors_in_answer=errors_in_answer,
     )
     register(endpoint)
 

@@ -17,7 +17,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway_service.http.errors import error_response
 
-ALLOWED_HEADERS = "Authorization, Content-Type"
+# Mcp-*: what an MCP client sends after its handshake (POST /mcp).
+ALLOWED_HEADERS = "Authorization, Content-Type, Mcp-Protocol-Version, Mcp-Method, Mcp-Name"
 EXPOSED_HEADERS = "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
 MAX_AGE_SECONDS = 600
 

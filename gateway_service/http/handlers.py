@@ -144,18 +144,24 @@ def _generate_rules(schema: dict[str, Any]) -> None:
 
 
 def _prompt_rule(schema: dict[str, Any]) -> None:
-    """A server-held prompt or a system prompt, not both; variables only with a prompt. Stated
-    as the two shapes a body may take (no `not`): test generators build valid bodies from
-    positive branches, and filter those of a `not` until few are left."""
+    """A server-held prompt or a system prompt, not both; variables only with a prompt; a
+    prompt only with the content it is for. Stated as the two shapes a body may take (no
+    `not`): test generators build valid bodies from positive branches, and filter those of a
+    `not` until few are left."""
     schema["description"] += (
-        " promptId and systemPrompt exclude each other; variables go with promptId."
+        " promptId and systemPrompt exclude each other; variables go with promptId, and"
+        " promptId with content."
     )
     absent = {"type": "null"}
     shapes = [
         {"properties": {"promptId": absent, "variables": absent}},
         {
-            "required": ["promptId"],
-            "properties": {"promptId": {"type": "string"}, "systemPrompt": absent},
+            "required": ["promptId", "content"],
+            "properties": {
+                "promptId": {"type": "string"},
+                "systemPrompt": absent,
+                "content": {"type": "string", "minLength": 1},
+            },
         },
     ]
     if "anyOf" in schema:  # another rule's branches: both must hold
@@ -191,9 +197,19 @@ def _provider_rule(schema: dict[str, Any]) -> None:
 
 
 def _one_of(
-    prompt_id: str | None, system_prompt: str | None, variables: dict[str, Any] | None
+    prompt_id: str | None,
+    system_prompt: str | None,
+    variables: dict[str, Any] | None,
+    content: str | None,
 ) -> None:
-    """A server-held prompt or a system prompt, not both; variables only with a prompt."""
+    """A server-held prompt or a system prompt, not both; variables only with a prompt; a
+    prompt only with the content it is for."""
+    if prompt_id is not None and not content:
+        raise PydanticCustomError(
+            "prompt_without_content",
+            "{problem}",
+            {"field": "content", "problem": "needed with promptId"},
+        )
     if prompt_id is not None and system_prompt is not None:
         raise PydanticCustomError(
             "prompt_and_system_prompt",
@@ -229,7 +245,7 @@ class GenerateRequest(Body, json_schema_extra=_generate_rules):
 
     @model_validator(mode="after")
     def _one_system_prompt(self) -> Self:
-        _one_of(self.prompt_id, self.system_prompt, self.variables)
+        _one_of(self.prompt_id, self.system_prompt, self.variables, self.content)
         return self
 
     def call(self, address: str = "") -> core.GenerateRequest:
@@ -264,12 +280,13 @@ class EligibilityRequest(Body, json_schema_extra=_prompt_rule):
 
     @model_validator(mode="after")
     def _one_system_prompt(self) -> Self:
-        _one_of(self.prompt_id, self.system_prompt, self.variables)
+        _one_of(self.prompt_id, self.system_prompt, self.variables, self.content)
         return self
 
     def call(self) -> core.GenerateRequest | None:
+        """The call to size, when it is described."""
         if not self.content:
-            return None
+            return None  # (a promptId comes with content: refused above otherwise)
         return core.GenerateRequest(
             content=self.content,
             system_prompt=self.system_prompt or "",

@@ -91,10 +91,14 @@ class IdentityToken(AccessToken):
         return f"IdentityToken(client_id={self.client_id!r})"
 
 
-def _access_token(token: str, identity: Identity) -> IdentityToken:
+VERIFIED = "(verified by the edge)"
+
+
+def _access_token(identity: Identity) -> IdentityToken:
     exp = identity.claims.get("exp")
     return IdentityToken(
-        token=token,
+        # Not the JWT: nothing past the edge needs it, and a model prints every field.
+        token=VERIFIED,
         client_id=identity.user_id,
         subject=identity.user_id,
         scopes=["admin"] if identity.admin else [],
@@ -324,11 +328,14 @@ def _scope(request: web.Request, user: AuthenticatedUser | None) -> Scope:
 
 async def _serve_asgi(request: web.Request, user: AuthenticatedUser | None) -> web.StreamResponse:
     """Runs the SDK's ASGI handler for `request`, writing what it sends to a StreamResponse. A
-    refusal of the SDK's own (406 for an Accept without JSON, ...) is the edge's JSON error."""
+    JSON-RPC error the protocol answers with an HTTP error status (the per-request protocol
+    revision does) goes out as it is; another refusal of the SDK's own (406 for an Accept
+    without JSON, ...) is the edge's JSON error."""
     body = await request.read()  # already read, within its timeout (ConnectionGuard)
     response = web.StreamResponse()
     delivered = False
     done = False
+    answered = asyncio.Event()
     refused: int | None = None  # the SDK's status when it refused: its body is held, not sent
     held = bytearray()
 
@@ -337,7 +344,9 @@ async def _serve_asgi(request: web.Request, user: AuthenticatedUser | None) -> w
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        # Nothing more will come: the body was whole. Asked again once the answer is out.
+        # The body was whole. The SDK now watches for the client leaving, which cancels this
+        # whole call (`until_disconnected`): until the answer is out, nothing happened.
+        await answered.wait()
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
@@ -358,6 +367,7 @@ async def _serve_asgi(request: web.Request, user: AuthenticatedUser | None) -> w
                 await response.write(chunk)
             if not message.get("more_body", False):
                 done = True
+                answered.set()
                 if refused is None:
                     await response.write_eof()
 
@@ -365,12 +375,22 @@ async def _serve_asgi(request: web.Request, user: AuthenticatedUser | None) -> w
     _ADDRESS.set(address_of(request))
     await AuthContextMiddleware(manager.handle_request)(_scope(request, user), receive, send)
     if refused is not None:
+        if _is_jsonrpc(bytes(held)):
+            return web.Response(status=refused, body=bytes(held), content_type="application/json")
         return error_response(refused, _sdk_message(bytes(held), refused), _sdk_reason(refused))
     if not response.prepared:  # the SDK sent nothing: a crash it swallowed
         raise web.HTTPInternalServerError
     if not done:
         await response.write_eof()
     return response
+
+
+def _is_jsonrpc(body: bytes) -> bool:
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("jsonrpc") == "2.0"
 
 
 def _sdk_message(body: bytes, status: int) -> str:
@@ -408,7 +428,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     user = None
     if token is not None:
         identity = await request.app[VERIFIER].verify(token)
-        user = AuthenticatedUser(_access_token(token, identity))
+        user = AuthenticatedUser(_access_token(identity))
     await read_body(request, JsonRpcMessage)  # the edge's JSON rules: 400 / 415, as any body
     # A client that leaves cancels its call, as on POST /v1/generate (a hold is released).
     return await until_disconnected(request, _serve_asgi(request, user))
@@ -460,8 +480,10 @@ describe(
     body=JsonRpcMessage,
     errors={
         403: "ORIGIN_NOT_ALLOWED: a browser page of an origin not in HTTP_CORS_ORIGINS",
+        404: "(per-request protocol revision) a JSON-RPC error: no such method",
         406: "The Accept header does not include application/json",
         503: "SHUTTING_DOWN: the edge stopped while the call ran (its hold was released)",
     },
     accepted="A notification (a message without `id`): accepted, no body",
+    errors_in_answer=True,  # the SDK's refusals are JSON-RPC errors, passed on as they are
 )

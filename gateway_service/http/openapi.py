@@ -234,9 +234,12 @@ def _operation(endpoint: Endpoint) -> Schema:
     responses = {"200": _success(endpoint)}
     if endpoint.accepted:
         responses["202"] = {"description": endpoint.accepted}
+    refusal = _ref(Error)
+    if endpoint.errors_in_answer and isinstance(endpoint.answers, type):
+        refusal = {"anyOf": [refusal, _ref(endpoint.answers)]}
     for status, description in _statuses(endpoint).items():
         headers = RETRY_AFTER if status in (429, 503) else None
-        responses[str(status)] = _json(description, _ref(Error), headers)
+        responses[str(status)] = _json(description, refusal, headers)
     operation["responses"] = responses
     return operation
 

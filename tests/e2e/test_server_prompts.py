@@ -341,6 +341,23 @@ async def test_eligibility_by_prompt_sizes_the_hold_from_the_rendered_text(
             metadata=auth,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # `language` is required
+    # A prompt is sized with the content it is for: without it, refused (never ignored).
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.stub.CheckRequestEligibility(
+            pb.CheckRequestEligibilityRequest(prompt_id="review", variables=variables),
+            metadata=auth,
+        )
+    assert rpc_error(err.value) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/v1/eligibility",
+            json={"promptId": "nope", "variables": variables},
+            headers=dict(auth),
+        ) as response,
+    ):
+        assert response.status == 400
+        assert (await response.json())["error"]["field"] == "content"
 
 
 async def test_usage_analytics_break_usage_down_by_prompt(

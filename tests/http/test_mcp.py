@@ -285,11 +285,12 @@ async def test_the_transport_is_stateless_post_only_with_the_edges_errors(edge: 
     bad = await edge.call("POST", "/mcp", json_body={"method": "tools/list"}, headers=accept)
     assert bad.status == 400
     assert bad.error["field"] == "jsonrpc"
-    # The SDK's own refusal, in the edge's error shape.
+    # The SDK's own refusal: the protocol's JSON-RPC error, passed on as it is.
     listing = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
     refused = await edge.call("POST", "/mcp", json_body=listing, headers={"Accept": "text/html"})
     assert refused.status == 406
-    assert refused.error["reason"] == "NOT_ACCEPTABLE"
+    assert refused.body["jsonrpc"] == "2.0"
+    assert "application/json" in refused.body["error"]["message"]
     listed = await edge.call("POST", "/mcp", json_body=listing, headers=accept)
     assert listed.status == 200
     assert listed.body["id"] == 7
@@ -362,3 +363,50 @@ async def test_shutdown_past_the_grace_releases_a_tool_call(edge: Edge) -> None:
     await wait_no_open_holds(edge.stack.ledger, within=3)
     b = await balance(edge.stack.ledger.stub, user)
     assert (b.available_tokens, b.reserved_tokens) == (800, 0)
+
+
+MODERN = {"mcp-protocol-version": "2026-07-28", "Accept": "application/json, text/event-stream"}
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+async def test_the_per_request_protocol_revision_gets_its_own_errors(edge: Edge) -> None:
+    """The 2026-07-28 revision (no handshake) answers its errors as JSON-RPC errors with an
+    HTTP status: the client needs them as they are (code, id), not in the edge's shape."""
+    user, auth = edge.user()
+    await credit(edge.stack.ledger.stub, user, 1000)
+    unknown = {"jsonrpc": "2.0", "id": 6, "method": "nope/nope", "params": {"_meta": MODERN_META}}
+    reply = await edge.call(
+        "POST", "/mcp", json_body=unknown, headers={**auth, **MODERN, "mcp-method": "nope/nope"}
+    )
+    assert reply.status == 404, reply.body
+    assert (reply.body["id"], reply.body["error"]["code"]) == (6, types.METHOD_NOT_FOUND)
+    status = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "get_user_status", "arguments": {}, "_meta": MODERN_META},
+    }
+    headers = {**auth, **MODERN, "mcp-method": "tools/call", "mcp-name": "get_user_status"}
+    reply = await edge.call("POST", "/mcp", json_body=status, headers=headers)
+    assert reply.status == 200, reply.body
+    assert reply.body["result"]["structuredContent"]["availableTokens"] == 800
+
+
+async def test_a_browser_client_of_an_allowed_origin_may_send_the_mcp_headers(edge: Edge) -> None:
+    """After its handshake an MCP client sends Mcp-Protocol-Version (and Mcp-Method, Mcp-Name
+    in the per-request revision): a browser asks first, and must be let through."""
+    asked = "authorization, content-type, mcp-protocol-version, mcp-method, mcp-name"
+    async with edge.session.options(
+        f"{edge.url}/mcp",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked,
+        },
+    ) as preflight:
+        assert preflight.status == 204
+        allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert {h.strip() for h in asked.split(",")} <= {h.strip() for h in allowed.split(",")}
