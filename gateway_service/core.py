@@ -446,7 +446,7 @@ class Gateway:
             except ProviderError as exc:
                 if not falls_back(exc):
                     raise
-                _fell_back(plan, after)
+                _fell_back(plan, after, exc)
         last = plans[-1]
         return last, await self.providers.get(last.provider_name).generate(last.request)
 
@@ -593,7 +593,7 @@ class Gateway:
                             raise
                         with contextlib.suppress(Exception):
                             await stream.aclose()
-                        _fell_back(plan, later[0])
+                        _fell_back(plan, later[0], exc)
                         plan = later.pop(0)
                         stream = self.providers.get(plan.provider_name).stream(plan.request)
                         continue
@@ -906,7 +906,10 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-def _fell_back(plan: _Plan, to: _Plan) -> None:
+def _fell_back(plan: _Plan, to: _Plan, failure: ProviderError | None = None) -> None:
+    if failure is not None and failure.kind is ProviderErrorKind.AUTH:
+        # Served anyway, but our own key is missing or refused: the operator must know.
+        log.error("provider %s refused the platform key", failure.provider)
     PROVIDER_FALLBACKS.labels(plan.provider_name, to.provider_name).inc()
 
 

@@ -458,6 +458,7 @@ async def mcp_lifecycle(app: web.Application) -> AsyncIterator[None]:
     waiting = asyncio.create_task(running.wait())
     await asyncio.wait((task, waiting), return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
     if task.done():
         task.result()  # raises what stopped it
         raise RuntimeError("the MCP session manager stopped as it started")

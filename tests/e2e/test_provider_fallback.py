@@ -6,6 +6,7 @@ any attempt; a chain that runs out answers with its last failure, nothing charge
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -255,3 +256,21 @@ async def test_one_hold_for_the_whole_chain(chained: Stack, own_sim: Sim) -> Non
 def test_bad_chains_are_refused_at_start_up() -> None:
     with pytest.raises(SystemExit, match="PROVIDER_FALLBACKS"):
         create_app(gateway_settings("127.0.0.1:1", "http://127.0.0.1:1", provider_fallbacks="x"))
+
+
+async def test_a_refused_platform_key_is_handed_on_and_reported(
+    chained: Stack, own_sim: Sim, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our own key refused (401) is not the caller's fault: the fallback serves, and the
+    operator is told at ERROR, as when there is no fallback."""
+    user, auth = await funded(chained)
+    before = own_sim.stats.requests
+    with caplog.at_level(logging.ERROR, logger="gateway_service.core"):
+        reply = await chained.stub.GenerateText(
+            gpb.GenerateTextRequest(content=down(PRIMARY, "401"), model=PRIMARY, max_tokens=100),
+            metadata=auth,
+        )
+    assert own_sim.stats.requests == before + 2  # a refused key is not retried
+    assert (reply.provider, reply.model) == ("openai", FALLBACK)
+    assert "provider anthropic refused the platform key" in caplog.text
+    await served_once(chained, user, "openai", FALLBACK)
