@@ -50,8 +50,8 @@ async def rollup_forever(ledger: Ledger, interval: float = ROLLUP_INTERVAL_SECON
     while True:
         try:
             # A backlog (the first run on a long history) is taken a few days per transaction.
-            while (days := await ledger.rollup_usage()) > 0:
-                log.info("analytics: rolled up %d days of usage", days)
+            while (rolled := await ledger.rollup_usage()) > 0:
+                log.info("analytics: rolled up %d days and months of usage", rolled)
         except asyncio.CancelledError:
             raise
         except Exception:

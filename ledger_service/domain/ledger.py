@@ -92,6 +92,9 @@ MAX_DEAD_LETTER_PAGE_BYTES = 3 * 1024 * 1024
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A refund's money amounts (minor units of the payment's currency).
 MAX_MONEY_AMOUNT = 10**15
+# One payment, in minor units (cents): $1B. Analytics report revenue in micro-dollars (x10^4 a
+# cent) as int64; at 10^15 cents one payment alone would overflow it and break every report.
+MAX_PAYMENT_MINOR = 10**11
 # Rows deleted per statement by the retention sweep.
 RETENTION_BATCH = 1000
 # A payment transaction the database rolled back to break a conflict is simply run again.
@@ -691,6 +694,8 @@ class Ledger:
         cost_micro_usd: int | None,
     ) -> UsageRecorded:
         key = _id("idempotency_key", idempotency_key)
+        if user_type is None:
+            raise InvalidArgument("user_type", "must be SUBSCRIPTION, BYOK, UNKNOWN or PUBLIC_BYOK")
         # A call with no account has no user: exactly the public BYOK ones.
         if user_type is UserType.PUBLIC_BYOK:
             if user_id:
@@ -700,8 +705,6 @@ class Ledger:
             raise InvalidArgument("user_id", "must not be empty (only PUBLIC_BYOK has no user)")
         else:
             user = _id("user_id", user_id)
-        if user_type is None:
-            raise InvalidArgument("user_type", "must be SUBSCRIPTION, BYOK, UNKNOWN or PUBLIC_BYOK")
         checked = _usage(usage)
         if cost_micro_usd is not None:
             _amount("estimated_cost_micro_usd", cost_micro_usd, 0, MAX_COST_MICRO_USD)
@@ -921,12 +924,12 @@ def _payment(payment: Payment | None) -> Payment | None:
         len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()
     ):
         raise InvalidArgument("payment.currency", "must be an ISO 4217 code such as USD, or empty")
-    amount = _amount("payment.amount_minor", payment.amount_minor, 0, MAX_MONEY_AMOUNT)
+    amount = _amount("payment.amount_minor", payment.amount_minor, 0, MAX_PAYMENT_MINOR)
     if amount and not currency:
         raise InvalidArgument("payment.amount_minor", "needs a currency")
     usd = payment.amount_usd_cents
     if usd is not None:
-        _amount("payment.amount_usd_cents", usd, 0, MAX_MONEY_AMOUNT)
+        _amount("payment.amount_usd_cents", usd, 0, MAX_PAYMENT_MINOR)
     if currency == "USD":
         if usd is not None and usd != amount:
             raise InvalidArgument("payment.amount_usd_cents", "must equal amount_minor for USD")

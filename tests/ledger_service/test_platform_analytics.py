@@ -819,3 +819,23 @@ async def test_only_whole_past_days_are_rolled_and_the_rest_is_read_raw(
         ) + [1]
     finally:
         await conn.close()
+
+
+async def test_the_largest_payment_still_reports(ledger: LedgerHarness) -> None:
+    """A payment at its bound ($1B) is reported in micro-dollars without overflowing int64 (at
+    the old bound of 10^15 cents one payment broke every report that held it)."""
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    await ledger.stub.CreditPurchase(
+        pb.CreditPurchaseRequest(
+            idempotency_key=new_key("buy"),
+            user_id="whale",
+            tokens_purchased=1000,
+            purchase_type=pb.PURCHASE_TYPE_ONE_TIME,
+            external_id=new_key("order"),
+            source="test",
+            payment=pb.Payment(currency="EUR", amount_minor=10**11, amount_usd_cents=10**11),
+        ),
+        metadata=AUTH,
+    )
+    reply = await analytics(ledger, now, now + timedelta(hours=1), pb.GRANULARITY_HOUR)
+    assert reply.totals.revenue_micro_usd == 10**15
