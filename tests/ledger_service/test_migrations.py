@@ -122,6 +122,44 @@ async def schema_state(url: str) -> SchemaState:
         await conn.close()
 
 
+_DEFINITIONS = {
+    "function": "SELECT p.oid::regprocedure::text AS name, pg_get_functiondef(p.oid) AS def"
+    " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'",
+    "constraint": "SELECT conrelid::regclass::text || '.' || conname AS name,"
+    " pg_get_constraintdef(c.oid) AS def FROM pg_constraint c"
+    " JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = 'public'",
+    "index": "SELECT indexname AS name, indexdef AS def FROM pg_indexes"
+    " WHERE schemaname = 'public'",
+    "trigger": "SELECT tgname AS name, pg_get_triggerdef(oid) AS def FROM pg_trigger"
+    " WHERE NOT tgisinternal",
+    "column": "SELECT table_name || '.' || column_name AS name,"
+    " concat_ws(' ', data_type, is_nullable, column_default) AS def"
+    " FROM information_schema.columns WHERE table_schema = 'public'",
+    "type": "SELECT t.typname || '.' || a.attname AS name, format_type(a.atttypid, a.atttypmod)"
+    " AS def FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace"
+    " JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped"
+    " WHERE n.nspname = 'public' AND t.typtype = 'c'"
+    " AND NOT EXISTS (SELECT 1 FROM pg_class r WHERE r.oid = t.typrelid AND r.relkind <> 'c')",
+}
+
+
+async def definitions(url: str) -> dict[str, dict[str, str]]:
+    """Every function body, constraint, index, trigger, column and composite type of the
+    schema, by kind and name: what a downgrade must give back exactly."""
+    conn = await asyncpg.connect(url)
+    try:
+        return {
+            kind: {
+                r["name"]: r["def"]
+                for r in await conn.fetch(sql)
+                if "alembic_version" not in r["name"]  # Alembic's own, kept at base
+            }
+            for kind, sql in _DEFINITIONS.items()
+        }
+    finally:
+        await conn.close()
+
+
 def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config("postgresql://unused/x")).get_current_head()
     assert head is not None
@@ -172,13 +210,19 @@ async def test_each_revision_steps_down_and_up(empty_database: str) -> None:
     script = ScriptDirectory.from_config(alembic_config(empty_database))
     revisions = [r.revision for r in reversed(list(script.walk_revisions()))]
     assert revisions[0] == "0001"
+    seen: dict[str, dict[str, dict[str, str]]] = {"base": await definitions(empty_database)}
     for revision in revisions:
         migrate(empty_database, revision)
         assert (await schema_state(empty_database)).version == revision
+        seen[revision] = await definitions(empty_database)
     for previous in [*reversed(revisions[:-1]), "base"]:
         downgrade(empty_database, previous)
         expected = None if previous == "base" else previous
         assert (await schema_state(empty_database)).version == expected
+        # Each step down gives back exactly what its step up replaced: bodies included.
+        now = await definitions(empty_database)
+        for kind, named in seen[previous].items():
+            assert now[kind] == named, (previous, kind, set(now[kind]) ^ set(named))
     migrate(empty_database)
     assert schema_differences(empty_database) == []
 
