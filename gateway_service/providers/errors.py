@@ -7,6 +7,7 @@ provider's error body, and OpenAI's 401 body echoes part of the key that was sen
 from __future__ import annotations
 
 import enum
+import math
 import re
 from email.utils import parsedate_to_datetime
 from time import time
@@ -124,19 +125,30 @@ def _error_type(body: object) -> str | None:
 
 
 def parse_retry_after(retry_after_ms: str | None, retry_after: str | None) -> float | None:
-    """Seconds to wait, from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    """Seconds to wait, from `retry-after-ms` or `retry-after` (seconds or an HTTP date), at
+    most MAX_RETRY_AFTER; a value that is no number of seconds (`inf`, `nan`) is none."""
     if retry_after_ms:
         try:
-            return max(0.0, float(retry_after_ms) / 1000)
+            return _seconds(float(retry_after_ms) / 1000)
         except ValueError:
             pass
     if not retry_after:
         return None
     try:
-        return max(0.0, float(retry_after))
+        return _seconds(float(retry_after))
     except ValueError:
         pass
     try:
-        return max(0.0, parsedate_to_datetime(retry_after).timestamp() - time())
+        return _seconds(parsedate_to_datetime(retry_after).timestamp() - time())
     except (TypeError, ValueError):
         return None
+
+
+# A provider's wait longer than this is passed on as this (callers' Retry-After stays sane).
+MAX_RETRY_AFTER = 3600.0
+
+
+def _seconds(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("not a number of seconds")
+    return min(MAX_RETRY_AFTER, max(0.0, value))

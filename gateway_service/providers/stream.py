@@ -154,10 +154,12 @@ class ProviderStream(ABC):
             lost = self.usage.total
             self._called(error.kind.value)
             sdk, self._sdk = self._sdk, None
+            # Forgotten before anything awaits: a call cut or cancelled while the failed
+            # attempt closes must not be charged for it (it is the platform's loss).
+            self._fresh()
             if sdk is not None:
                 with suppress(Exception):
                     await sdk.close()
-            self._fresh()
             if not await self._resilience.again(
                 error, failures, lost_tokens=lost, counted=not self._request.api_key
             ):
