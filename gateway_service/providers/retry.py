@@ -10,9 +10,11 @@ Rules (the SDKs make one attempt each, `max_retries=0`; this is the gateway's on
   only the attempt that answers is charged; usage a failed attempt had already reported is
   counted in `rpcai_provider_retry_lost_tokens_total` (the platform's loss), never charged.
 - Waits: the provider's `retry-after-ms` / `retry-after` when given, else full jitter
-  (uniform in [0, min(max, base * 2^(n-1))] before attempt n+1). A wait that would end past the
-  call's deadline (the hold lease's cut, see `call_deadline`) is not taken: the last failure is
-  the answer (with the provider's wait as its Retry-After). A call without a deadline waits at
+  (uniform in [0, min(max, base * 2^(n-1))] before attempt n+1). A retry is not made when its
+  wait plus an attempt as long as the failed one would end past the call's deadline (the hold
+  lease's cut, see `call_deadline`): after a timeout, a second one would only be cut. The last
+  failure is the answer (with the provider's wait as its Retry-After), and a fallback chain
+  may still serve the call. A call without a deadline waits at
   most `max_seconds`.
 - Every attempt asks the provider's circuit breaker first and reports its outcome to it.
 """
@@ -101,11 +103,16 @@ class Resilience:
             self.breaker.record(failed=False)
 
     async def again(
-        self, error: ProviderError, failures: int, lost_tokens: int = 0, counted: bool = True
+        self,
+        error: ProviderError,
+        failures: int,
+        lost_tokens: int = 0,
+        counted: bool = True,
+        took: float = 0.0,
     ) -> bool:
-        """After attempt number `failures` failed with `error` before anything reached the
-        caller: reports it, and waits before the next attempt. False: no next attempt (the
-        caller raises `error`)."""
+        """After attempt number `failures` failed with `error` (after `took` seconds) before
+        anything reached the caller: reports it, and waits before the next attempt. False: no
+        next attempt (the caller raises `error`)."""
         retryable = is_retryable(error)
         if counted:
             self.breaker.record(failed=retryable)
@@ -121,7 +128,10 @@ class Resilience:
         if deadline is None:
             if wait > self.policy.max_seconds:
                 return False  # a call with no deadline (unary BYOK) waits no longer than this
-        elif loop.time() + wait >= deadline():
+        elif loop.time() + wait + took >= deadline():
+            # The next attempt could not end in time if it went as this one did (a timeout
+            # would be cut by the lease instead): the failure is the answer, and a fallback
+            # chain may still serve the call.
             return False
         PROVIDER_RETRIES.labels(self.provider, error.kind.value).inc()
         await asyncio.sleep(wait)

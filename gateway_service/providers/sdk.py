@@ -5,6 +5,7 @@ ProviderError without chaining the SDK exception, and retries with a circuit bre
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from typing import Generic, TypeVar
 
@@ -54,13 +55,18 @@ class SdkProvider(ABC, Generic[Client]):
         client = self.client_for(request)
         platform_key = not request.api_key  # BYOK attempts leave the breaker alone
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
             self.resilience.admit(platform_key)
+            sent = loop.time()
             try:
                 completion = await self._attempt(client, request)
             except ProviderError as error:
                 failures += 1
-                if not await self.resilience.again(error, failures, counted=platform_key):
+                took = loop.time() - sent
+                if not await self.resilience.again(
+                    error, failures, counted=platform_key, took=took
+                ):
                     raise
                 continue
             self.resilience.succeeded(platform_key)

@@ -15,6 +15,7 @@ describes the new attempt only. From the first item on, a failure ends the strea
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from contextlib import suppress
 from types import TracebackType
@@ -132,9 +133,11 @@ class ProviderStream(ABC):
         if self._delivered or self._resilience is None:
             return await self._next_item()
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
             self._resilience.admit(not self._request.api_key)
             error: ProviderError | None = None
+            sent = loop.time()
             try:
                 item = await self._next_item()
             except ProviderError as exc:
@@ -161,7 +164,11 @@ class ProviderStream(ABC):
                 with suppress(Exception):
                     await sdk.close()
             if not await self._resilience.again(
-                error, failures, lost_tokens=lost, counted=not self._request.api_key
+                error,
+                failures,
+                lost_tokens=lost,
+                counted=not self._request.api_key,
+                took=loop.time() - sent,
             ):
                 raise error
 

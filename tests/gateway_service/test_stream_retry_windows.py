@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway_service.providers.base import CompletionRequest
 from gateway_service.providers.errors import ProviderError, ProviderErrorKind, parse_retry_after
-from gateway_service.providers.retry import Resilience, RetryPolicy
+from gateway_service.providers.retry import Resilience, RetryPolicy, call_deadline
 from gateway_service.providers.stream import ProviderStream
 
 
@@ -58,3 +58,17 @@ def test_a_retry_after_that_is_no_number_of_seconds_is_none() -> None:
     assert parse_retry_after("1e999", "7") == 7
     assert parse_retry_after(None, "86400") == 3600  # passed on as at most an hour
     assert parse_retry_after("250", None) == 0.25
+
+
+async def test_no_retry_that_could_not_end_before_the_deadline() -> None:
+    """After an attempt that took T (a timeout: the provider's whole timeout), a retry is made
+    only if its wait plus another T still ends before the call's deadline; otherwise the
+    failure is the answer at once (and a fallback chain may serve the call), instead of an
+    attempt the hold's lease would cut."""
+    resilience = Resilience("sim", RetryPolicy(max_attempts=3, base_seconds=0, max_seconds=0))
+    timeout = ProviderError("sim", ProviderErrorKind.TIMEOUT)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    with call_deadline(lambda: deadline):
+        assert await resilience.again(timeout, 1, took=4)
+        assert not await resilience.again(timeout, 1, took=11)
