@@ -499,7 +499,8 @@ class Gateway:
             except ProviderError as exc:
                 raise provider_failure(exc, byok=True) from None
             usage = Usage(completion.input_tokens, completion.output_tokens, estimated=False)
-            info = await self._record_byok(plan, completion.model, usage)
+            # Served: its record must land even if the caller leaves now.
+            info = await self._shielded(self._record_byok(plan, completion.model, usage))
             return _result(completion, usage_info=info)
 
         plans = self._candidates(plan, req)

@@ -131,6 +131,7 @@ async def test_dashboard_shows_the_api_figures(
     _check_figures(seen, analytics)
     # The range stays in the address bar (a view can be shared); the token does not.
     assert seen["url"] == f"{site.url}/dashboard#{urlencode(span)}"
+    assert seen["requests_sent"]  # the page did call the API
     assert all(admin not in r.url for r in seen["requests_sent"])
     # (data: URLs are the browser's own widgets, e.g. the date picker's icon: no request leaves.)
     elsewhere = [r.url for r in seen["requests_sent"] if not r.url.startswith((site.url, "data:"))]
