@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -16,9 +15,7 @@ from provider_sim.common import (
     malformed_json_response,
     pause,
     random_id,
-    reset_connection,
-    retry_after_headers,
-    scripted_failure,
+    scripted_outcome,
     sse,
     stream_events,
     text_event,
@@ -116,14 +113,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     user_text = "".join(text_of(m.get("content")) for m in msgs if m.get("role") == "user")
     plan = make_plan(prompt_texts, user_text, body["max_tokens"])
     await pause(request, plan.delay)
-    failure = scripted_failure(request, plan, user_text, body["model"])
-    if isinstance(failure, int):
-        headers = retry_after_headers(plan, headers)
-        return error_response(failure, headers)
-    if failure == "reset" or (failure == "cut" and body.get("stream") is not True):
-        return reset_connection(request)
-    if failure == "cut":
-        plan = replace(plan, cut=0, pace=0.0)
+    outcome = scripted_outcome(request, plan, user_text, body, headers, error_response)
+    if isinstance(outcome, web.Response):
+        return outcome
+    plan = outcome
 
     model = body["model"]
     message_id = random_id("msg_01", 22)

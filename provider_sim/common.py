@@ -9,7 +9,8 @@ import random
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from aiohttp import web
 
@@ -168,6 +169,30 @@ def scripted_failure(
     if seen > times:
         return None
     return what if what in ("reset", "cut") else int(what)
+
+
+ErrorResponse = Callable[[int, dict[str, str]], web.Response]
+
+
+def scripted_outcome(
+    request: web.Request,
+    plan: Plan,
+    user_text: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    error_response: ErrorResponse,
+) -> web.Response | Plan:
+    """What a request whose directives script a failure gets instead of its answer (an error
+    in the provider's format, or a reset connection), else the plan to answer it by (a `cut`
+    stream: its opening events only)."""
+    failure = scripted_failure(request, plan, user_text, body["model"])
+    if isinstance(failure, int):
+        return error_response(failure, retry_after_headers(plan, headers))
+    if failure == "reset" or (failure == "cut" and body.get("stream") is not True):
+        return reset_connection(request)
+    if failure == "cut":
+        return replace(plan, cut=0, pace=0.0)
+    return plan
 
 
 def retry_after_headers(plan: Plan, headers: dict[str, str]) -> dict[str, str]:

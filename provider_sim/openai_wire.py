@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -17,9 +16,7 @@ from provider_sim.common import (
     malformed_json_response,
     pause,
     random_id,
-    reset_connection,
-    retry_after_headers,
-    scripted_failure,
+    scripted_outcome,
     sse,
     stream_events,
     text_event,
@@ -140,14 +137,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         prompt_texts, user_text, body.get("max_completion_tokens", body.get("max_tokens"))
     )
     await pause(request, plan.delay)
-    failure = scripted_failure(request, plan, user_text, body["model"])
-    if isinstance(failure, int):
-        headers = retry_after_headers(plan, headers)
-        return error_response(failure, headers)
-    if failure == "reset" or (failure == "cut" and body.get("stream") is not True):
-        return reset_connection(request)
-    if failure == "cut":
-        plan = replace(plan, cut=0, pace=0.0)
+    outcome = scripted_outcome(request, plan, user_text, body, headers, error_response)
+    if isinstance(outcome, web.Response):
+        return outcome
+    plan = outcome
 
     base = {
         "id": random_id("chatcmpl-", 29),
