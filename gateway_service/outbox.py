@@ -264,16 +264,19 @@ class Outbox:
                         job.method,
                         exc.reason,
                     )
-                    self._pending.pop(job.id, None)
                     self._refused += 1
                     await self._io(partial(self._refuse, job.id, exc.reason))
+                    self._pending.pop(job.id, None)
                     continue
                 except Exception:
                     log.exception("outbox: delivering %s failed", job.method)
                     delivered_all = False
                     break
-                self._pending.pop(job.id, None)
+                # Journal first, then forget: `drain` returns once nothing is pending, and a close
+                # right after it must not cancel a delete still waiting for the journal's thread
+                # (the next start would send the job again: a no-op, but a needless one).
                 await self._journaled(_Journal.done, job.id)
+                self._pending.pop(job.id, None)
             if delivered_all:
                 backoff = self._initial
                 continue

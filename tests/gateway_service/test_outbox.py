@@ -9,12 +9,15 @@ import base64
 import json
 import os
 import signal
+import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+from gateway_service import outbox as outbox_module
 from gateway_service.errors import Failure
 from gateway_service.ledger_client import LedgerError
 from gateway_service.outbox import Outbox
@@ -169,3 +172,31 @@ async def test_a_write_refused_for_good_is_kept_for_an_operator(tmp_path: Path) 
     await again.start()
     assert (again.pending, again.refused) == (0, 2)
     await again.close()
+
+
+async def test_drain_returns_once_the_delivered_writes_are_off_the_disk_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`drain` is what a shutdown waits on before `close`: when it says nothing is left, the
+    journal must say so too (a close cancelling a delete still queued for the journal's thread
+    left a delivered write to be sent again by the next start)."""
+    done = outbox_module._Journal.done
+
+    def slow_done(journal: outbox_module._Journal, job_id: str) -> None:
+        time.sleep(0.3)  # a disk slow to sync
+        done(journal, job_id)
+
+    monkeypatch.setattr(outbox_module._Journal, "done", slow_done)
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(Recorder(), path)
+    await box.start()
+    try:
+        await box.submit("Settle", b"x")
+        assert await box.drain(5)
+        on_disk = sqlite3.connect(path)
+        try:
+            assert on_disk.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+        finally:
+            on_disk.close()
+    finally:
+        await box.close()
