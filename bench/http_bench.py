@@ -132,7 +132,12 @@ def run_wrk(target: Target, connections: int, seconds: float) -> WrkResult:
             str(script),
             target.url,
         ]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(
+                f"wrk failed ({done.returncode}): {done.stdout[-1500:]} {done.stderr[-1500:]}"
+            )
+        out = done.stdout
     match = re.search(r"^WRKJSON (.*)$", out, re.MULTILINE)
     if not match:
         raise RuntimeError(f"wrk printed no summary:\n{out[-2000:]}")

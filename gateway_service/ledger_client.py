@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.ledger_batch import BatchUnsupported, WriteBatcher
+from gateway_service.ledger_stream import BatchStream, Call
 from gateway_service.metrics import RATE_LIMIT_REFUSALS
 from shared import tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
@@ -176,11 +177,23 @@ class LedgerClient:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
         self.batcher = WriteBatcher(self._send_batch, _batch_failure, timeout)
+        self.stream = BatchStream(self._open_stream, self._apply_batch)
+
+    def _open_stream(self) -> Call:
+        return self.stub.ApplyBatches(metadata=self._metadata)
+
+    async def _apply_batch(
+        self, request: lpb.ApplyBatchRequest, deadline: float
+    ) -> lpb.ApplyBatchResponse:
+        return await self.stub.ApplyBatch(request, metadata=self._metadata, timeout=deadline)
 
     async def _send_batch(
         self, request: lpb.ApplyBatchRequest, deadline: float
     ) -> lpb.ApplyBatchResponse:
-        return await self.stub.ApplyBatch(request, metadata=self._metadata, timeout=deadline)
+        if tracing.enabled():
+            # A call per batch: its own server span, its writes' parents in its metadata.
+            return await self._apply_batch(request, deadline)
+        return await self.stream.send(request, deadline)
 
     def write(self, write: lpb.LedgerWrite) -> Coroutine[Any, Any, lpb.LedgerWriteResult]:
         """One hot-path write, batched with whatever other writes wait at the same moment; its
@@ -298,4 +311,5 @@ class LedgerClient:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
+        await self.stream.close()
         await self.channel.close()

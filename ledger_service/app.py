@@ -107,7 +107,9 @@ async def create_app(settings: Settings, database_url: str, run_sweeper: bool = 
             *server_options(settings, per_connection_streams=False),
         ],
     )
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(ledger), grpc_app.server)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+        LedgerServicer(ledger, grpc_app.draining), grpc_app.server
+    )
     app = LedgerApp(grpc=grpc_app, pool=pool, ledger=ledger, store=store)
     app.background = [asyncio.create_task(sample_pool_forever(pool))]
     if settings.metrics_addr:

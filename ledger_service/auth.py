@@ -18,12 +18,23 @@ from shared.rich_errors import rich_status
 DOMAIN = "ledger.rpcai"
 
 
-def _deny(message: str) -> grpc.RpcMethodHandler[Any, Any]:
+def _deny(
+    message: str, method: grpc.RpcMethodHandler[Any, Any] | None
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler that refuses the call, of the same kind as the method's own: a streaming
+    method's caller is refused at once, not after the first message it sends."""
+
     async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort_with_status(
             rich_status(grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED", DOMAIN)
         )
 
+    if method is not None and method.request_streaming and method.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if method is not None and method.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if method is not None and method.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
@@ -48,8 +59,7 @@ class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
                 presented = value.encode() if isinstance(value, str) else value
                 break
         # Constant time: the comparison must not tell an attacker how much of a guess was right.
-        if not presented:
-            return _deny("missing service token")
-        if not hmac.compare_digest(presented, self._expected):
-            return _deny("invalid service token")
-        return await continuation(handler_call_details)
+        if presented and hmac.compare_digest(presented, self._expected):
+            return await continuation(handler_call_details)
+        method = await continuation(handler_call_details)
+        return _deny("invalid service token" if presented else "missing service token", method)

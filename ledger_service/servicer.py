@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -48,6 +49,9 @@ DOMAIN = "ledger.rpcai"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
 # A bound on one ApplyBatch (the gateway sends at most 64).
 MAX_BATCH_WRITES = 256
+# Batches of one ApplyBatches stream being applied at once: past it the stream reads no further
+# until one is answered (a caller cannot queue unbounded work here; the gateway sends 2).
+MAX_STREAM_BATCHES = 16
 
 _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -118,6 +122,30 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         raise AssertionError("unreachable: abort_with_status raises")
 
     return wrapper
+
+
+def _check_batch(request: pb.ApplyBatchRequest) -> None:
+    if len(request.writes) > MAX_BATCH_WRITES:
+        raise errors.InvalidArgument("writes", f"holds more than {MAX_BATCH_WRITES} writes")
+
+
+async def _applied(
+    request: pb.ApplyBatchRequest,
+    apply: Callable[[pb.LedgerWrite], Awaitable[pb.LedgerWriteResult]],
+) -> pb.ApplyBatchResponse:
+    if len(request.writes) == 1:  # the common case at low load: no task to spawn
+        return pb.ApplyBatchResponse(results=[await apply(request.writes[0])])
+    # Concurrently, so the writes of one batch share the ledger's group commits.
+    results = await asyncio.gather(*(apply(write) for write in request.writes))
+    return pb.ApplyBatchResponse(results=results)
+
+
+def _error_result(exc: errors.LedgerError) -> pb.LedgerWriteResult:
+    """The status a write's own call would have failed with."""
+    code = _CODES.get(type(exc), grpc.StatusCode.INTERNAL)
+    return pb.LedgerWriteResult(
+        error=status_proto(code, exc.message, exc.reason, DOMAIN, exc.metadata, _details(exc))
+    )
 
 
 def _balance(b: Balance) -> pb.Balance:
@@ -296,8 +324,10 @@ def decode_page_token(token: str) -> tuple[datetime, str] | None:
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, draining: asyncio.Event | None = None) -> None:
         self.ledger = ledger
+        # Set when the server begins to shut down (GrpcApp.draining): streams end themselves.
+        self._draining = draining or asyncio.Event()
 
     @rpc
     async def CreditPurchase(
@@ -466,15 +496,63 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def ApplyBatch(
         self, request: pb.ApplyBatchRequest, context: Context
     ) -> pb.ApplyBatchResponse:
-        if len(request.writes) > MAX_BATCH_WRITES:
-            raise errors.InvalidArgument("writes", f"holds more than {MAX_BATCH_WRITES} writes")
+        _check_batch(request)
         # A span per write when tracing is on (in its caller's trace; see shared.tracing).
         apply = tracing.write_applier(self._apply, context) if tracing.enabled() else self._apply
-        if len(request.writes) == 1:  # the common case at low load: no task to spawn
-            return pb.ApplyBatchResponse(results=[await apply(request.writes[0])])
-        # Concurrently, so the writes of one batch share the ledger's group commits.
-        results = await asyncio.gather(*(apply(write) for write in request.writes))
-        return pb.ApplyBatchResponse(results=results)
+        return await _applied(request, apply)
+
+    # Answers are written with context.write as each batch is applied, in any order (grpc.aio
+    # allows it; the generated stub only knows the generator style).
+    async def ApplyBatches(  # type: ignore[override]
+        self, requests: AsyncIterator[pb.ApplyBatchRequest], context: Context
+    ) -> None:
+        """Reads batches while the stream lasts and answers each when it is applied. At a
+        shutdown it stops reading, answers what it has read, and ends with OK."""
+        answering: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(MAX_STREAM_BATCHES)
+        writing = asyncio.Lock()  # one message written at a time
+
+        async def answer(request: pb.ApplyBatchRequest) -> None:
+            try:
+                try:
+                    _check_batch(request)
+                except errors.LedgerError as exc:  # refused whole: each write says why
+                    response = pb.ApplyBatchResponse(
+                        results=[_error_result(exc)] * len(request.writes)
+                    )
+                else:
+                    response = await _applied(request, self._apply)
+                response.batch_id = request.batch_id
+                async with writing:
+                    await context.write(response)
+            finally:
+                room.release()
+
+        async def read() -> None:
+            while True:
+                await room.acquire()
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    return
+                task = asyncio.create_task(answer(request))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+
+        reading = asyncio.create_task(read())
+        draining = asyncio.create_task(self._draining.wait())
+        try:
+            await asyncio.wait((reading, draining), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                reading.cancel()  # a batch not read yet is never applied: the caller resends it
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+            while answering:
+                await asyncio.gather(*answering)
+        finally:
+            # The caller is gone (or the stream failed): as a cancelled ApplyBatch call.
+            for task in (reading, draining, *answering):
+                task.cancel()
 
     async def _apply(self, write: pb.LedgerWrite) -> pb.LedgerWriteResult:
         kind = write.WhichOneof("write")
@@ -493,12 +571,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 )
             raise errors.InvalidArgument("write", "names no write")
         except errors.LedgerError as exc:
-            code = _CODES.get(type(exc), grpc.StatusCode.INTERNAL)
-            return pb.LedgerWriteResult(
-                error=status_proto(
-                    code, exc.message, exc.reason, DOMAIN, exc.metadata, _details(exc)
-                )
-            )
+            return _error_result(exc)
         except Exception:
             # What a lone call would answer as INTERNAL; the other writes keep their answers.
             log.exception("a batched %s failed", kind)

@@ -84,6 +84,9 @@ class GrpcApp:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
+        # Set when the server starts to shut down: long-lived streams end themselves (they
+        # would otherwise hold the drain for the whole grace period and be cut at its end).
+        self.draining = asyncio.Event()
 
     async def start(self, addr: str) -> int:
         self.port = self.server.add_insecure_port(addr)
@@ -97,6 +100,7 @@ class GrpcApp:
     async def stop(self, grace: float) -> None:
         # Tell load balancers first, then drain: in-flight calls get `grace` seconds to finish.
         await self.health.enter_graceful_shutdown()
+        self.draining.set()
         await self.server.stop(grace)
 
 

@@ -3,14 +3,19 @@ ledger answering INTERNAL, UNKNOWN, CANCELLED or UNAVAILABLE to a Settle, before
 after (the answer lost on the way back). Bytes pass through untouched, metadata (the service
 token) and rich error details included.
 
-The gateway sends its hot-path writes inside ApplyBatch calls. Each write in one counts and is
-recorded as a call of its own method (a batched Settle is a "Settle"), and a fault on that method
-fails that write alone, as the ledger would answer it inside a batch: not applied, or applied with
-its answer replaced by the error. A fault on "ApplyBatch" fails the whole call."""
+The gateway sends its hot-path writes in batches, as messages on an ApplyBatches stream (or as
+ApplyBatch calls). Each batch counts and is recorded as an "ApplyBatch" call, whichever way it
+came; each write in one counts and is recorded as a call of its own method (a batched Settle is a
+"Settle"), and a fault on that method fails that write alone, as the ledger would answer it inside
+a batch: not applied, or applied with its answer replaced by the error. A fault on "ApplyBatch"
+fails the whole call (on a stream: the stream, and every batch on it); one on "ApplyBatches"
+refuses the stream when it opens. Methods named in `missing` are not there at all, as in an older
+ledger (UNIMPLEMENTED); they are still counted."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +43,7 @@ class LedgerProxy(grpc.GenericRpcHandler):
         self.requests: dict[str, list[bytes]] = {}  # each call's serialized request, by method
         # Awaited before a call of that method goes on (to hold it, or slow it down).
         self.before: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.missing: set[str] = set()
         self._channel = grpc.aio.insecure_channel(target)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((self,))
@@ -59,17 +65,18 @@ class LedgerProxy(grpc.GenericRpcHandler):
         method = handler_call_details.method
         if method.endswith("/Watch"):
             return None  # the only streaming method (health Watch) is not needed here
-        forward: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(method)
         name = method.rsplit("/", 1)[1]
+        if name in self.missing:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return None
+        if name == "ApplyBatches":
+            return grpc.stream_stream_rpc_method_handler(self._stream)
+        forward: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(method)
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             self.calls[name] = self.calls.get(name, 0) + 1
             self.requests.setdefault(name, []).append(request)
-            metadata = tuple(
-                (k, v)
-                for k, v in (context.invocation_metadata() or ())
-                if not k.startswith(":") and not k.startswith("grpc-")
-            )
+            metadata = _forwarded(context)
             if name in self.before:
                 await self.before[name]()
             fault = self._take_fault(name)
@@ -88,6 +95,55 @@ class LedgerProxy(grpc.GenericRpcHandler):
             return answer
 
         return grpc.unary_unary_rpc_method_handler(handle)
+
+    async def _stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """ApplyBatches: each message goes on to the ledger as an ApplyBatch call of its own
+        (the per-write faults apply), concurrently, and is answered under its batch_id."""
+        self.calls["ApplyBatches"] = self.calls.get("ApplyBatches", 0) + 1
+        metadata = _forwarded(context)
+        opening = self._take_fault("ApplyBatches")
+        if opening is not None:
+            await context.abort(opening.code, f"injected {opening.code.name}")
+        forward: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
+            "/rpcai.ledger.v1.LedgerService/ApplyBatch"
+        )
+        writing = asyncio.Lock()
+        failed: asyncio.Future[grpc.StatusCode] = asyncio.get_running_loop().create_future()
+
+        async def one(raw: bytes) -> None:
+            self.calls["ApplyBatch"] = self.calls.get("ApplyBatch", 0) + 1
+            self.requests.setdefault("ApplyBatch", []).append(raw)
+            batch_id = lpb.ApplyBatchRequest.FromString(raw).batch_id
+            if "ApplyBatch" in self.before:
+                await self.before["ApplyBatch"]()
+            fault = self._take_fault("ApplyBatch")
+            if fault is not None and not fault.after_forwarding and not failed.done():
+                failed.set_result(fault.code)
+                return
+            answer = lpb.ApplyBatchResponse.FromString(await self._batch(forward, raw, metadata))
+            if fault is not None and not failed.done():
+                failed.set_result(fault.code)
+                return
+            answer.batch_id = batch_id
+            async with writing:
+                await context.write(answer.SerializeToString())
+
+        async def read() -> None:
+            async for raw in requests:
+                tasks.add(asyncio.create_task(one(raw)))
+
+        tasks: set[asyncio.Task[None]] = set()
+        reading = asyncio.create_task(read())
+        try:
+            await asyncio.wait((reading, failed), return_when=asyncio.FIRST_COMPLETED)
+            if failed.done():
+                await context.abort(failed.result(), f"injected {failed.result().name}")
+            await asyncio.gather(*tasks)
+        finally:
+            for task in (reading, *tasks):
+                task.cancel()
 
     def _take_fault(self, name: str) -> Fault | None:
         fault = self.faults.get(name)
@@ -133,6 +189,15 @@ class LedgerProxy(grpc.GenericRpcHandler):
                 else:
                     results[i].CopyFrom(result)
         return lpb.ApplyBatchResponse(results=results).SerializeToString()
+
+
+def _forwarded(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, Any], ...]:
+    """The caller's metadata (its service token) to send on to the ledger."""
+    return tuple(
+        (k, v)
+        for k, v in (context.invocation_metadata() or ())
+        if not k.startswith(":") and not k.startswith("grpc-")
+    )
 
 
 def _injected(fault: Fault, note: str = "") -> status_pb2.Status:

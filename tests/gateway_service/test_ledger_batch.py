@@ -1,8 +1,9 @@
-"""The gateway's ledger client batches concurrent hot-path writes into ApplyBatch calls
-(gateway_service/ledger_batch.py): every caller still gets its own answer or its own error, as
-if it had called alone; a write whose caller is gone before it leaves is never sent; a ledger
-without ApplyBatch is called one write at a time; UNAVAILABLE is retried per write, as gRPC's
-retry policy does for a lone call; a batch past its deadline is a non-definitive failure.
+"""The gateway's ledger client batches concurrent hot-path writes (gateway_service/ledger_batch.py;
+each batch a message on its ApplyBatches stream, see test_ledger_stream.py): every caller still
+gets its own answer or its own error, as if it had called alone; a write whose caller is gone
+before it leaves is never sent; a ledger without ApplyBatch is called one write at a time;
+UNAVAILABLE is retried per write, as gRPC's retry policy does for a lone call; a batch past its
+deadline is a non-definitive failure.
 
 A real ledger serves every test; where one needs it to misbehave (an older version without
 ApplyBatch, a slow or failing batch, a write answered UNAVAILABLE), the e2e ledger proxy stands in
@@ -108,7 +109,7 @@ async def test_each_caller_gets_its_own_error(ledger: LedgerHarness) -> None:
 async def test_a_ledger_without_apply_batch_is_called_one_write_at_a_time(
     ledger: LedgerHarness, proxy: LedgerProxy
 ) -> None:
-    proxy.faults["ApplyBatch"] = Fault(grpc.StatusCode.UNIMPLEMENTED)  # an older ledger
+    proxy.missing = {"ApplyBatches", "ApplyBatch"}  # an older ledger
     await credit(ledger.stub, "dave", 1000)
     client = LedgerClient(proxy.address, SERVICE_TOKEN, timeout=10.0)
     try:
@@ -116,11 +117,13 @@ async def test_a_ledger_without_apply_batch_is_called_one_write_at_a_time(
             client.reserve(_reserve("dave")), client.reserve(_reserve("dave"))
         )
         assert not client.batcher.supported
+        assert not client.stream.supported
         third = await client.reserve(_reserve("dave"))
     finally:
         await client.close()
     assert {first.reserved_tokens, second.reserved_tokens, third.reserved_tokens} == {125}
-    assert proxy.calls["ApplyBatch"] == 1  # asked once, then never again
+    # Each asked once, then never again.
+    assert (proxy.calls["ApplyBatches"], proxy.calls["ApplyBatch"]) == (1, 1)
     assert len(proxy.requests["Reserve"]) == 3  # each alone, the first two after the refusal
     assert (await balance(ledger.stub, "dave")).reserved_tokens == 375
 

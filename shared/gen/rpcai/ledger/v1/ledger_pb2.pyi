@@ -923,16 +923,20 @@ class ApplyBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WRITES_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    """ApplyBatches only: the caller's number for this batch, echoed in its response."""
     @_builtins.property
     def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerWrite]: ...
     def __init__(
         self,
         *,
         writes: _abc.Iterable[Global___LedgerWrite] | None = ...,
+        batch_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -989,16 +993,20 @@ class ApplyBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    """ApplyBatches only: the batch_id of the request this answers."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerWriteResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___LedgerWriteResult] | None = ...,
+        batch_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,6 +74,11 @@ class LedgerServiceStub:
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.SerializeToString,
                 response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.FromString,
                 _registered_method=True)
+        self.ApplyBatches = channel.stream_stream(
+                '/rpcai.ledger.v1.LedgerService/ApplyBatches',
+                request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.SerializeToString,
+                response_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.FromString,
+                _registered_method=True)
         self.GetBalance = channel.unary_unary(
                 '/rpcai.ledger.v1.LedgerService/GetBalance',
                 request_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.GetBalanceRequest.SerializeToString,
@@ -202,6 +207,18 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyBatches(self, request_iterator, context):
+        """ApplyBatch over one long-lived stream: a message costs both sides less than half a call.
+        Each request is applied exactly as an ApplyBatch call would apply it and answered by one
+        response carrying its `batch_id`; answers may come out of order. A batch the ledger refuses
+        whole (too many writes) is answered with that error for each of its writes; the stream goes
+        on. When the ledger begins to shut down it answers the batches it has read and ends the
+        stream with OK: a batch left unanswered then was never read, and goes again on a new stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetBalance(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -322,6 +339,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
             ),
             'ApplyBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyBatch,
+                    request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.FromString,
+                    response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.SerializeToString,
+            ),
+            'ApplyBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.ApplyBatches,
                     request_deserializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.FromString,
                     response_serializer=rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.SerializeToString,
             ),
@@ -600,6 +622,33 @@ class LedgerService:
             request,
             target,
             '/rpcai.ledger.v1.LedgerService/ApplyBatch',
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.SerializeToString,
+            rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rpcai.ledger.v1.LedgerService/ApplyBatches',
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchRequest.SerializeToString,
             rpcai_dot_ledger_dot_v1_dot_ledger__pb2.ApplyBatchResponse.FromString,
             options,

@@ -63,6 +63,14 @@ class LedgerServiceStub:
     idempotency, its own transaction or group commit); one write's error never fails another,
     and results come back in the order of the writes. At most 256 writes per call.
     """
+    ApplyBatches: _grpc.StreamStreamMultiCallable[_ledger_pb2.ApplyBatchRequest, _ledger_pb2.ApplyBatchResponse]
+    """ApplyBatch over one long-lived stream: a message costs both sides less than half a call.
+    Each request is applied exactly as an ApplyBatch call would apply it and answered by one
+    response carrying its `batch_id`; answers may come out of order. A batch the ledger refuses
+    whole (too many writes) is answered with that error for each of its writes; the stream goes
+    on. When the ledger begins to shut down it answers the batches it has read and ends the
+    stream with OK: a batch left unanswered then was never read, and goes again on a new stream.
+    """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     QuoteReserve: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.QuoteReserveRequest, _ledger_pb2.QuoteReserveResponse]
     """What a Reserve of `estimated_tokens` would hold, and whether the balance covers it now.
@@ -116,6 +124,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     one round trip. Each write is applied exactly as its own call would be (same answer, same
     idempotency, its own transaction or group commit); one write's error never fails another,
     and results come back in the order of the writes. At most 256 writes per call.
+    """
+    ApplyBatches: _aio.StreamStreamMultiCallable[_ledger_pb2.ApplyBatchRequest, _ledger_pb2.ApplyBatchResponse]  # type: ignore[assignment]
+    """ApplyBatch over one long-lived stream: a message costs both sides less than half a call.
+    Each request is applied exactly as an ApplyBatch call would apply it and answered by one
+    response carrying its `batch_id`; answers may come out of order. A batch the ledger refuses
+    whole (too many writes) is answered with that error for each of its writes; the stream goes
+    on. When the ledger begins to shut down it answers the batches it has read and ends the
+    stream with OK: a batch left unanswered then was never read, and goes again on a new stream.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     QuoteReserve: _aio.UnaryUnaryMultiCallable[_ledger_pb2.QuoteReserveRequest, _ledger_pb2.QuoteReserveResponse]  # type: ignore[assignment]
@@ -215,6 +231,20 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         one round trip. Each write is applied exactly as its own call would be (same answer, same
         idempotency, its own transaction or group commit); one write's error never fails another,
         and results come back in the order of the writes. At most 256 writes per call.
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyBatches(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ledger_pb2.ApplyBatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ApplyBatchResponse], _abc.AsyncIterator[_ledger_pb2.ApplyBatchResponse]]:
+        """ApplyBatch over one long-lived stream: a message costs both sides less than half a call.
+        Each request is applied exactly as an ApplyBatch call would apply it and answered by one
+        response carrying its `batch_id`; answers may come out of order. A batch the ledger refuses
+        whole (too many writes) is answered with that error for each of its writes; the stream goes
+        on. When the ledger begins to shut down it answers the batches it has read and ends the
+        stream with OK: a batch left unanswered then was never read, and goes again on a new stream.
         """
 
     @_abc_1.abstractmethod
