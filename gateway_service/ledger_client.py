@@ -20,7 +20,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_service.errors import Failure, GatewayError
-from gateway_service.ledger_batch import BatchUnsupported, WriteBatcher
+from gateway_service.ledger_batch import MAX_BYTES, BatchUnsupported, WriteBatcher
 from gateway_service.ledger_stream import BatchStream, Call
 from gateway_service.metrics import RATE_LIMIT_REFUSALS
 from shared import tracing
@@ -190,8 +190,10 @@ class LedgerClient:
     async def _send_batch(
         self, request: lpb.ApplyBatchRequest, deadline: float
     ) -> lpb.ApplyBatchResponse:
-        if tracing.enabled():
-            # A call per batch: its own server span, its writes' parents in its metadata.
+        if tracing.enabled() or request.ByteSize() > MAX_BYTES:
+            # A call per batch: its own server span, its writes' parents in its metadata; and
+            # a lone write past the batcher's bound fails (if too large) its own call, not the
+            # stream under the others.
             return await self._apply_batch(request, deadline)
         return await self.stream.send(request, deadline)
 

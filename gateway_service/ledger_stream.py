@@ -80,10 +80,16 @@ class _Stream:
     async def _write(self) -> None:
         while True:
             request = await self.outgoing.get()
+            if request.batch_id not in self.waiting:
+                continue  # its caller gave up while it queued here: never sent
             try:
                 await self.call.write(request)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 return  # the stream is over: the reader fails what waits
+            except Exception:
+                log.exception("writing to the ledger's stream failed")
+                self.call.cancel()  # the reader ends it and fails what waits
+                return
 
     async def _read(self) -> None:
         error: grpc.aio.AioRpcError | None = None
@@ -98,6 +104,10 @@ class _Stream:
                     answer.set_result(response)
         except grpc.aio.AioRpcError as exc:
             error = exc
+        except Exception:
+            log.exception("reading the ledger's stream failed")
+            self.call.cancel()
+            error = _status(grpc.StatusCode.UNKNOWN, "reading the ledger's stream failed")
         finally:
             self.ended = True
             self._writer.cancel()
@@ -110,7 +120,7 @@ class _Stream:
         self.call.cancel()
         for task in (self._writer, self._reader):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
 
@@ -170,7 +180,12 @@ class BatchStream:
                 self.supported = False
                 return await self._unary(request, max(0.001, deadline - loop.time()))
             if error is not None and error.code() is not grpc.StatusCode.UNAVAILABLE:
-                raise error
+                # The stream's status, not an answer about this batch (which may have been
+                # applied): never the ledger's last word on its writes.
+                raise _status(
+                    grpc.StatusCode.UNKNOWN,
+                    f"the ledger's stream ended ({error.code().name}): {error.details()}",
+                )
             if attempt + 1 < ATTEMPTS and error is not None:
                 await asyncio.sleep(min(BACKOFF[attempt], max(0.0, deadline - loop.time())))
         raise _status(grpc.StatusCode.UNAVAILABLE, "the ledger's stream ended before it answered")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import uuid
@@ -545,8 +544,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             await asyncio.wait((reading, draining), return_when=asyncio.FIRST_COMPLETED)
             if not reading.done():
                 reading.cancel()  # a batch not read yet is never applied: the caller resends it
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await reading
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this handler itself is cancelled (the caller left, grace is over)
             while answering:
                 await asyncio.gather(*answering)
         finally:

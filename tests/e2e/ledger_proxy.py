@@ -8,7 +8,8 @@ ApplyBatch calls). Each batch counts and is recorded as an "ApplyBatch" call, wh
 came; each write in one counts and is recorded as a call of its own method (a batched Settle is a
 "Settle"), and a fault on that method fails that write alone, as the ledger would answer it inside
 a batch: not applied, or applied with its answer replaced by the error. A fault on "ApplyBatch"
-fails the whole call (on a stream: the stream, and every batch on it); one on "ApplyBatches"
+fails the whole call (on a stream: the stream, and every batch on it; a fault with code OK ends
+the stream cleanly, the batch not forwarded, as a ledger shutting down does); one on "ApplyBatches"
 refuses the stream when it opens. Methods named in `missing` are not there at all, as in an older
 ledger (UNIMPLEMENTED); they are still counted."""
 
@@ -138,8 +139,10 @@ class LedgerProxy(grpc.GenericRpcHandler):
         reading = asyncio.create_task(read())
         try:
             await asyncio.wait((reading, failed), return_when=asyncio.FIRST_COMPLETED)
-            if failed.done():
+            if failed.done() and failed.result() is not grpc.StatusCode.OK:
                 await context.abort(failed.result(), f"injected {failed.result().name}")
+            if failed.done():
+                return  # ended with OK, what is still running unanswered
             await asyncio.gather(*tasks)
         finally:
             for task in (reading, *tasks):

@@ -1,9 +1,9 @@
 """The gateway's batches travel as messages on one ApplyBatches stream
-(gateway_service/ledger_stream.py): one stream carries them all; a stream refused when it opens
-or failing under a batch is opened again and the batch sent again (applied once: its writes are
-idempotent); a stream that keeps failing is a non-definitive failure; a ledger without
-ApplyBatches gets ApplyBatch calls; a ledger shutting down ends the stream and the next batch
-opens another.
+(gateway_service/ledger_stream.py): one stream carries them all; a stream refused when it opens,
+failing under a batch or ending cleanly before reading it is opened again and the batch sent again
+(applied once: its writes are idempotent); a stream that keeps failing, fails for any reason, or
+is closed under a batch is a non-definitive failure; a ledger without ApplyBatches gets
+ApplyBatch calls; a ledger shutting down ends the stream and the next batch opens another.
 
 A real ledger serves every test; the e2e ledger proxy stands in front of it where one needs the
 stream to fail."""
@@ -68,42 +68,107 @@ async def test_a_stream_refused_when_it_opens_is_opened_again(
     assert client.stream.supported
 
 
+# Each test below first has one batch answered on the stream: gRPC then no longer replays the
+# stream by itself (its retry policy stops at the first answer), so what follows is the client's.
+
+
 async def test_a_batch_whose_stream_failed_after_applying_it_is_sent_again_and_applied_once(
     ledger: LedgerHarness, proxy: LedgerProxy
 ) -> None:
     await credit(ledger.stub, "carol", 1000)
-    # The ledger applied the batch; the stream broke before its answer came back.
-    proxy.faults["ApplyBatch"] = Fault(grpc.StatusCode.UNAVAILABLE, after_forwarding=True, times=1)
     client = LedgerClient(proxy.address, SERVICE_TOKEN, timeout=10.0)
     try:
+        await client.reserve(_reserve("carol"))
+        # The ledger applied the batch; the stream broke before its answer came back.
+        proxy.faults["ApplyBatch"] = Fault(
+            grpc.StatusCode.UNAVAILABLE, after_forwarding=True, times=1
+        )
         hold = await client.reserve(_reserve("carol"))
     finally:
         await client.close()
     assert hold.reserved_tokens == 125
     assert hold.replayed  # the second sending found the first one's hold
     assert proxy.calls["ApplyBatches"] == 2
+    assert proxy.calls["Reserve"] == 3
+    assert (await balance(ledger.stub, "carol")).reserved_tokens == 250
+
+
+async def test_a_batch_left_unread_by_a_clean_end_goes_again_on_a_new_stream(
+    ledger: LedgerHarness, proxy: LedgerProxy
+) -> None:
+    await credit(ledger.stub, "cleo", 1000)
+    client = LedgerClient(proxy.address, SERVICE_TOKEN, timeout=10.0)
+    try:
+        await client.reserve(_reserve("cleo"))
+        # The stream ends with OK and the batch was never read (a ledger shutting down).
+        proxy.faults["ApplyBatch"] = Fault(grpc.StatusCode.OK, times=1)
+        hold = await client.reserve(_reserve("cleo"))
+    finally:
+        await client.close()
+    assert hold.reserved_tokens == 125
+    assert not hold.replayed  # applied by its second sending only
+    assert proxy.calls["ApplyBatches"] == 2
     assert proxy.calls["Reserve"] == 2
-    assert (await balance(ledger.stub, "carol")).reserved_tokens == 125
+    assert (await balance(ledger.stub, "cleo")).reserved_tokens == 250
+
+
+async def test_a_closing_client_fails_the_batches_on_its_stream_instead_of_leaving_them(
+    ledger: LedgerHarness, proxy: LedgerProxy
+) -> None:
+    await credit(ledger.stub, "cody", 1000)
+    held = asyncio.Event()
+
+    async def hold_forever() -> None:
+        held.set()
+        await asyncio.sleep(3600)
+
+    client = LedgerClient(proxy.address, SERVICE_TOKEN, timeout=30.0)
+    await client.reserve(_reserve("cody"))
+    proxy.before["ApplyBatch"] = hold_forever
+    waiting = asyncio.ensure_future(client.reserve(_reserve("cody")))
+    await asyncio.wait_for(held.wait(), 10)
+    await asyncio.wait_for(client.close(), 10)
+    with pytest.raises(LedgerError) as caught:
+        await asyncio.wait_for(waiting, 10)
+    assert not is_definitive(caught.value)  # a charge behind it would go to the outbox
 
 
 async def test_a_stream_that_keeps_failing_is_not_the_ledgers_last_word(
     ledger: LedgerHarness, proxy: LedgerProxy
 ) -> None:
     await credit(ledger.stub, "dave", 1000)
-    proxy.faults["ApplyBatches"] = Fault(grpc.StatusCode.UNAVAILABLE)
     client = LedgerClient(proxy.address, SERVICE_TOKEN, timeout=10.0)
     try:
+        await client.reserve(_reserve("dave"))
+        proxy.faults["ApplyBatch"] = Fault(grpc.StatusCode.UNAVAILABLE)
         with pytest.raises(LedgerError) as caught:
             await client.reserve(_reserve("dave"))
     finally:
         await client.close()
     assert caught.value.failure is Failure.UNAVAILABLE
     assert not is_definitive(caught.value)
-    # Three sendings of the batch on three streams, and gRPC's own retries of each opening;
-    # the write's own attempts (UNAVAILABLE is tried again per write) multiply them.
+    # Sent on three streams (the first committed; gRPC may replay the fresh ones itself).
     assert proxy.calls["ApplyBatches"] >= 3
-    assert "Reserve" not in proxy.calls  # never reached the ledger
-    assert (await balance(ledger.stub, "dave")).reserved_tokens == 0
+    assert proxy.calls["Reserve"] == 1  # only the first batch reached the ledger
+    assert (await balance(ledger.stub, "dave")).reserved_tokens == 125
+
+
+async def test_a_stream_refused_for_a_reason_about_a_request_is_not_the_ledgers_last_word(
+    ledger: LedgerHarness, proxy: LedgerProxy
+) -> None:
+    """A stream's status says nothing certain about a batch on it (it may have been applied)."""
+    await credit(ledger.stub, "dora", 1000)
+    client = LedgerClient(proxy.address, SERVICE_TOKEN, timeout=10.0)
+    try:
+        await client.reserve(_reserve("dora"))
+        proxy.faults["ApplyBatch"] = Fault(
+            grpc.StatusCode.FAILED_PRECONDITION, after_forwarding=True, times=1
+        )
+        with pytest.raises(LedgerError) as caught:
+            await client.reserve(_reserve("dora"))
+    finally:
+        await client.close()
+    assert not is_definitive(caught.value)  # as a call would be, FAILED_PRECONDITION is final
 
 
 async def test_a_ledger_without_apply_batches_gets_apply_batch_calls(
