@@ -9,11 +9,14 @@ requests point at real rows that a careless server could change.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -211,6 +214,16 @@ def base_request(rpc: str, s: Seeded) -> Message:
                 )
             ]
         ),
+        "ApplyBatches": lambda: pb.ApplyBatchRequest(
+            batch_id=1,
+            writes=[
+                pb.LedgerWrite(
+                    reserve=pb.ReserveRequest(
+                        idempotency_key=_key(), user_id=s.user, estimated_tokens=10, ttl_seconds=60
+                    )
+                )
+            ],
+        ),
         "RefundPurchase": lambda: pb.RefundPurchaseRequest(
             idempotency_key=_key(), purchase_id=s.purchase_id, tokens_to_refund=10
         ),
@@ -275,8 +288,29 @@ def base_request(rpc: str, s: Seeded) -> Message:
 
 
 def method(stub: ledger_pb2_grpc.LedgerServiceAsyncStub, rpc: str) -> Any:
+    if rpc == "ApplyBatches":
+        return partial(_one_message, stub)
     name = "RefundPurchase" if rpc == "RefundByExternal" else rpc
     return getattr(stub, name)
+
+
+async def _one_message(
+    stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
+    request: pb.ApplyBatchRequest,
+    metadata: tuple[tuple[str, str], ...],
+    timeout: float,  # noqa: ASYNC109 (the keyword a gRPC stub method takes)
+) -> pb.ApplyBatchResponse:
+    """ApplyBatches called as if it were unary: one batch on a stream, and its answer (or the
+    stream's status, raised)."""
+    call = stub.ApplyBatches(metadata=metadata, timeout=timeout)
+    try:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(request)  # a refused stream may be over already
+        response = await call.read()
+    finally:
+        call.cancel()
+    assert isinstance(response, pb.ApplyBatchResponse), "the stream ended unanswered"
+    return response
 
 
 def set_field(message: Message, path: str, value: object) -> None:
@@ -304,18 +338,20 @@ async def expect_invalid(s: Seeded, rpc: str, request: Message, field: str) -> N
         write = pb.LedgerWrite()
         getattr(write, BATCHED[rpc]).CopyFrom(request)
         batch = pb.ApplyBatchRequest(writes=[write])
-        reply = await s.stub.ApplyBatch(batch, metadata=AUTH, timeout=TIMEOUT)
-        (result,) = reply.results
-        assert result.WhichOneof("result") == "error"
-        assert result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        batched_info = status_info(result.error)
-        assert batched_info is not None
-        assert (batched_info.reason, batched_info.metadata.get("field")) == (
-            "INVALID_ARGUMENT",
-            field,
-        )
-        assert result.error.message == err.details()
-        assert await snapshot(s.conn) == before
+        # ...and on the ApplyBatches stream.
+        for rpc_of_batch in ("ApplyBatch", "ApplyBatches"):
+            reply = await method(s.stub, rpc_of_batch)(batch, metadata=AUTH, timeout=TIMEOUT)
+            (result,) = reply.results
+            assert result.WhichOneof("result") == "error"
+            assert result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            batched_info = status_info(result.error)
+            assert batched_info is not None
+            assert (batched_info.reason, batched_info.metadata.get("field")) == (
+                "INVALID_ARGUMENT",
+                field,
+            )
+            assert result.error.message == err.details()
+            assert await snapshot(s.conn) == before
 
 
 # --- ids and free-text fields ------------------------------------------------------------------
@@ -801,6 +837,7 @@ RPCS = [
     "ListDeadLetters",
     "ResolveDeadLetter",
     "ApplyBatch",
+    "ApplyBatches",
     "GetPlatformAnalytics",
     "GetUserAccount",
 ]
@@ -821,10 +858,10 @@ def test_every_rpc_of_the_service_is_covered() -> None:
     # Methods keyed by a UUID only (their cases are in FIELD_CASES).
     by_uuid = {"Settle", "Release", "ExtendHold", "ResolveDeadLetter"}
     # Methods with no id at all (their cases are in FIELD_CASES too).
-    no_id = {"RefundPurchase", "ApplyBatch", "GetPlatformAnalytics"}
+    no_id = {"RefundPurchase", "ApplyBatch", "ApplyBatches", "GetPlatformAnalytics"}
     assert {rpc for rpc, _ in ID_FIELDS} | by_uuid >= set(RPCS) - no_id
-    assert no_id - {"ApplyBatch"} <= {rpc for rpc, *_ in FIELD_CASES}
-    assert set(BATCHED) | {"ApplyBatch"} <= set(RPCS)
+    assert no_id - {"ApplyBatch", "ApplyBatches"} <= {rpc for rpc, *_ in FIELD_CASES}
+    assert set(BATCHED) | {"ApplyBatch", "ApplyBatches"} <= set(RPCS)
     assert by_uuid <= {rpc for rpc, *_ in FIELD_CASES}
 
 
