@@ -95,7 +95,8 @@ async def raw_pairs(url: str, users: int, worker: int, callers: int) -> tuple[Op
             )  # fmt: skip
             hold = answer.split('"reservation_id": "', 1)[1].split('"', 1)[0]
             await conn.fetchval(
-                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL)::text",
+                "SELECT ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL,"
+                " NULL)::text",
                 user, uuid.UUID(hold), settle_hash, 100, 25, 25, "anthropic", "bench", 60, 40, None,
             )  # fmt: skip
 
