@@ -56,7 +56,8 @@ async def grpc_pairs(address: str, users: int, worker: int, callers: int) -> tup
 
 
 async def client_pairs(address: str, users: int, worker: int, callers: int) -> tuple[Op, Cleanup]:
-    """The gateway's own ledger client: concurrent writes share ApplyBatch calls."""
+    """The gateway's own ledger client: concurrent writes share batches, sent on its
+    ApplyBatches stream."""
     client = LedgerClient(address, TOKEN, timeout=10.0)
     counter = [0]
     usage = pb.Usage(provider="anthropic", model="bench", input_tokens=60, output_tokens=40)
@@ -189,8 +190,8 @@ def render(figures: list[LedgerFigures], concurrency: int) -> str:
     errors = sum(f.grpc.errors + f.unary.errors + f.raw.errors for f in figures)
     title = f"Ledger: Reserve+Settle pairs per second, {concurrency} concurrent callers"
     notes = (
-        "via gRPC: the gateway's ledger client (concurrent writes share ApplyBatch calls);"
-        " unary: one Reserve and one Settle call each;\nraw PG: the same SQL functions, one"
-        " transaction each, straight from asyncpg; ratio = via gRPC / raw PG"
+        "via gRPC: the gateway's ledger client (concurrent writes share batches on one"
+        " ApplyBatches stream); unary: one Reserve and one Settle call each;\nraw PG: the same"
+        " SQL functions, one transaction each, straight from asyncpg; ratio = via gRPC / raw PG"
     )
     return f"{title}\n{table(header, rows)}\n{notes}\nerrors: {errors}"

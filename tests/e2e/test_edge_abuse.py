@@ -331,7 +331,11 @@ async def test_streams_whose_clients_read_nothing_keep_the_process_within_its_bo
         HTTP_SEND_BUFFER_BYTES="16384",
     )
     clients: list[socket.socket] = []
-    gateway = _start_with_soft_limit("gateway_service", env, 1024)
+    try:
+        gateway = _start_with_soft_limit("gateway_service", env, 1024)
+    except BaseException:
+        sim.stop()  # a gateway that did not start must not leave the stand-in running
+        raise
     try:
         proc = gateway.proc
         assert proc.stdout is not None
