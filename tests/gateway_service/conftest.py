@@ -1,5 +1,5 @@
-"""Fixtures for the gateway's building blocks: a provider_sim on a real socket and providers
-whose official SDK clients point at it."""
+"""Fixtures for the gateway's building blocks: a provider_sim on a real socket, providers whose
+official SDK clients point at it, and the e2e ledger proxy in front of the test's real ledger."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from aiohttp import web
 
 from gateway_service.providers import Providers, build_providers
 from provider_sim import STATS, SimStats, start_provider_sim
+from tests.conftest import LedgerHarness
+from tests.e2e.ledger_proxy import LedgerProxy
 
 PLATFORM_KEY = "sk-platform-test-key-0001"
 BYOK_KEY = "sk-byok-caller-secret-9876"
@@ -64,3 +66,13 @@ async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def proxy(ledger: LedgerHarness) -> AsyncIterator[LedgerProxy]:
+    front = LedgerProxy(ledger.address)
+    await front.start()
+    try:
+        yield front
+    finally:
+        await front.stop()

@@ -12,7 +12,6 @@ front of it and changes only that."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -27,16 +26,6 @@ from tests.ledger_service.helpers import balance, credit, new_key, usage
 
 def _reserve(user: str, estimated: int = 100) -> pb.ReserveRequest:
     return pb.ReserveRequest(idempotency_key=new_key(), user_id=user, estimated_tokens=estimated)
-
-
-@pytest.fixture
-async def proxy(ledger: LedgerHarness) -> AsyncIterator[LedgerProxy]:
-    front = LedgerProxy(ledger.address)
-    await front.start()
-    try:
-        yield front
-    finally:
-        await front.stop()
 
 
 def batch_sizes(proxy: LedgerProxy) -> list[int]:

@@ -11,7 +11,6 @@ stream to fail."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -26,16 +25,6 @@ from tests.ledger_service.helpers import balance, credit, new_key
 
 def _reserve(user: str, estimated: int = 100) -> pb.ReserveRequest:
     return pb.ReserveRequest(idempotency_key=new_key(), user_id=user, estimated_tokens=estimated)
-
-
-@pytest.fixture
-async def proxy(ledger: LedgerHarness) -> AsyncIterator[LedgerProxy]:
-    front = LedgerProxy(ledger.address)
-    await front.start()
-    try:
-        yield front
-    finally:
-        await front.stop()
 
 
 async def test_every_batch_travels_on_one_stream(ledger: LedgerHarness, proxy: LedgerProxy) -> None:
