@@ -72,6 +72,8 @@ def gateway_env(ledger: str, provider_url: str, workers: int) -> dict[str, str]:
 def service(module: str, env: dict[str, str]) -> Iterator[processes.Service]:
     started = processes.start(module, env)
     try:
+        if "HTTP_ADDR" in env and not processes.accepting(env["HTTP_ADDR"]):
+            raise RuntimeError(f"{module}: nothing accepts on {env['HTTP_ADDR']}")
         yield started
     finally:
         started.stop()

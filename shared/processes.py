@@ -99,14 +99,23 @@ def start_redis(port: int, timeout: float = 10) -> Service:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    if accepting(f"127.0.0.1:{port}", timeout):
+        return Service(proc, f"127.0.0.1:{port}")
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def accepting(address: str, timeout: float = 10) -> bool:
+    """Whether host:port accepts a connection within `timeout` (a service's second listener,
+    the HTTP edge, opens after the line `start` waits for)."""
+    host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return Service(proc, f"127.0.0.1:{port}")
+            if probe.connect_ex((host, int(port))) == 0:
+                return True
         time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
+    return False
 
 
 def free_port() -> int:
