@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -152,42 +152,56 @@ def metered_figure(
 def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
     report = Report()
     lines: list[str] = []
-    with service("provider_sim", {"PROVIDER_SIM_ADDR": "127.0.0.1:0"}) as sim:
+    with (
+        service("provider_sim", {"PROVIDER_SIM_ADDR": "127.0.0.1:0"}) as sim,
+        ExitStack() as gateways,
+    ):
         provider_url = f"http://{sim.address}"
-        direct = {}
+        # Both gateways (1 and 2 workers) up front, so that each caller count's four figures
+        # run back to back: a ratio then compares figures taken within seconds of each other,
+        # not minutes apart across the machine's slow and fast spells.
+        envs = {
+            # Each its own outbox (DATA_DIR), as two deployments would have.
+            w: {**gateway_env(ledger.address, provider_url, w), "DATA_DIR": f".data/bench/x{w}"}
+            for w in (1, 2)
+        }
+        started = {w: gateways.enter_context(service("gateway_service", envs[w])) for w in envs}
+        for env in envs.values():
+            # Warm (pools open, code paths run once) before the first figure is taken.
+            http_bench.run_wrk(
+                http_bench.metered_target(http_of(env), ledger_bench.USERS), 4, WARM_SECONDS
+            )
+        time.sleep(0.5)  # the calls wrk cut at its stop settle before the books' window
+        direct: dict[int, http_bench.WrkResult] = {}
+        sdk: dict[int, http_bench.WrkResult] = {}
+        # (workers, callers) -> figure
+        metered: dict[tuple[int, int], http_bench.WrkResult] = {}
         for callers in CALLERS:
             with http_bench.cpu_per_call({"provider": sim.proc.pid}, lambda: 1):
                 direct[callers] = http_bench.run_wrk(
                     http_bench.direct_target(provider_url), callers, seconds
                 )
             report.add("wrk straight to provider", callers, direct[callers])
-        sdk = {}
-        for callers in CALLERS:
             # What an app would do without us: the official SDK, from a Python client.
             loaded = run_load(partial(gateway_bench.direct, provider_url), callers, seconds)
             sdk[callers] = http_bench.WrkResult.of_load(loaded)
             report.add("SDK straight to provider", callers, sdk[callers])
-        # (workers, callers) -> figure
-        metered: dict[tuple[int, int], http_bench.WrkResult] = {}
-        for workers in (1, 2):
-            env = gateway_env(ledger.address, provider_url, workers)
-            with service("gateway_service", env) as gateway:
+            for workers, gateway in started.items():
                 pids = {
                     "gateway": gateway.proc.pid,
                     "ledger": ledger.proc.pid,
                     "provider": sim.proc.pid,
                     **postgres_pid(),
                 }
-                name = f"metered, gateway x{workers}"
-                # Warm (pools open, code paths run once) before the first figure is taken.
-                http_bench.run_wrk(
-                    http_bench.metered_target(http_of(env), ledger_bench.USERS), 4, WARM_SECONDS
+                metered[workers, callers] = metered_figure(
+                    report,
+                    f"metered, gateway x{workers}",
+                    http_of(envs[workers]),
+                    pids,
+                    url,
+                    callers,
+                    seconds,
                 )
-                time.sleep(0.5)  # the calls wrk cut at its stop settle before the books' window
-                for callers in CALLERS:
-                    metered[workers, callers] = metered_figure(
-                        report, name, http_of(env), pids, url, callers, seconds
-                    )
         lines.append(report.render())
 
         def best(callers: int) -> tuple[int, http_bench.WrkResult]:

@@ -127,7 +127,7 @@ def prepare_database(admin_url: str) -> str:
 @dataclass
 class LedgerFigures:
     name: str
-    grpc: LoadResult  # the gateway's client: writes batched into ApplyBatch calls
+    grpc: LoadResult  # the gateway's client: writes batched into ApplyBatches messages
     unary: LoadResult  # one Reserve and one Settle call per pair (what ghz sends)
     raw: LoadResult
 
