@@ -161,6 +161,33 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     )
 
 
+# Targets from the issue that asked for group commit (docs/scaling.md): through gRPC at least the
+# rate of the raw path, and one hot user at least this share of the rate spread over many users.
+TARGET_RAW_RATIO = 1.0
+TARGET_HOT_SHARE = 0.8
+
+
+def target_lines(figures: list[LedgerFigures]) -> list[str]:
+    """One line per ledger worker count ("..., ledger xN"): its ratio to raw PG and its hot
+    user's share of the spread rate, each beside its target."""
+    groups: dict[str, dict[str, LedgerFigures]] = {}
+    for f in figures:
+        scenario, _, workers = f.name.rpartition(", ")
+        groups.setdefault(workers, {})[scenario] = f
+    lines = []
+    for workers, by_scenario in groups.items():
+        spread, hot = by_scenario.get("1,000 users"), by_scenario.get("one hot user")
+        if spread is None or hot is None or not spread.raw.rate or not spread.grpc.rate:
+            continue
+        lines.append(
+            f"{workers}: via gRPC {spread.grpc.rate / spread.raw.rate:.2f}x raw PG"
+            f" (target >= {TARGET_RAW_RATIO:.1f}x); one hot user"
+            f" {hot.grpc.rate / spread.grpc.rate:.2f}x the rate of 1,000 users"
+            f" (target >= {TARGET_HOT_SHARE:.1f}x)"
+        )
+    return lines
+
+
 def render(figures: list[LedgerFigures], concurrency: int) -> str:
     header = [
         "scenario",
@@ -194,4 +221,5 @@ def render(figures: list[LedgerFigures], concurrency: int) -> str:
         " ApplyBatches stream); unary: one Reserve and one Settle call each;\nraw PG: the same"
         " SQL functions, one transaction each, straight from asyncpg; ratio = via gRPC / raw PG"
     )
-    return f"{title}\n{table(header, rows)}\n{notes}\nerrors: {errors}"
+    targets = "".join(f"\n{line}" for line in target_lines(figures))
+    return f"{title}\n{table(header, rows)}\n{notes}\nerrors: {errors}{targets}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bench import ledger_bench
+from bench.load import LoadResult
 from tests.conftest import SERVICE_TOKEN, LedgerHarness
 from tests.ledger_service.helpers import balance
 
@@ -35,3 +36,26 @@ async def test_each_way_of_making_a_pair_runs_and_charges_a_pair(
     after = await balance(ledger.stub, ledger_bench.HOT_USER)
     assert before.available_tokens - after.available_tokens == 3 * CHARGED_PER_PAIR
     assert after.reserved_tokens == before.reserved_tokens == 0
+
+
+def _figures(name: str, grpc: int, raw: int) -> ledger_bench.LedgerFigures:
+    def run(ops: int) -> LoadResult:
+        return LoadResult(ops=ops, errors=0, seconds=10.0, latencies_ms=[1.0])
+
+    return ledger_bench.LedgerFigures(name, run(grpc), run(grpc // 2), run(raw))
+
+
+def test_the_report_sets_each_worker_counts_ratios_beside_their_targets() -> None:
+    figures = [
+        _figures("1,000 users, ledger x1", grpc=10_900, raw=11_730),
+        _figures("one hot user, ledger x1", grpc=10_640, raw=4_330),
+        _figures("1,000 users, ledger x2", grpc=13_890, raw=11_680),
+        _figures("one hot user, ledger x2", grpc=10_480, raw=3_800),
+    ]
+    report = ledger_bench.render(figures, 32)
+    assert report.splitlines()[-2:] == [
+        "ledger x1: via gRPC 0.93x raw PG (target >= 1.0x); one hot user 0.98x the rate of"
+        " 1,000 users (target >= 0.8x)",
+        "ledger x2: via gRPC 1.19x raw PG (target >= 1.0x); one hot user 0.75x the rate of"
+        " 1,000 users (target >= 0.8x)",
+    ]
