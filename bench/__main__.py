@@ -241,7 +241,9 @@ def grpc_and_limits(url: str, ledger: processes.Service, concurrency: int, secon
         try:
             env = gateway_env(ledger.address, provider_url, 2)
             limited_env = {
-                **env,
+                # Its own HTTP port and outbox (DATA_DIR), as a second deployment would have.
+                **gateway_env(ledger.address, provider_url, 2),
+                "DATA_DIR": ".data/bench/limited",
                 "RATE_LIMITS": gateway_bench.HIGH_LIMITS,
                 "REDIS_URL": f"redis://{redis.address}/0",
             }

@@ -60,6 +60,13 @@ class LedgerProxy(grpc.GenericRpcHandler):
         await self._server.stop(0)
         await self._channel.close()
 
+    async def __aenter__(self) -> LedgerProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:

@@ -85,16 +85,6 @@ async def _sweeper(ledger: LedgerHarness) -> AsyncIterator[None]:
             await task
 
 
-@contextlib.asynccontextmanager
-async def _proxied(ledger: LedgerHarness) -> AsyncIterator[LedgerProxy]:
-    proxy = LedgerProxy(ledger.address)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
-
-
 @dataclass(frozen=True)
 class Outcome:
     """A GenerateText answer, the same from either transport."""
@@ -192,7 +182,7 @@ async def test_a_unary_call_longer_than_its_hold_is_kept_alive_and_charged_once(
     held = held_for(SLOW, MAX_TOKENS)
     async with (
         _sweeper(ledger),
-        _proxied(ledger) as proxy,
+        LedgerProxy(ledger.address) as proxy,
         gateway_on(ledger, own_sim.url, ledger_addr=proxy.address, **_settings()) as stack,
     ):
         await _start_http(stack, transport)
@@ -253,7 +243,7 @@ async def test_a_unary_call_that_cannot_keep_its_hold_is_cut_before_it_expires(
     purchased = 1000
     async with (
         _sweeper(ledger),
-        _proxied(ledger) as proxy,
+        LedgerProxy(ledger.address) as proxy,
         gateway_on(ledger, own_sim.url, ledger_addr=proxy.address, **_settings()) as stack,
     ):
         await _start_http(stack, transport)

@@ -70,9 +70,5 @@ async def eventually(condition: Callable[[], bool], within: float = 3.0) -> None
 
 @pytest.fixture
 async def proxy(ledger: LedgerHarness) -> AsyncIterator[LedgerProxy]:
-    front = LedgerProxy(ledger.address)
-    await front.start()
-    try:
+    async with LedgerProxy(ledger.address) as front:
         yield front
-    finally:
-        await front.stop()
