@@ -5,9 +5,9 @@ connection and stream caps.
 
 With WORKERS=N (N>1; unset: one per available core when REDIS_URL is set, else 1) it supervises N
 worker processes that share both addresses (shared/workers.py). They share the outbox file too
-(SQLite in WAL mode is safe across processes; a worker loads every pending job when it starts, so
-a replaced worker delivers what a dead one left, and the ledger's keys make a job delivered twice
-change nothing).
+(SQLite in WAL mode is safe across processes, and a lock file serializes its set-up; a worker
+loads every pending job when it starts, so a replaced worker delivers what a dead one left, and
+the ledger's keys make a job delivered twice change nothing).
 
 `python -m gateway_service replay-dead-letters`: apply the parked LemonSqueezy events again (after
 the configuration was fixed); prints what became of each, resolves the ones that applied."""

@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,30 @@ async def _queued_by_a_killed_process(path: Path) -> None:
     assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"queued\n"
     proc.send_signal(signal.SIGKILL)  # no close, no flush: as a crash
     await proc.wait()
+
+
+def test_workers_that_open_a_new_journal_at_once_all_start(tmp_path: Path) -> None:
+    # Gateway workers share one outbox file and start together; CI once lost a worker to
+    # "database is locked" from the switch to WAL. Eight openers per new file, many files: without
+    # the set-up lock a few in a hundred rounds fail here.
+    failures: list[BaseException] = []
+    for round_ in range(150):
+        path = tmp_path / f"outbox-{round_}.sqlite3"
+        start = threading.Barrier(8)
+
+        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                outbox_module._Journal(path).close()
+            except sqlite3.Error as error:
+                failures.append(error)
+
+        openers = [threading.Thread(target=open_it) for _ in range(8)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join()
+    assert failures == []
 
 
 async def test_a_write_queued_just_before_a_crash_is_delivered_after_it(tmp_path: Path) -> None:
