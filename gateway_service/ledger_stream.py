@@ -11,7 +11,9 @@ metered call's latency.
   all): a clean end means the ledger was shutting down and never read it; after a failure its
   writes may have been applied, and their idempotency makes the second sending change nothing.
 - A stream has no deadline per message: a batch's deadline is kept here, and past it the batch
-  fails as a call past its deadline would (DEADLINE_EXCEEDED: outcome unknown).
+  fails as a call past its deadline would (DEADLINE_EXCEEDED: outcome unknown). The message
+  carries what is left of it (`timeout_ms`), so the ledger does not begin a write nobody waits
+  for any more (a Reserve applied then would hold its tokens until its TTL).
 - Messages are written by one task per stream, never by the caller: cancelling a gRPC write
   cancels the whole call, and with it every other batch on the stream.
 - A ledger without ApplyBatches (an older one during a rolling upgrade: UNIMPLEMENTED) gets
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -71,17 +74,20 @@ class _Stream:
     def __init__(self, call: Call, on_end: Callable[[_Stream], None]) -> None:
         self.call = call
         self.waiting: dict[int, asyncio.Future[lpb.ApplyBatchResponse]] = {}
-        self.outgoing: asyncio.Queue[lpb.ApplyBatchRequest] = asyncio.Queue()
+        # Each batch with its deadline (the event loop's clock).
+        self.outgoing: asyncio.Queue[tuple[lpb.ApplyBatchRequest, float]] = asyncio.Queue()
         self.ended = False
         self._on_end = on_end
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            request = await self.outgoing.get()
+            request, deadline = await self.outgoing.get()
             if request.batch_id not in self.waiting:
                 continue  # its caller gave up while it queued here: never sent
+            request.timeout_ms = max(1, math.ceil(1000 * (deadline - loop.time())))
             try:
                 await self.call.write(request)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -163,7 +169,7 @@ class BatchStream:
             request.batch_id = batch_id
             answer: asyncio.Future[lpb.ApplyBatchResponse] = loop.create_future()
             stream.waiting[batch_id] = answer
-            stream.outgoing.put_nowait(request)
+            stream.outgoing.put_nowait((request, deadline))
             try:
                 async with asyncio.timeout_at(deadline):
                     return await answer

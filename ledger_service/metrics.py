@@ -63,6 +63,11 @@ BATCH_WAIT = Histogram(
     "The longest wait of a write for its group-commit transaction, one per transaction.",
     buckets=LATENCY_BUCKETS,
 )
+STREAM_BATCHES_EXPIRED = Counter(
+    "rpcai_ledger_stream_batches_expired",
+    "ApplyBatches messages whose caller stopped waiting before they were applied (their writes"
+    " that had not begun were not applied).",
+)
 POOL_IN_USE = Gauge(
     "rpcai_ledger_db_pool_connections_in_use",
     "Postgres connections of the pool in use now.",

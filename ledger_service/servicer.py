@@ -139,6 +139,32 @@ async def _applied(
     return pb.ApplyBatchResponse(results=results)
 
 
+async def _applied_within(
+    request: pb.ApplyBatchRequest,
+    apply: Callable[[pb.LedgerWrite], Awaitable[pb.LedgerWriteResult]],
+) -> pb.ApplyBatchResponse:
+    """A stream's batch applied while its caller still waits (`timeout_ms`, counted from when
+    this ledger read it). Past it the batch is cancelled as a call past its deadline is: a write
+    already in a group commit is applied, one still waiting for its turn never is, and every
+    write answers DEADLINE_EXCEEDED (an unknown outcome, which its caller has taken it for)."""
+    if not request.timeout_ms:
+        return await _applied(request, apply)
+    try:
+        async with asyncio.timeout(request.timeout_ms / 1000):
+            return await _applied(request, apply)
+    except TimeoutError:
+        metrics.STREAM_BATCHES_EXPIRED.inc()
+        late = pb.LedgerWriteResult(
+            error=status_proto(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "its caller stopped waiting before the ledger applied it",
+                "DEADLINE_EXCEEDED",
+                DOMAIN,
+            )
+        )
+        return pb.ApplyBatchResponse(results=[late] * len(request.writes))
+
+
 def _error_result(exc: errors.LedgerError) -> pb.LedgerWriteResult:
     """The status a write's own call would have failed with."""
     code = _CODES.get(type(exc), grpc.StatusCode.INTERNAL)
@@ -520,7 +546,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                         results=[_error_result(exc)] * len(request.writes)
                     )
                 else:
-                    response = await _applied(request, self._apply)
+                    response = await _applied_within(request, self._apply)
                 response.batch_id = request.batch_id
                 async with writing:
                     await context.write(response)

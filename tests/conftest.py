@@ -3,6 +3,7 @@ server on a real socket (port 0), and a stub that calls it with the service toke
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -59,9 +60,9 @@ class LedgerHarness:
         return await asyncpg.connect(self.database_url)
 
 
-@pytest.fixture
-async def ledger(database_url: str) -> AsyncIterator[LedgerHarness]:
-    app = await create_app(ledger_settings(), database_url, run_sweeper=False)
+@contextlib.asynccontextmanager
+async def running_ledger(database_url: str, settings: Settings) -> AsyncIterator[LedgerHarness]:
+    app = await create_app(settings, database_url, run_sweeper=False)
     port = await app.start("127.0.0.1:0")
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address)
@@ -71,3 +72,17 @@ async def ledger(database_url: str) -> AsyncIterator[LedgerHarness]:
     finally:
         await channel.close()
         await app.close()
+
+
+@pytest.fixture
+async def ledger(database_url: str) -> AsyncIterator[LedgerHarness]:
+    async with running_ledger(database_url, ledger_settings()) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def one_batch_ledger(database_url: str) -> AsyncIterator[LedgerHarness]:
+    """A ledger with one group-commit batch in flight at a time: a batch held up on a row lock
+    holds every later write in its queue."""
+    async with running_ledger(database_url, ledger_settings(batches_in_flight=1)) as harness:
+        yield harness

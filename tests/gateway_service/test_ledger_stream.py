@@ -18,9 +18,16 @@ import pytest
 from gateway_service.errors import Failure
 from gateway_service.ledger_client import LedgerClient, LedgerError, is_definitive
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
-from tests.conftest import SERVICE_TOKEN, LedgerHarness
+from tests.conftest import AUTH, SERVICE_TOKEN, LedgerHarness
 from tests.e2e.ledger_proxy import Fault, LedgerProxy
-from tests.ledger_service.helpers import balance, credit, new_key
+from tests.ledger_service.helpers import (
+    balance,
+    credit,
+    holds_of_key,
+    lock_account,
+    new_key,
+    until_a_write_waits_for_a_lock,
+)
 
 
 def _reserve(user: str, estimated: int = 100) -> pb.ReserveRequest:
@@ -197,3 +204,34 @@ async def test_a_ledger_shutting_down_ends_the_stream_and_the_next_batch_opens_a
         await client.close()
     assert hold.reserved_tokens == 125
     assert (await balance(ledger.stub, "frank")).reserved_tokens == 250
+
+
+@pytest.mark.parametrize("kind", ["stream", "unary"])
+async def test_a_reserve_its_caller_gave_up_on_before_the_ledger_began_it_holds_nothing(
+    one_batch_ledger: LedgerHarness, kind: str
+) -> None:
+    # The first batch is held up on a row this test locks, so the client's Reserve waits for its
+    # turn past the client's deadline. Applied after that, its hold would keep erin's tokens for
+    # its whole TTL: the gateway took the outcome for unknown and has no hold id to release.
+    ledger = one_batch_ledger
+    await credit(ledger.stub, "stuck", 1000)
+    await credit(ledger.stub, "erin", 1000)
+    client = LedgerClient(ledger.address, SERVICE_TOKEN, timeout=0.5)
+    if kind == "unary":
+        client.stream.supported = False  # ApplyBatch calls, under gRPC's own deadline
+    lock = await lock_account(ledger, "stuck")
+    stuck = asyncio.ensure_future(ledger.stub.Reserve(_reserve("stuck"), metadata=AUTH))
+    late = _reserve("erin")
+    try:
+        await until_a_write_waits_for_a_lock(ledger)
+        with pytest.raises(LedgerError) as caught:
+            await client.reserve(late)
+        await lock.close()
+        assert (await stuck).reserved_tokens == 125
+    finally:
+        stuck.cancel()
+        await lock.close()
+        await client.close()
+    assert not is_definitive(caught.value)
+    assert await holds_of_key(ledger, late.idempotency_key) == 0
+    assert (await balance(ledger.stub, "erin")).reserved_tokens == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import grpc
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
 from shared.rich_errors import error_reason
-from tests.conftest import AUTH
+from tests.conftest import AUTH, LedgerHarness
 
 if TYPE_CHECKING:
     Stub = ledger_pb2_grpc.LedgerServiceAsyncStub
@@ -104,3 +105,37 @@ async def table_counts(conn: asyncpg.Connection) -> dict[str, int]:
     ):
         counts[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
     return counts
+
+
+async def lock_account(ledger: LedgerHarness, user: str) -> asyncpg.Connection:
+    """A connection whose open transaction holds `user`'s account row: the ledger's writes for
+    that user wait until it is closed."""
+    connection = await ledger.db()
+    await connection.execute("BEGIN")
+    await connection.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user)
+    return connection
+
+
+async def until_a_write_waits_for_a_lock(ledger: LedgerHarness) -> None:
+    connection = await ledger.db()
+    try:
+        for _ in range(200):
+            if await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            ):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    raise AssertionError("no write reached the locked row")
+
+
+async def holds_of_key(ledger: LedgerHarness, key: str) -> int:
+    connection = await ledger.db()
+    try:
+        count: int = await connection.fetchval(
+            "SELECT count(*) FROM idempotency_keys WHERE key = $1", key
+        )
+    finally:
+        await connection.close()
+    return count

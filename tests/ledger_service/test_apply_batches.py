@@ -16,7 +16,14 @@ from ledger_service.servicer import MAX_BATCH_WRITES
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from shared.rich_errors import status_info
 from tests.conftest import AUTH, LedgerHarness
-from tests.ledger_service.helpers import balance, credit, new_key
+from tests.ledger_service.helpers import (
+    balance,
+    credit,
+    holds_of_key,
+    lock_account,
+    new_key,
+    until_a_write_waits_for_a_lock,
+)
 
 Stream = grpc.aio.StreamStreamCall[pb.ApplyBatchRequest, pb.ApplyBatchResponse]
 
@@ -125,3 +132,34 @@ async def test_a_shutdown_answers_what_was_read_and_ends_the_stream_at_once(
     for message in answered:
         assert message.batch_id == 2
         assert message.results[0].reserve.reserved_tokens == 10
+
+
+async def test_a_write_still_waiting_for_its_turn_when_its_caller_stops_waiting_is_not_applied(
+    one_batch_ledger: LedgerHarness,
+) -> None:
+    # The first batch is held up on a row this test locks, so the second one's write waits for
+    # its turn past its timeout_ms: its caller has given up on it. Applied then, its hold would
+    # keep dave's tokens until its TTL with nobody left to settle or release it.
+    ledger = one_batch_ledger
+    await credit(ledger.stub, "stuck", 1000)
+    await credit(ledger.stub, "dave", 1000)
+    lock = await lock_account(ledger, "stuck")
+    call = _open(ledger)
+    try:
+        await call.write(pb.ApplyBatchRequest(batch_id=1, writes=[_reserve("stuck", 80)]))
+        await until_a_write_waits_for_a_lock(ledger)
+        late_key = new_key("late")
+        late_write = _reserve("dave", 80, late_key)
+        await call.write(pb.ApplyBatchRequest(batch_id=2, writes=[late_write], timeout_ms=300))
+        late = await _answer(call)  # while the first batch still waits
+        await lock.close()
+        first = await _answer(call)
+    finally:
+        call.cancel()
+        await lock.close()
+    assert late.batch_id == 2
+    assert late.results[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert first.batch_id == 1
+    assert first.results[0].reserve.reserved_tokens == 100
+    assert await holds_of_key(ledger, late_key) == 0
+    assert (await balance(ledger.stub, "dave")).reserved_tokens == 0

@@ -924,8 +924,15 @@ class ApplyBatchRequest(_message.Message):
 
     WRITES_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     """ApplyBatches only: the caller's number for this batch, echoed in its response."""
+    timeout_ms: _builtins.int
+    """ApplyBatches only: how long its caller still waited for this batch when it sent it (a
+    message has no deadline of its own; 0: none). A write the ledger has not begun to apply
+    when it runs out is never applied and answers DEADLINE_EXCEEDED, as a call past its deadline
+    is cancelled: a hold nobody waits for any more would otherwise keep its tokens until its TTL.
+    """
     @_builtins.property
     def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerWrite]: ...
     def __init__(
@@ -933,10 +940,11 @@ class ApplyBatchRequest(_message.Message):
         *,
         writes: _abc.Iterable[Global___LedgerWrite] | None = ...,
         batch_id: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "timeout_ms", b"timeout_ms", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
