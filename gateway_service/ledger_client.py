@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 from gateway_service.errors import Failure, GatewayError
 from gateway_service.ledger_batch import MAX_BYTES, BatchUnsupported, WriteBatcher
 from gateway_service.ledger_stream import BatchStream, Call
-from gateway_service.metrics import RATE_LIMIT_REFUSALS
+from gateway_service.metrics import RATE_LIMIT_REFUSALS, ledger_write_done
 from shared import tracing
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.gen.rpcai.ledger.v1 import ledger_pb2_grpc
@@ -213,6 +214,23 @@ class LedgerClient:
     async def _write(self, write: lpb.LedgerWrite) -> lpb.LedgerWriteResult:
         kind = write.WhichOneof("write")
         assert kind is not None
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            result = await self._attempts(write, kind)
+        except LedgerError as exc:
+            outcome = exc.failure.value if exc.definitive else "unknown"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        else:
+            outcome = "ok"
+            return result
+        finally:
+            ledger_write_done(kind, outcome, started)
+
+    async def _attempts(self, write: lpb.LedgerWrite, kind: str) -> lpb.LedgerWriteResult:
         for attempt in range(_WRITE_ATTEMPTS):
             if not self.batcher.supported:
                 return await self._write_alone(write, kind)

@@ -1,6 +1,7 @@
 """The gateway's Prometheus metrics and the HTTP edge's `/metrics`: requests by route and status,
-provider calls by provider, model and outcome (latency and time to the first token), webhook
-events, rate-limit refusals, and the outbox read from its file when scraped.
+provider calls by provider, model and outcome (latency and time to the first token), hot-path
+ledger writes by kind and outcome (and their latency), webhook events, rate-limit refusals, and
+the outbox read from its file when scraped.
 
 Models are labelled only when priced (gateway_service/pricing.py), every other name is "other":
 a caller cannot mint series by naming models. The money itself (tokens credited, charged,
@@ -92,6 +93,27 @@ METRICS_PATH = "/metrics"
 
 def model_label(model: str) -> str:
     return model if model in _KNOWN_MODELS else "other"
+
+
+LEDGER_WRITES = Counter(
+    "rpcai_ledger_client_writes_total",
+    "Hot-path ledger writes (reserve, settle, release, extend_hold, record_usage) by outcome: ok,"
+    " the kind of a refusal, or unknown (no answer: unavailable, past its deadline).",
+    ["write", "outcome"],
+)
+LEDGER_WRITE_SECONDS = Histogram(
+    "rpcai_ledger_client_write_duration_seconds",
+    "A hot-path ledger write from its start to the ledger's answer: the wait for its batch, the"
+    " round trip and any retries. (The writes travel on one stream, which the gRPC metrics count"
+    " as a single call.)",
+    ["write"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def ledger_write_done(write: str, outcome: str, started: float) -> None:
+    LEDGER_WRITES.labels(write, outcome).inc()
+    LEDGER_WRITE_SECONDS.labels(write).observe(time.perf_counter() - started)
 
 
 class ProviderCall:

@@ -282,6 +282,27 @@ async def test_metrics_move_by_what_happened_and_logs_keep_no_secret(services: S
         == 1
     )
     assert value(gateway_after, "rpcai_gateway_outbox_depth") == 0
+    # The hot-path writes travel on one stream; the gateway counts and times each.
+    for write in ("reserve", "settle"):
+        assert (
+            moved(
+                gateway_before,
+                gateway_after,
+                "rpcai_ledger_client_writes_total",
+                write=write,
+                outcome="ok",
+            )
+            == 2
+        ), write
+        assert (
+            moved(
+                gateway_before,
+                gateway_after,
+                "rpcai_ledger_client_write_duration_seconds_count",
+                write=write,
+            )
+            == 2
+        ), write
 
     # The logs: JSON, one access line per request naming it, and no secret anywhere.
     gateway_lines = services.gateway.json_lines()
