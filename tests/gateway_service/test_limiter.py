@@ -7,6 +7,7 @@ comes back by itself."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -59,14 +60,18 @@ def bucket(limit: Limit, tokens: int = 0) -> Bucket:
 
 async def test_n_per_minute_serves_exactly_n_at_once(limiter: Limiter) -> None:
     b = bucket(Limit(requests_per_minute=50))
+    started = time.monotonic()
     decisions = await asyncio.gather(
         *(limiter.acquire([b], uuid.uuid4().hex, 60_000) for _ in range(200))
     )
+    took = time.monotonic() - started
     allowed = [d for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     assert len(allowed) == 50
     assert {d.reason for d in refused} == {"RATE_LIMITED"}
-    assert all(1.0 < d.retry_after <= 1.21 for d in refused)  # one more every 60/50 s
+    # One more every 60/50 s after the first: 1.2 s from it, less what the burst took to decide
+    # (a loaded machine can take a good part of a second over 200 decisions).
+    assert all(1.2 - took - 0.01 < d.retry_after <= 1.21 for d in refused), took
     assert allowed[-1].limit == 50
     assert min(d.remaining for d in allowed) == 0
 
