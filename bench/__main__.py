@@ -219,8 +219,8 @@ def http_figures(url: str, ledger: processes.Service, seconds: float) -> str:
                 + f", {m / direct[callers].rate:.0%} of wrk straight to provider"
             )
         p50 = metered[1, 1].p50_ms  # one caller uses one worker: the default's figure
-        # Beside the SDK's own p50 from the same minute: the ratio holds steadier than the
-        # absolute figure across this shared machine's fast and slow spells.
+        # Beside the SDK's own p50 from the same minute, so a reader can tell a slow spell of
+        # this shared machine (both slower) from a slower gateway (only the ratio grows).
         sdk_p50 = sdk[1].p50_ms
         lines.append(
             f"at 1 caller: p50 {p50:.1f} ms metered (target <= {TARGET_P50_MS_AT_1:.0f} ms),"
