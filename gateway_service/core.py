@@ -70,6 +70,12 @@ MAX_KEY_CHARS = 200
 # A keyed call whose earlier attempts failed (hold released or expired) may be retried; each
 # retry reserves under a key derived from the failed hold, so concurrent retries converge.
 MAX_KEYED_ATTEMPTS = 5
+# A Reserve whose outcome is unknown is asked again after each of these pauses (seconds) to find
+# (and release) the hold it may have made; past the last, the hold's TTL is the backstop.
+UNCONFIRMED_HOLD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# At most this many at once: in an outage every failed call would start one, and the ledger's
+# return would meet a flood of them; past it the TTL alone releases.
+MAX_UNCONFIRMED_HOLDS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +331,7 @@ class Gateway:
         self.max_prompt_chars = max_prompt_chars
         self.limits = limits or CallLimits()
         self._background: set[asyncio.Task[Any]] = set()
+        self._unconfirmed: set[asyncio.Task[None]] = set()  # _release_unconfirmed, at most a few
 
     # ---- planning -------------------------------------------------------------------------
 
@@ -774,18 +781,22 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for _ in range(MAX_KEYED_ATTEMPTS):
             sent_at = loop.time()
-            hold = await self.ledger.reserve(
-                lpb.ReserveRequest(
-                    idempotency_key=key,
-                    user_id=plan.user_id,
-                    estimated_tokens=plan.hold_tokens,
-                    ttl_seconds=self.limits.hold_ttl_seconds,
-                    request_fingerprint=plan.fingerprint,
-                    transient_key=not req.idempotency_key,
-                    monthly_quota=self.gate.monthly_quota(plan.tier, plan.quota_claim),
-                    quota_at=_timestamp(self.quota_clock()) if self.quota_clock else None,
-                )
+            request = lpb.ReserveRequest(
+                idempotency_key=key,
+                user_id=plan.user_id,
+                estimated_tokens=plan.hold_tokens,
+                ttl_seconds=self.limits.hold_ttl_seconds,
+                request_fingerprint=plan.fingerprint,
+                transient_key=not req.idempotency_key,
+                monthly_quota=self.gate.monthly_quota(plan.tier, plan.quota_claim),
+                quota_at=_timestamp(self.quota_clock()) if self.quota_clock else None,
             )
+            try:
+                hold = await self.ledger.reserve(request)
+            except GatewayError as exc:
+                if request.transient_key and not is_definitive(exc):
+                    self._watch_unconfirmed(request)
+                raise
             if not (hold.replayed and hold.status in ("released", "expired")):
                 return _Hold(hold, sent_at, plan.user_id)
             # The earlier attempt failed and cost nothing: this retry is a new attempt, under a
@@ -795,6 +806,38 @@ class Gateway:
         raise GatewayError(
             Failure.CONFLICT, "TOO_MANY_ATTEMPTS", "this idempotency key failed too many times"
         )
+
+    def _watch_unconfirmed(self, request: lpb.ReserveRequest) -> None:
+        if len(self._unconfirmed) >= MAX_UNCONFIRMED_HOLDS:
+            return
+        task = asyncio.ensure_future(self._release_unconfirmed(request))
+        self._unconfirmed.add(task)
+        task.add_done_callback(self._unconfirmed.discard)
+
+    async def _release_unconfirmed(self, request: lpb.ReserveRequest) -> None:
+        """A Reserve whose answer never came (lost on the way back, the ledger unreachable) may
+        still have made its hold, and the call failed: nothing would settle it, and the user's
+        tokens would stay held for the hold's whole TTL. The same request asked again answers
+        with that hold, or makes it now (the first was never applied); either way it is released
+        at once. Only for a key of the gateway's own (the caller gave none), which no other call
+        can hold: under a key the caller chose, the caller's retry may have made the hold anew
+        and be serving on it, and releasing that would leave a served call unpaid."""
+        for pause in UNCONFIRMED_HOLD_RETRIES:
+            await asyncio.sleep(pause)
+            try:
+                hold = await self.ledger.reserve(request)
+            except GatewayError as exc:
+                if is_definitive(exc):
+                    return  # refused (a replay is never refused): no hold under this key
+                continue
+            if hold.replayed and hold.status != "held":
+                return  # resolved already (expired, released)
+            log.warning(
+                "releasing hold %s: its Reserve's answer was lost and its call failed",
+                hold.reservation_id,
+            )
+            await self._release(hold.reservation_id, request.user_id)
+            return
 
     async def _release(self, reservation_id: str, user_id: str) -> None:
         request = lpb.ReleaseRequest(reservation_id=reservation_id, user_id=user_id)
@@ -903,6 +946,12 @@ class Gateway:
         return await asyncio.shield(self._spawn(work))
 
     async def wait_background(self) -> None:
+        # Looking for holds of lost Reserve answers is not worth a slow shutdown: their TTL
+        # releases them.
+        for task in self._unconfirmed:
+            task.cancel()
+        if self._unconfirmed:
+            await asyncio.gather(*self._unconfirmed, return_exceptions=True)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

@@ -1,0 +1,102 @@
+"""A Reserve the ledger applied but whose answer never reached the gateway (each attempt's answer
+lost on the way back) fails its call with UNAVAILABLE and leaves a hold nothing would settle.
+When the key is the gateway's own (the caller gave none), the gateway asks again with the same
+request once the ledger answers and releases that hold at once, instead of leaving the user's
+tokens held for the hold's whole TTL. Under a key the caller chose it does not: the caller's
+retry with that key may have made the hold anew and be serving on it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
+from tests.conftest import LedgerHarness
+from tests.e2e.e2e_support import (
+    Sim,
+    assert_audit_ok,
+    fetchval,
+    gateway_on,
+    own_sim,
+    usage_rows,
+)
+from tests.e2e.ledger_proxy import Fault, LedgerProxy
+from tests.ledger_service.helpers import balance, credit
+
+__all__ = ["own_sim"]  # fixtures used by this module
+
+ANSWER_LOST = Fault(grpc.StatusCode.UNAVAILABLE, after_forwarding=True)
+
+
+async def _held(ledger: LedgerHarness, user: str) -> int:
+    return (await balance(ledger.stub, user)).reserved_tokens
+
+
+async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    proxy = LedgerProxy(ledger.address)
+    await proxy.start()
+    proxy.faults["Reserve"] = ANSWER_LOST
+    try:
+        async with gateway_on(
+            ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)
+        ) as stack:
+            user, auth = stack.user()
+            await credit(ledger.stub, user, 1000)  # 800 usable
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stack.stub.GenerateText(
+                    gpb.GenerateTextRequest(content="hi", max_tokens=100), metadata=auth
+                )
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert await _held(ledger, user) > 0  # made by the attempts whose answers were lost
+            proxy.faults.clear()  # the ledger answers again
+            async with asyncio.timeout(20):
+                while await _held(ledger, user):
+                    await asyncio.sleep(0.05)
+    finally:
+        await proxy.stop()
+    b = await balance(ledger.stub, user)
+    assert (b.available_tokens, b.reserved_tokens) == (800, 0)
+    statuses = await fetchval(
+        ledger, "SELECT array_agg(status::text) FROM holds WHERE user_id = $1", user
+    )
+    assert statuses == ["released"]  # the one hold the retried attempts shared, released
+    assert await usage_rows(ledger, user) == []
+    await assert_audit_ok(ledger)
+
+
+async def test_a_hold_under_the_callers_key_is_left_to_the_caller(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    proxy = LedgerProxy(ledger.address)
+    await proxy.start()
+    proxy.faults["Reserve"] = ANSWER_LOST
+    request = gpb.GenerateTextRequest(content="hi", max_tokens=100, idempotency_key="call-1")
+    try:
+        async with gateway_on(
+            ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)
+        ) as stack:
+            user, auth = stack.user()
+            await credit(ledger.stub, user, 1000)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stack.stub.GenerateText(request, metadata=auth)
+            held = await _held(ledger, user)
+            assert held > 0
+            proxy.faults.clear()
+            # Longer than the gateway takes to release a hold of its own key (the test above).
+            await asyncio.sleep(1.5)
+            assert await _held(ledger, user) == held
+            # The caller's retry finds its hold and is told the call is still running (until the
+            # hold resolves), never served a second time on it.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stack.stub.GenerateText(request, metadata=auth)
+            assert caught.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        await proxy.stop()
+    assert await _held(ledger, user) == held
+    assert await usage_rows(ledger, user) == []
+    await assert_audit_ok(ledger)
