@@ -331,7 +331,7 @@ class Gateway:
         self.max_prompt_chars = max_prompt_chars
         self.limits = limits or CallLimits()
         self._background: set[asyncio.Task[Any]] = set()
-        self._unconfirmed: set[asyncio.Task[None]] = set()  # _release_unconfirmed, at most a few
+        self._unconfirmed: set[asyncio.Task[None]] = set()  # _release_unconfirmed tasks
 
     # ---- planning -------------------------------------------------------------------------
 
