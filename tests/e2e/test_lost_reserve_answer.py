@@ -8,6 +8,9 @@ retry with that key may have made the hold anew and be serving on it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,6 +18,7 @@ import pytest
 
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
 from tests.conftest import LedgerHarness
+from tests.e2e.conftest import Stack
 from tests.e2e.e2e_support import (
     Sim,
     assert_audit_ok,
@@ -35,9 +39,20 @@ async def _held(ledger: LedgerHarness, user: str) -> int:
     return (await balance(ledger.stub, user)).reserved_tokens
 
 
-async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
-    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
-) -> None:
+@dataclass
+class LostHold:
+    stack: Stack
+    user: str
+    auth: tuple[tuple[str, str]]
+    held: int
+
+
+@asynccontextmanager
+async def _call_whose_reserve_answer_is_lost(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path, request: gpb.GenerateTextRequest
+) -> AsyncIterator[LostHold]:
+    """A gateway whose ledger applies `request`'s Reserve but loses every answer: the call fails
+    with UNAVAILABLE, its hold made. Then the ledger answers again."""
     proxy = LedgerProxy(ledger.address)
     await proxy.start()
     proxy.faults["Reserve"] = ANSWER_LOST
@@ -48,55 +63,47 @@ async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
             user, auth = stack.user()
             await credit(ledger.stub, user, 1000)  # 800 usable
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stack.stub.GenerateText(
-                    gpb.GenerateTextRequest(content="hi", max_tokens=100), metadata=auth
-                )
+                await stack.stub.GenerateText(request, metadata=auth)
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-            assert await _held(ledger, user) > 0  # made by the attempts whose answers were lost
-            proxy.faults.clear()  # the ledger answers again
-            async with asyncio.timeout(20):
-                while await _held(ledger, user):
-                    await asyncio.sleep(0.05)
+            held = await _held(ledger, user)
+            assert held > 0  # made by the attempts whose answers were lost
+            proxy.faults.clear()
+            yield LostHold(stack, user, auth, held)
     finally:
         await proxy.stop()
-    b = await balance(ledger.stub, user)
+
+
+async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    request = gpb.GenerateTextRequest(content="hi", max_tokens=100)
+    async with _call_whose_reserve_answer_is_lost(ledger, own_sim, tmp_path, request) as lost:
+        async with asyncio.timeout(20):
+            while await _held(ledger, lost.user):
+                await asyncio.sleep(0.05)
+    b = await balance(ledger.stub, lost.user)
     assert (b.available_tokens, b.reserved_tokens) == (800, 0)
     statuses = await fetchval(
-        ledger, "SELECT array_agg(status::text) FROM holds WHERE user_id = $1", user
+        ledger, "SELECT array_agg(status::text) FROM holds WHERE user_id = $1", lost.user
     )
     assert statuses == ["released"]  # the one hold the retried attempts shared, released
-    assert await usage_rows(ledger, user) == []
+    assert await usage_rows(ledger, lost.user) == []
     await assert_audit_ok(ledger)
 
 
 async def test_a_hold_under_the_callers_key_is_left_to_the_caller(
     ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
 ) -> None:
-    proxy = LedgerProxy(ledger.address)
-    await proxy.start()
-    proxy.faults["Reserve"] = ANSWER_LOST
     request = gpb.GenerateTextRequest(content="hi", max_tokens=100, idempotency_key="call-1")
-    try:
-        async with gateway_on(
-            ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)
-        ) as stack:
-            user, auth = stack.user()
-            await credit(ledger.stub, user, 1000)
-            with pytest.raises(grpc.aio.AioRpcError):
-                await stack.stub.GenerateText(request, metadata=auth)
-            held = await _held(ledger, user)
-            assert held > 0
-            proxy.faults.clear()
-            # Longer than the gateway takes to release a hold of its own key (the test above).
-            await asyncio.sleep(1.5)
-            assert await _held(ledger, user) == held
-            # The caller's retry finds its hold and is told the call is still running (until the
-            # hold resolves), never served a second time on it.
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stack.stub.GenerateText(request, metadata=auth)
-            assert caught.value.code() is grpc.StatusCode.ALREADY_EXISTS
-    finally:
-        await proxy.stop()
-    assert await _held(ledger, user) == held
-    assert await usage_rows(ledger, user) == []
+    async with _call_whose_reserve_answer_is_lost(ledger, own_sim, tmp_path, request) as lost:
+        # Longer than the gateway takes to release a hold of its own key (the test above).
+        await asyncio.sleep(1.5)
+        assert await _held(ledger, lost.user) == lost.held
+        # The caller's retry finds its hold and is told the call is still running (until the
+        # hold resolves), never served a second time on it.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await lost.stack.stub.GenerateText(request, metadata=lost.auth)
+        assert caught.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert await _held(ledger, lost.user) == lost.held
+    assert await usage_rows(ledger, lost.user) == []
     await assert_audit_ok(ledger)
