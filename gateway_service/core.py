@@ -44,7 +44,7 @@ from gateway_service.metering import (
     storable_count,
     storable_model,
 )
-from gateway_service.metrics import PROVIDER_FALLBACKS
+from gateway_service.metrics import LOST_RESERVE_HOLDS, PROVIDER_FALLBACKS
 from gateway_service.outbox import Outbox
 from gateway_service.pricing import estimate_cost_micro_usd
 from gateway_service.prompts import PromptLibrary, PromptRef, Value
@@ -809,6 +809,7 @@ class Gateway:
 
     def _watch_unconfirmed(self, request: lpb.ReserveRequest) -> None:
         if len(self._unconfirmed) >= MAX_UNCONFIRMED_HOLDS:
+            LOST_RESERVE_HOLDS.labels("skipped").inc()
             return
         task = asyncio.ensure_future(self._release_unconfirmed(request))
         self._unconfirmed.add(task)
@@ -828,16 +829,21 @@ class Gateway:
                 hold = await self.ledger.reserve(request)
             except GatewayError as exc:
                 if is_definitive(exc):
-                    return  # refused (a replay is never refused): no hold under this key
+                    # Refused (a replay never is): no hold under this key.
+                    LOST_RESERVE_HOLDS.labels("none").inc()
+                    return
                 continue
             if hold.replayed and hold.status != "held":
-                return  # resolved already (expired, released)
+                LOST_RESERVE_HOLDS.labels("none").inc()  # resolved already (expired, released)
+                return
             log.warning(
                 "releasing hold %s: its Reserve's answer was lost and its call failed",
                 hold.reservation_id,
             )
+            LOST_RESERVE_HOLDS.labels("released").inc()
             await self._release(hold.reservation_id, request.user_id)
             return
+        LOST_RESERVE_HOLDS.labels("gave_up").inc()
 
     async def _release(self, reservation_id: str, user_id: str) -> None:
         request = lpb.ReleaseRequest(reservation_id=reservation_id, user_id=user_id)

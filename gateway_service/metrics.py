@@ -101,6 +101,13 @@ LEDGER_WRITES = Counter(
     " the kind of a refusal, or unknown (no answer: unavailable, past its deadline).",
     ["write", "outcome"],
 )
+LOST_RESERVE_HOLDS = Counter(
+    "rpcai_gateway_lost_reserve_holds_total",
+    "Calls without an idempotency key whose Reserve got no answer, by what the gateway then did"
+    " about the hold it may have made: released, none (no hold, or already resolved), gave_up"
+    " (the ledger did not answer; the TTL releases it), skipped (too many at once).",
+    ["outcome"],
+)
 LEDGER_WRITE_SECONDS = Histogram(
     "rpcai_ledger_client_write_duration_seconds",
     "A hot-path ledger write from its start to the ledger's answer: the wait for its batch, the"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
 from tests.conftest import LedgerHarness
@@ -33,6 +34,11 @@ from tests.ledger_service.helpers import balance, credit
 __all__ = ["own_sim"]  # fixtures used by this module
 
 ANSWER_LOST = Fault(grpc.StatusCode.UNAVAILABLE, after_forwarding=True)
+
+
+def _lost_holds(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("rpcai_gateway_lost_reserve_holds_total", labels) or 0.0
 
 
 async def _held(ledger: LedgerHarness, user: str) -> int:
@@ -77,10 +83,12 @@ async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
     ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
 ) -> None:
     request = gpb.GenerateTextRequest(content="hi", max_tokens=100)
+    released = _lost_holds("released")
     async with _call_whose_reserve_answer_is_lost(ledger, own_sim, tmp_path, request) as lost:
         async with asyncio.timeout(20):
             while await _held(ledger, lost.user):
                 await asyncio.sleep(0.05)
+    assert _lost_holds("released") == released + 1
     b = await balance(ledger.stub, lost.user)
     assert (b.available_tokens, b.reserved_tokens) == (800, 0)
     statuses = await fetchval(
