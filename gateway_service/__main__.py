@@ -23,7 +23,7 @@ import sys
 
 from gateway_service.app import create_app
 from gateway_service.webhooks.lemonsqueezy import SOURCE, Status
-from shared import eventloop, tracing
+from shared import eventloop, heap, tracing
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.logging_setup import configure_logging
@@ -69,6 +69,8 @@ async def serve(settings: Settings) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         port = await app.start(settings.gateway_addr)
+        # Before the start-up lines (callers wait for them): no call pays for the sweep.
+        heap.settle()
         # Scripts read this first line for the gRPC address: keep it first and unchanged.
         print(f"gateway listening on {_host(settings.gateway_addr)}:{port}", flush=True)
         http_port = await app.start_http(settings.http_addr)
