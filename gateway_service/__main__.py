@@ -27,6 +27,7 @@ from shared import eventloop, heap, tracing
 from shared.config import Settings
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from shared.logging_setup import configure_logging
+from shared.metrics import observe_gc_pause
 from shared.open_files import raise_open_file_limit
 from shared.workers import available_cores, become_worker, is_worker, reserve_address, supervise
 
@@ -70,6 +71,7 @@ async def serve(settings: Settings) -> None:
     try:
         port = await app.start(settings.gateway_addr)
         # Before the start-up lines (callers wait for them): no call pays for the sweep.
+        heap.watch_pauses(observe_gc_pause)  # the start-up sweep is the first it reports
         heap.settle()
         # Scripts read this first line for the gRPC address: keep it first and unchanged.
         print(f"gateway listening on {_host(settings.gateway_addr)}:{port}", flush=True)

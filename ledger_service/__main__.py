@@ -18,6 +18,7 @@ from shared import eventloop, heap, tracing
 from shared.config import Settings
 from shared.grpc_server import run_until_signal
 from shared.logging_setup import configure_logging
+from shared.metrics import observe_gc_pause
 from shared.open_files import raise_open_file_limit
 from shared.workers import available_cores, become_worker, is_worker, reserve_address, supervise
 
@@ -31,6 +32,7 @@ async def serve(settings: Settings, url: str) -> None:
 
     def started(port: int) -> None:
         # Before the start-up line (callers wait for it): no call pays for the sweep.
+        heap.watch_pauses(observe_gc_pause)  # the start-up sweep is the first it reports
         heap.settle()
         host = settings.ledger_addr.rsplit(":", 1)[0]
         # A parseable line: scripts and tests wait for it.

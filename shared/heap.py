@@ -15,12 +15,22 @@ After start-up, `settle()`:
   are mostly freed by reference counting before a collection sees them, so few are promoted.
 Cyclic garbage is still collected, in fewer and larger sweeps of young objects; RSS stays flat
 (`make bench`'s memory run).
+
+`watch_pauses()` reports how long each collection stopped the process (the metric
+`rpcai_gc_pause_seconds`), so a change that brings the long pauses back shows on a dashboard.
+The collector's callback only appends to a deque: it runs wherever a collection starts, possibly
+inside prometheus-client's (non-reentrant) lock on the same thread, so a thread hands the
+pauses to the metric every PAUSE_REPORT_SECONDS instead.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +48,52 @@ def settle() -> int:
     frozen = gc.get_freeze_count()
     log.info("garbage collector: %d objects frozen, thresholds %s", frozen, gc.get_threshold())
     return frozen
+
+
+PAUSE_REPORT_SECONDS = 1.0
+# Pauses noted but not yet reported; past this many (the reporter stalled) the oldest are dropped.
+MAX_PENDING_PAUSES = 10_000
+
+_pauses: deque[tuple[int, float]] = deque(maxlen=MAX_PENDING_PAUSES)
+_started: list[float] = [0.0]
+_watching = threading.Lock()
+_reporter: threading.Thread | None = None
+
+
+def _on_collection(phase: str, info: dict[str, int]) -> None:
+    # Collections never overlap (the collector holds the GIL throughout), so one start suffices.
+    if phase == "start":
+        _started[0] = time.perf_counter()
+    else:
+        _pauses.append((info["generation"], time.perf_counter() - _started[0]))
+
+
+def drain(observe: Callable[[int, float], None]) -> int:
+    """Hands every pause noted so far to `observe(generation, seconds)`; returns how many."""
+    handed = 0
+    while _pauses:
+        generation, seconds = _pauses.popleft()
+        observe(generation, seconds)
+        handed += 1
+    return handed
+
+
+def watch_pauses(observe: Callable[[int, float], None]) -> None:
+    """From now on every collection's pause reaches `observe` within PAUSE_REPORT_SECONDS (from
+    a daemon thread). Once per process: a second call changes nothing."""
+    global _reporter
+    with _watching:
+        if _reporter is not None:
+            return
+        gc.callbacks.append(_on_collection)
+
+        def report() -> None:
+            while True:
+                time.sleep(PAUSE_REPORT_SECONDS)
+                try:
+                    drain(observe)
+                except Exception:  # a failing metric must not end the reporting
+                    log.exception("reporting the garbage collector's pauses failed")
+
+        _reporter = threading.Thread(target=report, name="gc-pauses", daemon=True)
+        _reporter.start()

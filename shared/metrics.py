@@ -65,6 +65,18 @@ GRPC_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+GC_PAUSE_SECONDS = Histogram(
+    "rpcai_gc_pause_seconds",
+    "How long each collection of Python's cyclic garbage collector stopped the process, by"
+    " generation (0 young, 2 full).",
+    ["generation"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def observe_gc_pause(generation: int, seconds: float) -> None:
+    GC_PAUSE_SECONDS.labels(str(generation)).observe(seconds)
+
 
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None

@@ -80,6 +80,28 @@ def test_cycles_made_after_settling_are_still_collected_without_asking() -> None
     assert out.split() == ["True", "True"]
 
 
+def test_each_collections_pause_is_reported_by_generation_within_a_second_or_so() -> None:
+    out = run_python(
+        """
+        import gc, threading, time
+        from shared import heap
+        seen = []
+        heap.watch_pauses(lambda generation, seconds: seen.append((generation, seconds)))
+        heap.watch_pauses(lambda generation, seconds: seen.append(("twice", seconds)))
+        gc.collect()
+        gc.collect(0)
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2 * heap.PAUSE_REPORT_SECONDS)  # a second watcher would have reported by now
+        reporters = [t for t in threading.enumerate() if t.name == "gc-pauses"]
+        generations = [g for g, _ in seen]
+        print(generations[:2], "twice" in generations, all(s > 0 for _, s in seen), len(reporters))
+        """
+    )
+    assert out.strip() == "[2, 0] False True 1"
+
+
 def start_up_lines(module: str, env: dict[str, str]) -> list[str]:
     """The service's output up to its first 'listening on' line; the service is then stopped."""
     proc = subprocess.Popen(

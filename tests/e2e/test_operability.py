@@ -158,6 +158,21 @@ async def settled_scrape(session: aiohttp.ClientSession, url: str, ready: str) -
         await asyncio.sleep(0.1)
 
 
+async def test_each_worker_reports_its_garbage_collectors_pauses(services: Services) -> None:
+    # Every worker (WORKERS=2 for both) sweeps its heap once at start-up: a full collection each.
+    async with aiohttp.ClientSession() as session:
+        for url in (services.ledger_metrics, f"{services.http}/metrics"):
+            deadline = time.monotonic() + 10
+            while True:
+                samples = await scrape(session, url)
+                full = value(samples, "rpcai_gc_pause_seconds_count", generation="2")
+                if full >= 2 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert full >= 2, f"{url}: {full} full collections reported"
+            assert value(samples, "rpcai_gc_pause_seconds_sum", generation="2") > 0
+
+
 async def test_metrics_move_by_what_happened_and_logs_keep_no_secret(services: Services) -> None:
     user = f"ops-{uuid.uuid4().hex[:8]}"
     token = mint(user)
