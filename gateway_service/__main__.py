@@ -68,11 +68,12 @@ async def serve(settings: Settings) -> None:
     # SIGHUP asks for a prompt reload (the prompt library takes it while it runs). Without
     # prompts, or while draining, its default action would end the process mid-call: ignored.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Before the servers listen: no connection waits through the sweep (a worker restarting
+    # under SO_REUSEPORT would hold the ones the kernel hands it).
+    heap.watch_pauses(observe_gc_pause)  # the start-up sweep is the first pause it reports
+    heap.settle()
     try:
         port = await app.start(settings.gateway_addr)
-        # Before the start-up lines (callers wait for them): no call pays for the sweep.
-        heap.watch_pauses(observe_gc_pause)  # the start-up sweep is the first it reports
-        heap.settle()
         # Scripts read this first line for the gRPC address: keep it first and unchanged.
         print(f"gateway listening on {_host(settings.gateway_addr)}:{port}", flush=True)
         http_port = await app.start_http(settings.http_addr)

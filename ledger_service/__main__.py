@@ -29,11 +29,12 @@ async def serve(settings: Settings, url: str) -> None:
     # Before the app: its gRPC server is built traced or not.
     tracing.setup_tracing(settings, tracing.LEDGER_SERVICE_NAME)
     app = await create_app(settings, url)
+    # Before the server listens: no connection waits through the sweep (a worker restarting
+    # under SO_REUSEPORT would hold the ones the kernel hands it).
+    heap.watch_pauses(observe_gc_pause)  # the start-up sweep is the first pause it reports
+    heap.settle()
 
     def started(port: int) -> None:
-        # Before the start-up line (callers wait for it): no call pays for the sweep.
-        heap.watch_pauses(observe_gc_pause)  # the start-up sweep is the first it reports
-        heap.settle()
         host = settings.ledger_addr.rsplit(":", 1)[0]
         # A parseable line: scripts and tests wait for it.
         print(f"ledger listening on {host}:{port}", flush=True)

@@ -9,7 +9,7 @@ another ~3%, and each one promoted the objects of every call in flight to an old
 which is what made the full collections come so often.
 
 After start-up, `settle()`:
-- collects once, then freezes what is left: the objects alive at start-up move to the permanent
+- collects, then freezes what is left: the objects alive at start-up move to the permanent
   generation, which no collection walks again (they live as long as the process anyway);
 - raises the young generation's threshold to YOUNG_THRESHOLD: the objects of a call in flight
   are mostly freed by reference counting before a collection sees them, so few are promoted.
@@ -40,9 +40,13 @@ YOUNG_THRESHOLD = 20_000
 
 def settle() -> int:
     """Freeze the objects alive now and raise the young threshold; returns how many were
-    frozen. Call once the service is up, before it takes load."""
+    frozen. Call once the service is built, before it listens."""
     gc.collect()
     gc.freeze()
+    # Again, with nothing left to walk: the collector sizes the next full collection by the
+    # old generation it last saw, which was everything just frozen (it would wait for ~25% of
+    # a million objects to reach the old generation before sweeping it).
+    gc.collect()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
     frozen = gc.get_freeze_count()

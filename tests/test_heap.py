@@ -62,6 +62,7 @@ def test_cycles_made_after_settling_are_still_collected_without_asking() -> None
         import gc, weakref
         from shared import heap
         heap.settle()
+        young_sweeps = gc.get_stats()[0]["collections"]
 
         class Node:
             pass
@@ -74,7 +75,7 @@ def test_cycles_made_after_settling_are_still_collected_without_asking() -> None
         first = weakref.ref(cycle())
         for _ in range({YOUNG_THRESHOLD}):
             cycle()
-        print(first() is None, gc.get_stats()[0]["collections"] > 0)
+        print(first() is None, gc.get_stats()[0]["collections"] > young_sweeps)
         """
     )
     assert out.split() == ["True", "True"]
@@ -144,7 +145,7 @@ def assert_settled_before_serving(lines: list[str]) -> None:
     found = [FROZEN.search(line) for line in lines]
     settled = [m for m in found if m]
     assert len(settled) == 1, "".join(lines)
-    assert int(settled[0].group(1)) > 100_000  # the SDKs', gRPC's and pydantic's objects
+    assert int(settled[0].group(1)) > 50_000  # the imports' objects (a ledger: ~120,000)
     assert int(settled[0].group(2)) == YOUNG_THRESHOLD
 
 
