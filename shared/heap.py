@@ -72,7 +72,7 @@ def _on_collection(phase: str, info: dict[str, int]) -> None:
         _pauses.append((info["generation"], time.perf_counter() - _started[0]))
 
 
-def drain(observe: Callable[[int, float], None]) -> int:
+def _drain(observe: Callable[[int, float], None]) -> int:
     """Hands every pause noted so far to `observe(generation, seconds)`; returns how many."""
     handed = 0
     while _pauses:
@@ -95,7 +95,7 @@ def watch_pauses(observe: Callable[[int, float], None]) -> None:
             while True:
                 time.sleep(PAUSE_REPORT_SECONDS)
                 try:
-                    drain(observe)
+                    _drain(observe)
                 except Exception:  # a failing metric must not end the reporting
                     log.exception("reporting the garbage collector's pauses failed")
 

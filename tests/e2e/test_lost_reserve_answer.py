@@ -59,24 +59,20 @@ async def _call_whose_reserve_answer_is_lost(
 ) -> AsyncIterator[LostHold]:
     """A gateway whose ledger applies `request`'s Reserve but loses every answer: the call fails
     with UNAVAILABLE, its hold made. Then the ledger answers again."""
-    proxy = LedgerProxy(ledger.address)
-    await proxy.start()
-    proxy.faults["Reserve"] = ANSWER_LOST
-    try:
-        async with gateway_on(
-            ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)
-        ) as stack:
-            user, auth = stack.user()
-            await credit(ledger.stub, user, 1000)  # 800 usable
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stack.stub.GenerateText(request, metadata=auth)
-            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-            held = await _held(ledger, user)
-            assert held > 0  # made by the attempts whose answers were lost
-            proxy.faults.clear()
-            yield LostHold(stack, user, auth, held)
-    finally:
-        await proxy.stop()
+    async with (
+        LedgerProxy(ledger.address) as proxy,
+        gateway_on(ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)) as stack,
+    ):
+        proxy.faults["Reserve"] = ANSWER_LOST
+        user, auth = stack.user()
+        await credit(ledger.stub, user, 1000)  # 800 usable
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.GenerateText(request, metadata=auth)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        held = await _held(ledger, user)
+        assert held > 0  # made by the attempts whose answers were lost
+        proxy.faults.clear()
+        yield LostHold(stack, user, auth, held)
 
 
 async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
