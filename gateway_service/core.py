@@ -782,6 +782,9 @@ class Gateway:
         for _ in range(MAX_KEYED_ATTEMPTS):
             sent_at = loop.time()
             request = lpb.ReserveRequest(
+                # Ours alone (the ledger's transport retries resend it): a replay that names it
+                # answers with a hold this attempt made.
+                attempt_id=uuid.uuid4().hex,
                 idempotency_key=key,
                 user_id=plan.user_id,
                 estimated_tokens=plan.hold_tokens,
@@ -794,9 +797,14 @@ class Gateway:
             try:
                 hold = await self.ledger.reserve(request)
             except GatewayError as exc:
-                if request.transient_key and not is_definitive(exc):
+                if not is_definitive(exc):
                     self._watch_unconfirmed(request)
                 raise
+            if hold.replayed and hold.status == "held" and hold.attempt_id == request.attempt_id:
+                # A transport retry of this very attempt, whose first answer was lost: the hold
+                # is this attempt's own (any other attempt names another id), so it serves on
+                # it, instead of being told its own call is still running.
+                hold.replayed, hold.status = False, ""
             if not (hold.replayed and hold.status in ("released", "expired")):
                 return _Hold(hold, sent_at, plan.user_id)
             # The earlier attempt failed and cost nothing: this retry is a new attempt, under a
@@ -818,11 +826,14 @@ class Gateway:
     async def _release_unconfirmed(self, request: lpb.ReserveRequest) -> None:
         """A Reserve whose answer never came (lost on the way back, the ledger unreachable) may
         still have made its hold, and the call failed: nothing would settle it, and the user's
-        tokens would stay held for the hold's whole TTL. The same request asked again answers
-        with that hold, or makes it now (the first was never applied); either way it is released
-        at once. Only for a key of the gateway's own (the caller gave none), which no other call
-        can hold: under a key the caller chose, the caller's retry may have made the hold anew
-        and be serving on it, and releasing that would leave a served call unpaid."""
+        tokens would stay held for the hold's whole TTL (and, under a key the caller chose, the
+        caller's retries told REQUEST_IN_PROGRESS all that time). The same request asked again
+        answers with that hold, or makes it now (the first was never applied); either way it is
+        released at once, when this attempt made it. Under a key the caller chose, the caller's
+        retry may have made the hold instead and be serving on it: releasing that one would
+        leave a served call unpaid, so a hold the ledger says another attempt made is left be.
+        (Only the attempt that made a hold serves on it: a later one is told REQUEST_IN_PROGRESS.)
+        A key of the gateway's own no other call can hold, whatever the ledger names."""
         for pause in UNCONFIRMED_HOLD_RETRIES:
             await asyncio.sleep(pause)
             try:
@@ -835,6 +846,9 @@ class Gateway:
                 continue
             if hold.replayed and hold.status != "held":
                 LOST_RESERVE_HOLDS.labels("none").inc()  # resolved already (expired, released)
+                return
+            if not (request.transient_key or hold.attempt_id == request.attempt_id):
+                LOST_RESERVE_HOLDS.labels("another_attempt").inc()
                 return
             log.warning(
                 "releasing hold %s: its Reserve's answer was lost and its call failed",

@@ -103,9 +103,10 @@ LEDGER_WRITES = Counter(
 )
 LOST_RESERVE_HOLDS = Counter(
     "rpcai_gateway_lost_reserve_holds_total",
-    "Calls without an idempotency key whose Reserve got no answer, by what the gateway then did"
-    " about the hold it may have made: released, none (no hold, or already resolved), gave_up"
-    " (the ledger did not answer; the TTL releases it), skipped (too many at once).",
+    "Calls whose Reserve got no answer, by what the gateway then did about the hold it may have"
+    " made: released, none (no hold, or already resolved), another_attempt (under the caller's"
+    " idempotency key, a later attempt made the hold and may be serving on it), gave_up (the"
+    " ledger did not answer; the TTL releases it), skipped (too many at once).",
     ["outcome"],
 )
 LEDGER_WRITE_SECONDS = Histogram(

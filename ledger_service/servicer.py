@@ -396,6 +396,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.transient_key,
             request.monthly_quota,
             _moment(request.quota_at, "quota_at") if request.HasField("quota_at") else None,
+            request.attempt_id,
         )
         metrics.reserved(r)
         return pb.ReserveResponse(
@@ -407,6 +408,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             status=r.status if r.replayed else "",
             answer=r.answer or b"",
             settlement=None if r.settlement is None else _settlement_pb(r.settlement),
+            attempt_id=r.attempt_id,
         )
 
     async def _extend_hold(self, request: pb.ExtendHoldRequest) -> pb.ExtendHoldResponse:

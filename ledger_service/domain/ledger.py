@@ -170,6 +170,7 @@ class LedgerStore(Protocol):
         usage_fee_percent: int,
         transient_key: bool,
         quota: MonthlyQuota | None,
+        attempt_id: str = "",
     ) -> Reservation: ...
 
     async def monthly_usage(self, user_id: str, timezone: str) -> MonthlyUsage: ...
@@ -603,9 +604,12 @@ class Ledger:
         transient_key: bool = False,
         monthly_quota: int = 0,
         quota_at: datetime | None = None,
+        attempt_id: str = "",
     ) -> Reservation:
         """Holds the estimate and its fee; with a `monthly_quota`, also within the month's
-        quota. The quota is policy, not the request: it is not part of the replay check."""
+        quota. The quota is policy, not the request: it is not part of the replay check. Nor is
+        `attempt_id`: it is kept with the answer, so a replay names the attempt that made the
+        hold (a caller that lost an answer tells its own hold from a later attempt's)."""
         key = _id("idempotency_key", idempotency_key)
         user = _id("user_id", user_id)
         estimate = _amount("estimated_tokens", estimated_tokens, 1, MAX_TOKENS_PER_CALL)
@@ -615,11 +619,12 @@ class Ledger:
         if len(fingerprint) > MAX_ID_CHARS:
             raise InvalidArgument("request_fingerprint", f"at most {MAX_ID_CHARS} characters")
         quota = self._quota(monthly_quota, quota_at)
+        attempt = _optional_id("attempt_id", attempt_id)
         digest = request_hash(
             "reserve", user=user, estimated=estimate, ttl=ttl_seconds, fingerprint=fingerprint
         )
         return await self.store.reserve(
-            key, digest, user, amount, ttl, fee_percent, transient_key, quota
+            key, digest, user, amount, ttl, fee_percent, transient_key, quota, attempt
         )
 
     def _quota(self, monthly_quota: int, at: datetime | None) -> MonthlyQuota | None:

@@ -97,6 +97,8 @@ class Reservation:
     # On a replay of a settled hold: the answer its Settle stored, and what the Settle answered.
     answer: bytes | None = None
     settlement: Settlement | None = None
+    # The attempt that made the hold (what its Reserve named), also on a replay.
+    attempt_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,7 @@ class HotItem(NamedTuple):
     answer: bytes | None = None
     prompt_id: str | None = None  # settle and usage: the call's server-held prompt (0011)
     prompt_version: str | None = None
+    attempt_id: str | None = None  # reserve: the caller's attempt, kept in its answer (0012)
 
 
 # Batch sizes are counted in power-of-two buckets: a batch of n lands in the first bound >= n.

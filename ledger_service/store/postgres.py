@@ -407,6 +407,7 @@ class PostgresStore:
         usage_fee_percent: int,
         transient_key: bool,
         quota: MonthlyQuota | None,
+        attempt_id: str = "",
     ) -> Reservation:
         a = await self._hot(
             HotItem(
@@ -421,6 +422,7 @@ class PostgresStore:
                 quota=quota.tokens if quota else 0,
                 tz=quota.timezone if quota else "UTC",
                 at=quota.at if quota else None,
+                attempt_id=attempt_id,
             )
         )
         answer = a.get("answer")
@@ -434,6 +436,7 @@ class PostgresStore:
             status=str(a.get("status", "held")),
             answer=None if answer is None else base64.b64decode(answer),
             settlement=None if settled is None else _settlement(settled),
+            attempt_id=str(a.get("attempt_id") or ""),  # none in answers from before 0012
         )
 
     @_guarded

@@ -1,9 +1,11 @@
 """A Reserve the ledger applied but whose answer never reached the gateway (each attempt's answer
 lost on the way back) fails its call with UNAVAILABLE and leaves a hold nothing would settle.
-When the key is the gateway's own (the caller gave none), the gateway asks again with the same
-request once the ledger answers and releases that hold at once, instead of leaving the user's
-tokens held for the hold's whole TTL. Under a key the caller chose it does not: the caller's
-retry with that key may have made the hold anew and be serving on it."""
+The gateway asks again with the same request once the ledger answers and releases that hold at
+once, instead of leaving the user's tokens held for the hold's whole TTL (and, under the
+caller's idempotency key, the caller's retries told REQUEST_IN_PROGRESS all that time). Each
+Reserve names its attempt, and a replay the attempt that made the hold: under the caller's key,
+a hold the caller's retry made (and is serving on) is left to it. A lost answer that a
+transport retry of the same attempt recovers serves the call on the hold that attempt made."""
 
 from __future__ import annotations
 
@@ -51,28 +53,34 @@ class LostHold:
     user: str
     auth: tuple[tuple[str, str]]
     held: int
+    proxy: LedgerProxy
 
 
 @asynccontextmanager
 async def _call_whose_reserve_answer_is_lost(
-    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path, request: gpb.GenerateTextRequest
+    ledger: LedgerHarness,
+    own_sim: Sim,
+    tmp_path: Path,
+    request: gpb.GenerateTextRequest,
+    fault: Fault = ANSWER_LOST,
 ) -> AsyncIterator[LostHold]:
-    """A gateway whose ledger applies `request`'s Reserve but loses every answer: the call fails
-    with UNAVAILABLE, its hold made. Then the ledger answers again."""
+    """A gateway whose ledger applies `request`'s Reserve but loses every answer (or, with
+    another `fault`, fails it otherwise): the call fails with UNAVAILABLE, its hold made (none
+    when the fault keeps the Reserve from the ledger). Then the ledger answers again."""
     async with (
         LedgerProxy(ledger.address) as proxy,
         gateway_on(ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)) as stack,
     ):
-        proxy.faults["Reserve"] = ANSWER_LOST
+        proxy.faults["Reserve"] = fault
         user, auth = stack.user()
         await credit(ledger.stub, user, 1000)  # 800 usable
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stack.stub.GenerateText(request, metadata=auth)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         held = await _held(ledger, user)
-        assert held > 0  # made by the attempts whose answers were lost
+        assert (held > 0) is fault.after_forwarding  # made by the attempt whose answers were lost
         proxy.faults.clear()
-        yield LostHold(stack, user, auth, held)
+        yield LostHold(stack, user, auth, held, proxy)
 
 
 async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
@@ -95,19 +103,90 @@ async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
     await assert_audit_ok(ledger)
 
 
-async def test_a_hold_under_the_callers_key_is_left_to_the_caller(
+async def _hold_statuses(ledger: LedgerHarness, user: str) -> list[str]:
+    statuses: list[str] = await fetchval(
+        ledger,
+        "SELECT array_agg(status::text ORDER BY created_at) FROM holds WHERE user_id = $1",
+        user,
+    )
+    return statuses
+
+
+async def test_a_hold_under_the_callers_key_is_released_and_the_callers_retry_served(
     ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
 ) -> None:
-    request = gpb.GenerateTextRequest(content="hi", max_tokens=100, idempotency_key="call-1")
+    request = gpb.GenerateTextRequest(
+        content="hi [[usage:20,12]]", max_tokens=100, idempotency_key="call-1"
+    )
+    released = _lost_holds("released")
     async with _call_whose_reserve_answer_is_lost(ledger, own_sim, tmp_path, request) as lost:
-        # Longer than the gateway takes to release a hold of its own key (the test above).
-        await asyncio.sleep(1.5)
-        assert await _held(ledger, lost.user) == lost.held
-        # The caller's retry finds its hold and is told the call is still running (until the
-        # hold resolves), never served a second time on it.
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await lost.stack.stub.GenerateText(request, metadata=lost.auth)
-        assert caught.value.code() is grpc.StatusCode.ALREADY_EXISTS
-    assert await _held(ledger, lost.user) == lost.held
-    assert await usage_rows(ledger, lost.user) == []
+        async with asyncio.timeout(20):
+            while await _held(ledger, lost.user):
+                await asyncio.sleep(0.05)
+        assert _lost_holds("released") == released + 1
+        # The caller's retry under its key: a new attempt (the released hold cost nothing),
+        # served and charged once, not told REQUEST_IN_PROGRESS until the hold's TTL.
+        answer = await lost.stack.stub.GenerateText(request, metadata=lost.auth)
+        again = await lost.stack.stub.GenerateText(request, metadata=lost.auth)
+    assert again == answer  # the stored answer, not a second call
+    assert answer.token_usage.tokens_charged == 40  # 32 used + 25% fee
+    b = await balance(ledger.stub, lost.user)
+    assert (b.available_tokens, b.reserved_tokens) == (760, 0)
+    assert await _hold_statuses(ledger, lost.user) == ["released", "settled"]
+    assert len(await usage_rows(ledger, lost.user)) == 1
+    await assert_audit_ok(ledger)
+
+
+async def test_a_hold_the_callers_retry_made_under_its_key_is_left_to_it(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    """The first attempt's Reserve never reaches the ledger (nor do its transport retries), so
+    the hold is made by the caller's retry, which is still serving (a slow provider) when the
+    first attempt's watcher asks the ledger about its key. Releasing that hold would leave the
+    retry's call served and unpaid."""
+    request = gpb.GenerateTextRequest(
+        content="hi [[usage:20,12]] [[delay:1.5]]", max_tokens=100, idempotency_key="call-2"
+    )
+    never_sent = Fault(grpc.StatusCode.UNAVAILABLE)
+    others, released = _lost_holds("another_attempt"), _lost_holds("released")
+    async with _call_whose_reserve_answer_is_lost(
+        ledger, own_sim, tmp_path, request, never_sent
+    ) as lost:
+        # At once: the watcher waits 0.2 s before it asks, the retry's provider call 1.5 s.
+        answer = await lost.stack.stub.GenerateText(request, metadata=lost.auth)
+        assert _lost_holds("another_attempt") == others + 1
+        # Three tries of the first attempt (all refused), the retry's, the watcher's.
+        assert lost.proxy.calls["Reserve"] == 5
+    assert _lost_holds("released") == released
+    assert answer.token_usage.tokens_charged == 40
+    b = await balance(ledger.stub, lost.user)
+    assert (b.available_tokens, b.reserved_tokens) == (760, 0)
+    assert await _hold_statuses(ledger, lost.user) == ["settled"]
+    assert len(await usage_rows(ledger, lost.user)) == 1
+    await assert_audit_ok(ledger)
+
+
+@pytest.mark.parametrize("key", ["", "call-3"], ids=["gateway-key", "caller-key"])
+async def test_an_answer_a_transport_retry_recovers_serves_the_call_on_its_hold(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path, key: str
+) -> None:
+    """The first answer is lost, the transport's retry of the same attempt is a replay of it:
+    the hold is this attempt's own, so the call is served on it (not refused as a call still
+    running, its hold left to the TTL)."""
+    request = gpb.GenerateTextRequest(
+        content="hi [[usage:20,12]]", max_tokens=100, idempotency_key=key
+    )
+    async with (
+        LedgerProxy(ledger.address) as proxy,
+        gateway_on(ledger, own_sim.url, ledger_addr=proxy.address, data_dir=str(tmp_path)) as stack,
+    ):
+        proxy.faults["Reserve"] = Fault(grpc.StatusCode.UNAVAILABLE, after_forwarding=True, times=1)
+        user, auth = stack.user()
+        await credit(ledger.stub, user, 1000)
+        answer = await stack.stub.GenerateText(request, metadata=auth)
+        assert proxy.calls["Reserve"] == 2
+    assert answer.token_usage.tokens_charged == 40
+    b = await balance(ledger.stub, user)
+    assert (b.available_tokens, b.reserved_tokens) == (760, 0)
+    assert await _hold_statuses(ledger, user) == ["settled"]
     await assert_audit_ok(ledger)

@@ -143,7 +143,8 @@ async def unary(
                     tally.done += 1
                     return
                 # The ledger down, or an attempt whose hold outlived its lost Reserve answer
-                # (answered once the hold expires): retry. Never refused otherwise.
+                # (answered once its gateway releases the hold, or, that gateway killed, once
+                # the hold expires): retry. Never refused otherwise.
                 in_progress = answer.get("error", {}).get("reason") == "REQUEST_IN_PROGRESS"
                 assert response.status >= 500 or in_progress, answer
                 tally.in_progress += in_progress

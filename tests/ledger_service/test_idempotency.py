@@ -178,3 +178,46 @@ async def test_parallel_copies_of_settle_and_release_apply_once(ledger: LedgerHa
     assert sum(not r.replayed for r in releases) == 1
     assert (await balance(ledger.stub, "wes")).available_tokens == 675
     assert (await run_audit(ledger.database_url)).ok
+
+
+async def test_a_reserve_replay_names_the_attempt_that_made_the_hold(
+    ledger: LedgerHarness,
+) -> None:
+    """The attempt id is kept with the answer and is not part of the request: a later attempt
+    under the same key is a replay (not a reused key) and learns whose hold it is."""
+    await credit(ledger.stub, "ann", 1000)
+
+    def attempt(attempt_id: str, key: str = "call-7") -> pb.ReserveRequest:
+        return pb.ReserveRequest(
+            idempotency_key=key, user_id="ann", estimated_tokens=10, attempt_id=attempt_id
+        )
+
+    first = await ledger.stub.Reserve(attempt("attempt-1"), metadata=AUTH)
+    assert (first.replayed, first.attempt_id) == (False, "attempt-1")
+    for asker in ("attempt-2", "attempt-1", ""):
+        again = await ledger.stub.Reserve(attempt(asker), metadata=AUTH)
+        assert (again.replayed, again.status, again.reservation_id, again.attempt_id) == (
+            True,
+            "held",
+            first.reservation_id,
+            "attempt-1",
+        )
+    unnamed = await ledger.stub.Reserve(attempt("", key="call-8"), metadata=AUTH)
+    assert unnamed.attempt_id == ""
+    assert (await ledger.stub.Reserve(attempt("attempt-9", key="call-8"), metadata=AUTH)) == (
+        pb.ReserveResponse(
+            reservation_id=unnamed.reservation_id,
+            reserved_tokens=unnamed.reserved_tokens,
+            expires_at=unnamed.expires_at,
+            balance=unnamed.balance,
+            replayed=True,
+            status="held",
+        )
+    )
+    # Through the hot path's stream too (the gateway's way): the same answer.
+    batch = pb.ApplyBatchRequest(writes=[pb.LedgerWrite(reserve=attempt("attempt-3"))])
+    [result] = (await ledger.stub.ApplyBatch(batch, metadata=AUTH)).results
+    assert (result.reserve.reservation_id, result.reserve.attempt_id) == (
+        first.reservation_id,
+        "attempt-1",
+    )

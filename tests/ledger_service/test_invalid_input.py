@@ -413,6 +413,7 @@ async def test_bad_id(seeded: Seeded, rpc: str, field: str, kind: str, value: st
 
 # Optional ids: empty means absent, anything else follows the rules of an id.
 OPTIONAL_ID_FIELDS = [
+    ("Reserve", "attempt_id"),
     ("UpsertSubscription", "subscription.variant_id"),
     ("RecordDeadLetter", "subject"),
     ("ListDeadLetters", "subject"),

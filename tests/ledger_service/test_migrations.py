@@ -4,6 +4,7 @@ refuses to be rewritten."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -623,4 +624,49 @@ async def test_0010_backfills_fees_and_a_credit_from_before_still_replays(
         )
     finally:
         await conn.close()
+    assert schema_differences(empty_database) == []
+
+
+async def test_0012_replays_holds_from_before_it_and_steps_back(empty_database: str) -> None:
+    """A hold reserved before 0012 replays under it naming no attempt; one reserved under it
+    names its attempt, and still replays once 0012 is stepped back (the older function ignores
+    what it does not know)."""
+    reserve = "SELECT ledger_reserve($1, '\\x02', 'ann', 125, 300, 25, false, 0, 'UTC', NULL{})"
+    migrate(empty_database, "0011")
+    conn: asyncpg.Connection = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(
+            "SELECT ledger_apply_credit('buy', '\\x01', 'ann', 'one_time', 1000, 800, 200, 80,"
+            " 'test', 'buy')"
+        )
+        before = json.loads(await conn.fetchval(reserve.format(""), "hold-1"))
+    finally:
+        await conn.close()
+
+    migrate(empty_database)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        replay = json.loads(await conn.fetchval(reserve.format(", 'attempt-2'"), "hold-1"))
+        assert replay["reservation_id"] == before["reservation_id"]
+        assert (replay["replayed"], replay.get("attempt_id")) == (True, None)
+        made = json.loads(await conn.fetchval(reserve.format(", 'attempt-3'"), "hold-2"))
+        assert made["attempt_id"] == "attempt-3"
+        unnamed = json.loads(await conn.fetchval(reserve.format(""), "hold-3"))
+        assert unnamed["attempt_id"] == ""
+    finally:
+        await conn.close()
+
+    downgrade(empty_database, "0011")
+    conn = await asyncpg.connect(empty_database)
+    try:
+        replay = json.loads(await conn.fetchval(reserve.format(""), "hold-2"))
+        assert (replay["reservation_id"], replay["replayed"]) == (made["reservation_id"], True)
+        attributes = await conn.fetchval(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'ledger_hot_item'::regclass"
+            " AND attname = 'attempt_id'"
+        )
+        assert attributes == 0
+    finally:
+        await conn.close()
+    migrate(empty_database)
     assert schema_differences(empty_database) == []

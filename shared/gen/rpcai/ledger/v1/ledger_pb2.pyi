@@ -387,6 +387,7 @@ class ReserveRequest(_message.Message):
     TRANSIENT_KEY_FIELD_NUMBER: _builtins.int
     MONTHLY_QUOTA_FIELD_NUMBER: _builtins.int
     QUOTA_AT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     user_id: _builtins.str
     estimated_tokens: _builtins.int
@@ -405,6 +406,13 @@ class ReserveRequest(_message.Message):
     counts in the month's usage from now until it resolves; one that would take the usage past
     the quota is refused (MONTHLY_QUOTA_EXCEEDED).
     """
+    attempt_id: _builtins.str
+    """Names the caller's attempt that sends this Reserve (printable, at most 256 characters; not
+    part of the idempotency check: every attempt of one call sends the same key). A replay
+    answers with the attempt that made the hold, so a caller whose answer was lost can tell its
+    own hold, which it may release, from one a later attempt under the same key made and may be
+    serving on.
+    """
     @_builtins.property
     def quota_at(self) -> _timestamp_pb2.Timestamp:
         """The moment whose month the quota counts in; unset: now (the database clock). For tests and
@@ -422,10 +430,11 @@ class ReserveRequest(_message.Message):
         transient_key: _builtins.bool = ...,
         monthly_quota: _builtins.int = ...,
         quota_at: _timestamp_pb2.Timestamp | None = ...,
+        attempt_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quota_at", b"quota_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "monthly_quota", b"monthly_quota", "quota_at", b"quota_at", "request_fingerprint", b"request_fingerprint", "transient_key", b"transient_key", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "estimated_tokens", b"estimated_tokens", "idempotency_key", b"idempotency_key", "monthly_quota", b"monthly_quota", "quota_at", b"quota_at", "request_fingerprint", b"request_fingerprint", "transient_key", b"transient_key", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,6 +452,7 @@ class ReserveResponse(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     SETTLEMENT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     reserved_tokens: _builtins.int
     """estimated + ceil(estimated * usage_fee%)."""
@@ -453,6 +463,8 @@ class ReserveResponse(_message.Message):
     """
     answer: _builtins.bytes
     """On a replay of a settled hold: the answer its Settle stored (opaque to the ledger), if any."""
+    attempt_id: _builtins.str
+    """The attempt_id of the Reserve that made the hold ("" when it named none)."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -472,10 +484,11 @@ class ReserveResponse(_message.Message):
         status: _builtins.str = ...,
         answer: _builtins.bytes = ...,
         settlement: Global___SettleResponse | None = ...,
+        attempt_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "expires_at", b"expires_at", "settlement", b"settlement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "balance", b"balance", "expires_at", b"expires_at", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "settlement", b"settlement", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "attempt_id", b"attempt_id", "balance", b"balance", "expires_at", b"expires_at", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "settlement", b"settlement", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
