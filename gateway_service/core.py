@@ -847,7 +847,13 @@ class Gateway:
             if hold.replayed and hold.status != "held":
                 LOST_RESERVE_HOLDS.labels("none").inc()  # resolved already (expired, released)
                 return
-            if not (request.transient_key or hold.attempt_id == request.attempt_id):
+            if (
+                hold.replayed
+                and not request.transient_key
+                and hold.attempt_id != request.attempt_id
+            ):
+                # Not made by this ask (a replay) nor named as this attempt's: another attempt's,
+                # or a ledger too old to say (its hold resolves at its TTL, as it did before).
                 LOST_RESERVE_HOLDS.labels("another_attempt").inc()
                 return
             log.warning(

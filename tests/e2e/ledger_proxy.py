@@ -44,6 +44,9 @@ class LedgerProxy(grpc.GenericRpcHandler):
         self.requests: dict[str, list[bytes]] = {}  # each call's serialized request, by method
         # Awaited before a call of that method goes on (to hold it, or slow it down).
         self.before: dict[str, Callable[[], Awaitable[None]]] = {}
+        # Called with each answer to a write of that method carried in a batch, before it goes
+        # back (e.g. to answer as an older ledger would, without a field it added since).
+        self.answered: dict[str, Callable[[Any], None]] = {}
         self.missing: set[str] = set()
         self._channel = grpc.aio.insecure_channel(target)
         self._server = grpc.aio.server()
@@ -198,6 +201,10 @@ class LedgerProxy(grpc.GenericRpcHandler):
                     results[i].error.CopyFrom(_injected(lost[i], " (answer lost)"))
                 else:
                     results[i].CopyFrom(result)
+                    answer_kind = result.WhichOneof("result")
+                    rpc = RPC_OF_WRITE.get(answer_kind or "", "")
+                    if rpc in self.answered:
+                        self.answered[rpc](getattr(results[i], answer_kind or ""))
         return lpb.ApplyBatchResponse(results=results).SerializeToString()
 
 

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
+from shared.gen.rpcai.ledger.v1 import ledger_pb2 as lpb
 from tests.conftest import LedgerHarness
 from tests.e2e.conftest import Stack
 from tests.e2e.e2e_support import (
@@ -36,6 +37,7 @@ from tests.ledger_service.helpers import balance, credit
 __all__ = ["own_sim"]  # fixtures used by this module
 
 ANSWER_LOST = Fault(grpc.StatusCode.UNAVAILABLE, after_forwarding=True)
+NEVER_SENT = Fault(grpc.StatusCode.UNAVAILABLE)
 
 
 def _lost_holds(outcome: str) -> float:
@@ -103,6 +105,10 @@ async def test_a_hold_whose_answer_was_lost_is_released_once_the_ledger_answers(
     await assert_audit_ok(ledger)
 
 
+def _attempt(raw: bytes) -> str:
+    return lpb.ReserveRequest.FromString(raw).attempt_id
+
+
 async def _hold_statuses(ledger: LedgerHarness, user: str) -> list[str]:
     statuses: list[str] = await fetchval(
         ledger,
@@ -147,12 +153,25 @@ async def test_a_hold_the_callers_retry_made_under_its_key_is_left_to_it(
     request = gpb.GenerateTextRequest(
         content="hi [[usage:20,12]] [[delay:1.5]]", max_tokens=100, idempotency_key="call-2"
     )
-    never_sent = Fault(grpc.StatusCode.UNAVAILABLE)
     others, released = _lost_holds("another_attempt"), _lost_holds("released")
     async with _call_whose_reserve_answer_is_lost(
-        ledger, own_sim, tmp_path, request, never_sent
+        ledger, own_sim, tmp_path, request, NEVER_SENT
     ) as lost:
-        # At once: the watcher waits 0.2 s before it asks, the retry's provider call 1.5 s.
+        first = _attempt(lost.proxy.requests["Reserve"][0])
+        retry_holds = asyncio.Event()
+
+        def answered(reply: lpb.ReserveResponse) -> None:
+            if reply.attempt_id != first:
+                retry_holds.set()
+
+        async def before() -> None:
+            # The first attempt's watcher asks only once the retry has its hold.
+            if _attempt(lost.proxy.requests["Reserve"][-1]) == first:
+                await retry_holds.wait()
+
+        lost.proxy.answered["Reserve"] = answered
+        lost.proxy.before["Reserve"] = before
+        # The retry's provider call (1.5 s) outlasts the watcher's first pause (0.2 s).
         answer = await lost.stack.stub.GenerateText(request, metadata=lost.auth)
         assert _lost_holds("another_attempt") == others + 1
         # Three tries of the first attempt (all refused), the retry's, the watcher's.
@@ -163,6 +182,31 @@ async def test_a_hold_the_callers_retry_made_under_its_key_is_left_to_it(
     assert (b.available_tokens, b.reserved_tokens) == (760, 0)
     assert await _hold_statuses(ledger, lost.user) == ["settled"]
     assert len(await usage_rows(ledger, lost.user)) == 1
+    await assert_audit_ok(ledger)
+
+
+async def test_with_a_ledger_too_old_to_name_attempts_a_hold_the_watcher_made_is_released(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    """The first attempt's Reserve never reached the ledger, so the watcher's own ask makes the
+    hold (not a replay): it is this attempt's even when the ledger (one from before attempt
+    ids) does not say so, and is released, the caller's retry served."""
+    request = gpb.GenerateTextRequest(
+        content="hi [[usage:20,12]]", max_tokens=100, idempotency_key="call-4"
+    )
+    released = _lost_holds("released")
+    async with _call_whose_reserve_answer_is_lost(
+        ledger, own_sim, tmp_path, request, NEVER_SENT
+    ) as lost:
+        lost.proxy.answered["Reserve"] = lambda reply: reply.ClearField("attempt_id")
+        async with asyncio.timeout(20):
+            while _lost_holds("released") == released:
+                await asyncio.sleep(0.05)
+        answer = await lost.stack.stub.GenerateText(request, metadata=lost.auth)
+    assert answer.token_usage.tokens_charged == 40
+    b = await balance(ledger.stub, lost.user)
+    assert (b.available_tokens, b.reserved_tokens) == (760, 0)
+    assert await _hold_statuses(ledger, lost.user) == ["released", "settled"]
     await assert_audit_ok(ledger)
 
 

@@ -214,7 +214,7 @@ async def test_a_reserve_replay_names_the_attempt_that_made_the_hold(
             status="held",
         )
     )
-    # Through the hot path's stream too (the gateway's way): the same answer.
+    # Through the hot path's batches too (the gateway's way): the same answer.
     batch = pb.ApplyBatchRequest(writes=[pb.LedgerWrite(reserve=attempt("attempt-3"))])
     [result] = (await ledger.stub.ApplyBatch(batch, metadata=AUTH)).results
     assert (result.reserve.reservation_id, result.reserve.attempt_id) == (
