@@ -19,6 +19,7 @@ MONEY_TESTS = [
     "tests/e2e/test_money_exact.py",
     "tests/e2e/test_concurrent_calls.py",
     "tests/e2e/test_stream_metering.py",
+    "tests/e2e/test_lost_reserve_answer.py",
     "tests/ledger_service/test_money.py",
     "tests/ledger_service/test_money_edges.py",
     "tests/ledger_service/test_group_commit.py",
