@@ -24,14 +24,13 @@ Revises: 0005
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from ledger_service.store.sql_history import definitions
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -567,25 +566,6 @@ RESTORED = {
     "0004": ("ledger_claim_key",),
     "0005": ("ledger_upsert_subscription",),
 }
-_DEFINITION = re.compile(
-    r"CREATE (?:OR REPLACE )?FUNCTION (\w+)\(.*?\n(?:END )?\$\$;", re.DOTALL | re.MULTILINE
-)
-
-
-def _definitions(revision: str) -> dict[str, str]:
-    """The CREATE FUNCTION statements of an earlier revision's module, by function name."""
-    [path] = Path(__file__).parent.glob(f"{revision}_*.py")
-    spec = importlib.util.spec_from_file_location(f"_rpcai_migration_{revision}", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    text = "\n".join(
-        value
-        for name in ("FUNCTIONS", "CLAIM")
-        if isinstance(value := getattr(module, name, None), str)
-    )
-    return {m.group(1): m.group(0) for m in _DEFINITION.finditer(text)}
 
 
 def _created_at() -> sa.Column[object]:
@@ -689,8 +669,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("\n".join(f"DROP FUNCTION {signature};" for signature in NEW_SIGNATURES))
     for rev, names in RESTORED.items():
-        definitions = _definitions(rev)
-        op.execute("\n".join(definitions[name] for name in names))
+        defined = definitions(rev, ("FUNCTIONS", "CLAIM"))
+        op.execute("\n".join(defined[name] for name in names))
     op.drop_index(
         "ix_parked_operations_waiting",
         table_name="parked_operations",

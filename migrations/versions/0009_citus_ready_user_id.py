@@ -22,12 +22,11 @@ Revises: 0008
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from alembic import op
+
+from ledger_service.store.sql_history import restored
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -686,22 +685,6 @@ BEGIN
 END $$;
 """
 
-_DEFINITION = re.compile(
-    r"CREATE (?:OR REPLACE )?FUNCTION (\w+)\(.*?\n(?:END )?\$\$;", re.DOTALL | re.MULTILINE
-)
-
-
-def _definitions(revision: str) -> dict[str, str]:
-    """The CREATE FUNCTION statements of an earlier revision's module, by function name."""
-    [path] = Path(__file__).parent.glob(f"{revision}_*.py")
-    spec = importlib.util.spec_from_file_location(f"_rpcai_migration_{revision}", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    text: str = module.FUNCTIONS
-    return {m.group(1): m.group(0) for m in _DEFINITION.finditer(text)}
-
 
 def upgrade() -> None:
     op.execute(SCHEMA_UP)
@@ -711,12 +694,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("\n".join(f"DROP FUNCTION {signature};" for signature in NEW_SIGNATURES))
-    for rev, names in RESTORED.items():
-        definitions = _definitions(rev)
-        op.execute(
-            "\n".join(
-                definitions[name].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-                for name in names
-            )
-        )
+    op.execute(restored(RESTORED))
     op.execute(SCHEMA_DOWN)

@@ -19,12 +19,11 @@ Revises: 0011
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from alembic import op
+
+from ledger_service.store.sql_history import definitions, replaceable
 
 revision: str = "0012"
 down_revision: str | None = "0011"
@@ -61,37 +60,17 @@ CHANGES = {
     ),
 }
 
-_DEFINITION = re.compile(
-    r"CREATE (?:OR REPLACE )?FUNCTION (\w+)\(.*?\n(?:END )?\$\$;", re.DOTALL | re.MULTILINE
-)
-
-
-def _definitions(revision: str) -> dict[str, str]:
-    """The CREATE FUNCTION statements of an earlier revision's module, by function name."""
-    [path] = Path(__file__).parent.glob(f"{revision}_*.py")
-    spec = importlib.util.spec_from_file_location(f"_rpcai_migration_{revision}", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    text: str = module.FUNCTIONS
-    return {m.group(1): m.group(0) for m in _DEFINITION.finditer(text)}
-
-
-def _replaceable(definition: str) -> str:
-    return definition.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-
 
 def functions(changed: bool) -> str:
     """The two functions as this revision defines them (changed) or as it found them."""
     statements = []
     for (rev, name), edits in CHANGES.items():
-        definition = _definitions(rev)[name]
+        definition = definitions(rev)[name]
         for old, new in edits if changed else ():
             if definition.count(old) != 1:
                 raise RuntimeError(f"0012: {name} of {rev} does not read as expected: {old!r}")
             definition = definition.replace(old, new)
-        statements.append(_replaceable(definition))
+        statements.append(replaceable(definition))
     return "\n".join(statements)
 
 
