@@ -118,6 +118,16 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             await context.abort_with_status(
                 rich_status(code, exc.message, exc.reason, DOMAIN, exc.metadata, _details(exc))
             )
+        except grpc.aio.AbortError:
+            raise  # the method's own abort: its status stands
+        except Exception:
+            # Not gRPC's UNKNOWN "Unexpected <class>: <message>": the message of a database
+            # error may quote the data it was about. The log keeps it; a batched write of the
+            # same kind answers the same (_apply_write).
+            log.exception("%s failed", method.__name__)
+            await context.abort_with_status(
+                rich_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", DOMAIN)
+            )
         raise AssertionError("unreachable: abort_with_status raises")
 
     return wrapper

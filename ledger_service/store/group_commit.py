@@ -18,6 +18,14 @@ for a batch they are paid once. The rules this module keeps:
   the caller's retry with the same key is what resolves that.
 - Answers do not depend on batching: every item runs through the same per-item SQL function a
   lone call uses; items of one account run in arrival order (a repeated key or hold replays).
+- A migration may change `ledger_hot_item` under a running ledger (ledgers migrate as they
+  start, so in a rolling upgrade the first new replica does it while the old ones still serve).
+  Postgres then refuses a batch whose items have the type's old shape, and asyncpg's cached
+  codec refuses the new one, until the connection reloads it: such a batch (refused as it was
+  bound, so nothing ran) is sent again once, its items laid out attribute by attribute by name
+  as the database now has them (`ItemLayout`). An attribute this code does not know goes as NULL
+  and one the database lacks is left out: the rule for this type is that an attribute added to it
+  means, when NULL, what the ledger did before it (0011's prompt, 0012's attempt).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -47,6 +55,12 @@ SOLO_ATTEMPTS = 3
 STATS_LOG_SECONDS = 60.0
 
 _SQL = "SELECT item, answer FROM ledger_hot_batch($1::ledger_hot_item[])"
+# The type's attributes as the database has them now (dropped ones are not sent in a record).
+_ATTRIBUTES_SQL = """
+SELECT a.attname FROM pg_attribute a JOIN pg_type t ON t.typrelid = a.attrelid
+WHERE t.oid = 'ledger_hot_item'::regtype AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
 
 # Failures of the connection, not of the batch's content: running its items again one by one
 # would only fail them again (and whether the batch committed is unknown).
@@ -86,6 +100,42 @@ class HotItem(NamedTuple):
     prompt_id: str | None = None  # settle and usage: the call's server-held prompt (0011)
     prompt_version: str | None = None
     attempt_id: str | None = None  # reserve: the caller's attempt, kept in its answer (0012)
+
+
+# What a batch bound against a stale shape of ledger_hot_item raises: Postgres's "wrong number
+# of columns" (42804) for items of the old shape, and asyncpg's "invalid input for query argument"
+# while its cached codec is the old one (a client-side DataError, which is an InterfaceError).
+SHAPE_CHANGED = (
+    asyncpg.exceptions.DatatypeMismatchError,
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions._base.DataError,
+)
+
+
+class ItemLayout:
+    """HotItems as records of the database's `ledger_hot_item`, attribute by name."""
+
+    def __init__(self, attributes: tuple[str, ...]) -> None:
+        self.attributes = attributes
+        known = {name: i for i, name in enumerate(HotItem._fields)}
+        blank = len(HotItem._fields)  # the index of the NULL appended to each item
+        self._picks = [known.get(name, blank) for name in attributes]
+        self.unknown = [name for name in attributes if name not in known]
+        self.missing = [name for name in HotItem._fields if name not in attributes]
+
+    @property
+    def same(self) -> bool:
+        """The database's type is HotItem field for field: items go as they are."""
+        return self.attributes == HotItem._fields
+
+    def records(self, items: list[HotItem]) -> Sequence[tuple[object, ...]]:
+        if self.same:
+            return items
+        return [tuple((*item, None)[i] for i in self._picks) for item in items]
+
+
+async def read_layout(conn: asyncpg.Connection) -> ItemLayout:
+    return ItemLayout(tuple(row[0] for row in await conn.fetch(_ATTRIBUTES_SQL)))
 
 
 # Batch sizes are counted in power-of-two buckets: a batch of n lands in the first bound >= n.
@@ -167,6 +217,7 @@ class GroupCommit:
         self._flush_due = False
         self._logged_at = clock()
         self._logged_items = 0
+        self._layout = ItemLayout(HotItem._fields)
 
     async def submit(self, item: HotItem) -> Answer:
         """The item's answer, once the batch that carried it committed."""
@@ -236,7 +287,7 @@ class GroupCommit:
     async def _apply(self, batch: list[_Waiting]) -> None:
         try:
             async with self.pool.acquire() as conn:
-                rows = await conn.fetch(_SQL, [w.item for w in batch])
+                rows = await self._fetch(conn, [w.item for w in batch])
         except Exception as exc:
             if len(batch) == 1 or isinstance(exc, CONNECTION_LOST):
                 self._fail(batch, exc)
@@ -263,7 +314,7 @@ class GroupCommit:
         for attempt in range(1, SOLO_ATTEMPTS + 1):
             try:
                 async with self.pool.acquire() as conn:
-                    rows = await conn.fetch(_SQL, [waiting.item])
+                    rows = await self._fetch(conn, [waiting.item])
             except asyncpg.exceptions.TransactionRollbackError as exc:
                 if attempt < SOLO_ATTEMPTS:
                     continue
@@ -274,6 +325,29 @@ class GroupCommit:
                 if not waiting.future.done():
                     waiting.future.set_result(rows[0]["answer"])
             return
+
+    async def _fetch(self, conn: asyncpg.Connection, items: list[HotItem]) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record]
+        try:
+            rows = await conn.fetch(_SQL, self._layout.records(items))
+            return rows
+        except SHAPE_CHANGED:
+            # Refused as it was bound: nothing ran. Once more, with this connection's codecs
+            # reloaded and the items in the type's shape now; a second refusal is the batch's.
+            await conn.reload_schema_state()
+            layout = await read_layout(conn)
+            if layout.attributes != self._layout.attributes:
+                self._layout = layout
+                log.warning(
+                    "ledger_hot_item changed under this ledger (a migration): %d attributes,"
+                    " sent by name from now on; unknown to this code (sent as NULL): %s;"
+                    " not in the database (left out): %s",
+                    len(layout.attributes),
+                    ", ".join(layout.unknown) or "none",
+                    ", ".join(layout.missing) or "none",
+                )
+            rows = await conn.fetch(_SQL, self._layout.records(items))
+            return rows
 
     def _fail(self, batch: list[_Waiting], exc: Exception) -> None:
         for waiting in batch:
