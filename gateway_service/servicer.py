@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -54,6 +55,11 @@ GRPC_CODES = {
     Failure.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
+log = logging.getLogger(__name__)
+
+# gRPC's own: the handler aborted, or the call is over (e.g. its client went away).
+FINISHED = (grpc.aio.AbortError, grpc.aio.UsageError)
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -98,9 +104,21 @@ def unary(
             return await method(self, request, context)
         except GatewayError as exc:
             await abort(context, exc)
+        except FINISHED:
+            raise  # the method's own abort stands; a call already over has no one to tell
+        except Exception:
+            await abort_unexpected(context, method.__name__)
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
+
+
+async def abort_unexpected(context: Context, method: str) -> None:
+    """A failure with no answer of its own: INTERNAL "internal error", as the HTTP edge's 500.
+    Not gRPC's UNKNOWN "Unexpected <class>: <message>", whose message may quote a caller's
+    input or a provider's reply; the log keeps it."""
+    log.exception("%s failed", method)
+    await abort(context, GatewayError(Failure.INTERNAL, "INTERNAL", "internal error"))
 
 
 def one_stream_slot(
@@ -269,6 +287,10 @@ class GatewayServicer(gateway_pb2_grpc.AiGatewayServicer):
                         break
         except GatewayError as exc:
             await abort(context, exc)
+        except FINISHED:
+            raise
+        except Exception:
+            await abort_unexpected(context, "StreamText")
         if stalled:
             await abort(context, client_stalled())
 
