@@ -57,8 +57,9 @@ GRPC_CODES = {
 
 log = logging.getLogger(__name__)
 
-# gRPC's own: the handler aborted, or the call is over (e.g. its client went away).
-FINISHED = (grpc.aio.AbortError, grpc.aio.UsageError)
+# gRPC's own (AbortError, UsageError, ...; not AioRpcError): the handler aborted, or the call or
+# the server is over (its client went away, shutdown). Nothing to answer.
+FINISHED = grpc.aio.BaseError
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

@@ -118,8 +118,8 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             await context.abort_with_status(
                 rich_status(code, exc.message, exc.reason, DOMAIN, exc.metadata, _details(exc))
             )
-        except grpc.aio.AbortError:
-            raise  # the method's own abort: its status stands
+        except grpc.aio.BaseError:
+            raise  # gRPC's own: the method's abort stands, or the call is over
         except Exception:
             # Not gRPC's UNKNOWN "Unexpected <class>: <message>": the message of a database
             # error may quote the data it was about. The log keeps it; a batched write of the

@@ -91,11 +91,17 @@ class Limiter(Protocol):
 # ---- the algorithm, once, on plain state (the Lua script mirrors it) ---------------------------
 
 
+# Times are float milliseconds: a burst of exactly a minute's worth can come out a rounding error
+# past MINUTE_MS (1e6 + 0.1 + 60000 - (1e6 + 0.1) > 60000), and was refused. A microsecond's
+# slack absorbs that (Redis's clock, ~1.8e12 ms, rounds to ~2.4e-4 ms) and lets nothing through.
+SLACK_MS = 0.001
+
+
 def _gcra(tat: float, now: float, per_minute: int, cost: int) -> tuple[bool, float, float]:
     """(allowed, new TAT, retry after ms) for `cost` units of a `per_minute` limit."""
     interval = MINUTE_MS / per_minute
     new_tat = max(tat, now) + cost * interval
-    if new_tat - now <= MINUTE_MS:
+    if new_tat - now <= MINUTE_MS + SLACK_MS:
         return True, new_tat, 0.0
     if cost > per_minute:
         return False, tat, MINUTE_MS  # can never fit: ask again in a minute
@@ -276,7 +282,7 @@ for i = 0, n - 1 do
     local tat = tonumber(redis.call('GET', c[1])) or now
     if tat < now then tat = now end
     local new_tat = tat + c[3] * 60000 / c[2]
-    if new_tat - now > 60000 then
+    if new_tat - now > 60000 + 0.001 then  -- SLACK_MS
       local retry = new_tat - 60000 - now
       if c[3] > c[2] then retry = 60000 end
       return state(0, c[4], tostring(retry))

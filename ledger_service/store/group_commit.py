@@ -75,7 +75,10 @@ CONNECTION_LOST = (
 
 
 class HotItem(NamedTuple):
-    """One call, field for field the `ledger_hot_item` composite type (asyncpg sends a tuple)."""
+    """One call, field for field the `ledger_hot_item` composite type (asyncpg sends a tuple).
+    A migration may add an attribute to the type (NULL meaning what the ledger did before it) or
+    drop one; never rename one or swap one for another of the same type in one step: Postgres
+    would not refuse the old shape, so a running ledger would go on sending it by position."""
 
     op: str
     user_id: str | None = None
@@ -102,14 +105,24 @@ class HotItem(NamedTuple):
     attempt_id: str | None = None  # reserve: the caller's attempt, kept in its answer (0012)
 
 
-# What a batch bound against a stale shape of ledger_hot_item raises: Postgres's "wrong number
-# of columns" (42804) for items of the old shape, and asyncpg's "invalid input for query argument"
-# while its cached codec is the old one (a client-side DataError, which is an InterfaceError).
-SHAPE_CHANGED = (
-    asyncpg.exceptions.DatatypeMismatchError,
-    asyncpg.exceptions.DataError,
-    asyncpg.exceptions._base.DataError,
-)
+def connection_lost(exc: BaseException) -> bool:
+    """A failure of the connection (CONNECTION_LOST), not of the statement: asyncpg's
+    client-side DataError is an InterfaceError but says nothing about the connection."""
+    return isinstance(exc, CONNECTION_LOST) and not isinstance(
+        exc, asyncpg.exceptions._base.DataError
+    )
+
+
+def shape_changed(exc: BaseException) -> bool:
+    """A batch bound against a stale shape of ledger_hot_item, refused before it ran: Postgres's
+    record input ("wrong number of columns" / "wrong data type", 42804) for items of the old
+    shape, or asyncpg's encoding of the argument while its cached codec is the old one."""
+    message = str(exc)
+    if isinstance(exc, asyncpg.exceptions.DatatypeMismatchError):
+        return message.startswith(("wrong number of columns", "wrong data type"))
+    if isinstance(exc, asyncpg.exceptions.DataError | asyncpg.exceptions._base.DataError):
+        return message.startswith("invalid input for query argument $1")
+    return False
 
 
 class ItemLayout:
@@ -289,7 +302,7 @@ class GroupCommit:
             async with self.pool.acquire() as conn:
                 rows = await self._fetch(conn, [w.item for w in batch])
         except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, CONNECTION_LOST):
+            if len(batch) == 1 or connection_lost(exc):
                 self._fail(batch, exc)
                 return
             self.stats.batches_split += 1
@@ -331,9 +344,11 @@ class GroupCommit:
         try:
             rows = await conn.fetch(_SQL, self._layout.records(items))
             return rows
-        except SHAPE_CHANGED:
-            # Refused as it was bound: nothing ran. Once more, with this connection's codecs
-            # reloaded and the items in the type's shape now; a second refusal is the batch's.
+        except Exception as exc:
+            if not shape_changed(exc):
+                raise
+            # Refused as it was bound: nothing ran. Once more, with the pool's codecs reloaded
+            # and the items in the type's shape now; a second refusal is the batch's.
             await conn.reload_schema_state()
             layout = await read_layout(conn)
             if layout.attributes != self._layout.attributes:

@@ -81,10 +81,10 @@ from ledger_service.domain.types import (
     UserType,
 )
 from ledger_service.store.group_commit import (
-    CONNECTION_LOST,
     GroupCommit,
     GroupCommitStats,
     HotItem,
+    connection_lost,
 )
 from ledger_service.store.models import JOURNAL_EXCEPTIONS
 
@@ -179,15 +179,13 @@ def _raise_stored_refusal(answer: Answer) -> None:
     raise error(str(answer.get("detail", reason)))
 
 
-# Failures of the connection, not of the request: the caller may retry with the same key.
-_UNAVAILABLE = CONNECTION_LOST
-
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def _translated(exc: Exception) -> LedgerError | None:
-    """The domain error for a database failure that is not about the request, if it is one."""
-    if isinstance(exc, _UNAVAILABLE):
+    """The domain error for a database failure that is not about the request, if it is one: a
+    lost connection (the caller may retry with the same key), a rolled-back transaction."""
+    if connection_lost(exc):
         return Unavailable(f"database unavailable ({type(exc).__name__})")
     if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):  # SQLSTATE class 40
         return TransactionConflict(f"rolled back by the database ({type(exc).__name__})")

@@ -170,6 +170,20 @@ async def test_the_local_limiter_follows_its_clock() -> None:
     assert (await local.acquire([b], "c", 60_000)).allowed
 
 
+@pytest.mark.parametrize("per_minute", [1, 7, 600])
+async def test_a_whole_minutes_burst_is_served_whatever_the_clock_reads(per_minute: int) -> None:
+    """Float milliseconds: at some clock readings a burst of exactly the limit came out a
+    rounding error past a minute, and its last call was refused (seen at 1,000.0001 s)."""
+    for now in (1000.0001, 1000.0, 86_400.123456, 1.8e9 + 0.37):
+        clock = Clock()
+        clock.now = now
+        local = LocalLimiter(clock)
+        b = bucket(Limit(requests_per_minute=per_minute))
+        for i in range(per_minute):
+            assert (await local.acquire([b], f"call-{i}", 60_000)).allowed, (now, i)
+        assert not (await local.acquire([b], "one-more", 60_000)).allowed
+
+
 async def test_without_redis_the_fallback_limits_locally_or_refuses(redis_srv: RedisServer) -> None:
     if redis_srv.process is None:
         pytest.skip("uses a Redis of its own (stops and restarts it)")

@@ -9,11 +9,12 @@ import asyncio
 import logging
 import uuid
 
+import asyncpg
 import pytest
 
 from ledger_service.audit import run_audit
 from ledger_service.store.database import downgrade, migrate
-from ledger_service.store.group_commit import HotItem, ItemLayout
+from ledger_service.store.group_commit import HotItem, ItemLayout, connection_lost, shape_changed
 from shared.gen.rpcai.ledger.v1 import ledger_pb2 as pb
 from tests.conftest import AUTH, LedgerHarness
 from tests.ledger_service.helpers import balance, credit, settle
@@ -125,3 +126,28 @@ def test_items_are_laid_out_by_attribute_name() -> None:
         **{name: getattr(item, name) for name in names if name in HotItem._fields},
         "later_field": None,
     }
+
+
+def test_only_a_stale_shape_is_sent_again_and_only_a_lost_connection_is_unavailable() -> None:
+    """A data error raised while the batch ran (division by zero, a value out of range) is the
+    batch's own: not sent again. asyncpg's client-side DataError is not a lost connection."""
+    exceptions = asyncpg.exceptions
+    stale = [
+        exceptions.DatatypeMismatchError("wrong number of columns: 23, expected 24"),
+        exceptions.DatatypeMismatchError("wrong data type: 25, expected 23"),
+        exceptions.DataError("invalid input for query argument $1: [('reserve', ...)]"),
+    ]
+    own = [
+        exceptions.DivisionByZeroError("division by zero"),
+        exceptions.NumericValueOutOfRangeError("bigint out of range"),
+        exceptions.DatatypeMismatchError('column "x" is of type integer but expression is text'),
+        exceptions.UniqueViolationError("duplicate key value"),
+    ]
+    assert [shape_changed(e) for e in stale] == [True] * len(stale)
+    assert [shape_changed(e) for e in own] == [False] * len(own)
+    client_side = exceptions._base.DataError("invalid input for query argument $1")
+    assert isinstance(client_side, exceptions.InterfaceError)
+    assert shape_changed(client_side)
+    assert not connection_lost(client_side)
+    assert connection_lost(exceptions.ConnectionDoesNotExistError("closed"))
+    assert connection_lost(exceptions.InterfaceError("the connection is closed"))
