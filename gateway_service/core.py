@@ -76,6 +76,9 @@ UNCONFIRMED_HOLD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # At most this many at once: in an outage every failed call would start one, and the ledger's
 # return would meet a flood of them; past it the TTL alone releases.
 MAX_UNCONFIRMED_HOLDS = 256
+# At shutdown an ask already sent is waited for this long (its answer, and the release it leads
+# to): cut off, it may still make a hold that nothing would release before its TTL.
+UNCONFIRMED_STOP_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +335,7 @@ class Gateway:
         self.limits = limits or CallLimits()
         self._background: set[asyncio.Task[Any]] = set()
         self._unconfirmed: set[asyncio.Task[None]] = set()  # _release_unconfirmed tasks
+        self._stopping = asyncio.Event()  # set at shutdown: no new ask of a lost Reserve
 
     # ---- planning -------------------------------------------------------------------------
 
@@ -835,7 +839,14 @@ class Gateway:
         (Only the attempt that made a hold serves on it: a later one is told REQUEST_IN_PROGRESS.)
         A key of the gateway's own no other call can hold, whatever the ledger names."""
         for pause in UNCONFIRMED_HOLD_RETRIES:
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                # Shutting down: no new ask (it could make a hold this process would not live
+                # to release). A hold the lost Reserve made resolves at its TTL.
+                LOST_RESERVE_HOLDS.labels("gave_up").inc()
+                return
             try:
                 hold = await self.ledger.reserve(request)
             except GatewayError as exc:
@@ -972,12 +983,15 @@ class Gateway:
         return await asyncio.shield(self._spawn(work))
 
     async def wait_background(self) -> None:
-        # Looking for holds of lost Reserve answers is not worth a slow shutdown: their TTL
-        # releases them.
-        for task in self._unconfirmed:
-            task.cancel()
+        # Looking for holds of lost Reserve answers is not worth a slow shutdown (their TTL
+        # releases them): no watcher asks again. One whose ask is on its way is waited for: cut
+        # off, that ask could still make a hold and nothing would release it before its TTL.
+        self._stopping.set()
         if self._unconfirmed:
-            await asyncio.gather(*self._unconfirmed, return_exceptions=True)
+            _, late = await asyncio.wait(self._unconfirmed, timeout=UNCONFIRMED_STOP_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

@@ -210,6 +210,53 @@ async def test_with_a_ledger_too_old_to_name_attempts_a_hold_the_watcher_made_is
     await assert_audit_ok(ledger)
 
 
+async def test_a_shutdown_waits_for_an_ask_on_its_way_and_releases_what_it_made(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    """The gateway stops while the watcher's ask is on its way to the ledger (the first Reserve
+    never reached it, so the ask makes the hold): the stop waits for the answer and releases
+    the hold. Cut off, the ask was applied anyway and the hold stayed for its whole TTL (seen
+    in the two-gateways chaos test, a killed ledger's calls' watchers asking late)."""
+    request = gpb.GenerateTextRequest(content="hi", max_tokens=100)
+    async with _call_whose_reserve_answer_is_lost(
+        ledger, own_sim, tmp_path, request, NEVER_SENT
+    ) as lost:
+        asked, go = asyncio.Event(), asyncio.Event()
+
+        async def hold_the_ask() -> None:
+            asked.set()
+            await go.wait()
+
+        lost.proxy.before["Reserve"] = hold_the_ask
+        await asyncio.wait_for(asked.wait(), 10)
+        stopping = asyncio.create_task(lost.stack.gateway.gateway.wait_background())
+        await asyncio.sleep(0.3)  # the stop is under way, the ask still held at the proxy
+        go.set()
+        await asyncio.wait_for(stopping, 10)
+        await asyncio.sleep(0.5)  # whatever the proxy still carries reaches the ledger
+        assert await _hold_statuses(ledger, lost.user) == ["released"]
+        assert await _held(ledger, lost.user) == 0
+    await assert_audit_ok(ledger)
+
+
+async def test_a_shutdown_makes_no_new_ask(
+    ledger: LedgerHarness, own_sim: Sim, tmp_path: Path
+) -> None:
+    """A watcher still waiting for its next ask when the gateway stops gives up at once."""
+    request = gpb.GenerateTextRequest(content="hi", max_tokens=100)
+    gave_up = _lost_holds("gave_up")
+    async with _call_whose_reserve_answer_is_lost(
+        ledger, own_sim, tmp_path, request, NEVER_SENT
+    ) as lost:
+        reserves = lost.proxy.calls.get("Reserve", 0)
+        await asyncio.wait_for(lost.stack.gateway.gateway.wait_background(), 1)
+        await asyncio.sleep(0.5)  # past the watcher's first pause
+        assert lost.proxy.calls.get("Reserve", 0) == reserves
+        assert _lost_holds("gave_up") == gave_up + 1
+        assert await _hold_statuses(ledger, lost.user) is None  # never made
+    await assert_audit_ok(ledger)
+
+
 @pytest.mark.parametrize("key", ["", "call-3"], ids=["gateway-key", "caller-key"])
 async def test_an_answer_a_transport_retry_recovers_serves_the_call_on_its_hold(
     ledger: LedgerHarness, own_sim: Sim, tmp_path: Path, key: str
