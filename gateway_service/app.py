@@ -72,7 +72,7 @@ class GatewayApp:
 
     async def aclose_resources(self, grace: float = 5) -> None:
         await self.gateway.prompts.stop()
-        await self.gateway.wait_background()
+        await self.gateway.stop_background()
         await self.gateway.gate.close()
         if not await self.outbox.drain(grace):
             log.warning("outbox: %d ledger writes kept for the next start", self.outbox.pending)

@@ -971,7 +971,7 @@ class Gateway:
 
     def _spawn(self, work: Awaitable[T]) -> asyncio.Task[T]:
         """Starts `work` now, to run to its end whatever happens to the caller (a shutdown
-        waits for it: `wait_background`)."""
+        waits for it: `stop_background`)."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -983,17 +983,21 @@ class Gateway:
         return await asyncio.shield(self._spawn(work))
 
     async def wait_background(self) -> None:
-        # Looking for holds of lost Reserve answers is not worth a slow shutdown (their TTL
-        # releases them): no watcher asks again. One whose ask is on its way is waited for: cut
-        # off, that ask could still make a hold and nothing would release it before its TTL.
+        """Waits for the work started to outlive its call (settles, releases, records)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def stop_background(self) -> None:
+        """At shutdown: no lost Reserve is asked after again (not worth a slow stop: their TTL
+        releases those holds), an ask on its way is waited for (cut off, it could still make a
+        hold that nothing would release before its TTL), then the rest of the background work."""
         self._stopping.set()
         if self._unconfirmed:
             _, late = await asyncio.wait(self._unconfirmed, timeout=UNCONFIRMED_STOP_SECONDS)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.wait_background()
 
 
 def _fell_back(plan: _Plan, to: _Plan, failure: ProviderError | None = None) -> None:

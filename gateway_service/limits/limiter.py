@@ -93,7 +93,8 @@ class Limiter(Protocol):
 
 # Times are float milliseconds: a burst of exactly a minute's worth can come out a rounding error
 # past MINUTE_MS (1e6 + 0.1 + 60000 - (1e6 + 0.1) > 60000), and was refused. A microsecond's
-# slack absorbs that (Redis's clock, ~1.8e12 ms, rounds to ~2.4e-4 ms) and lets nothing through.
+# slack absorbs that (Redis's clock, ~1.8e12 ms, rounds to ~2.4e-4 ms); a call a microsecond early
+# is all it can let through.
 SLACK_MS = 0.001
 
 

@@ -229,7 +229,7 @@ async def test_a_shutdown_waits_for_an_ask_on_its_way_and_releases_what_it_made(
 
         lost.proxy.before["Reserve"] = hold_the_ask
         await asyncio.wait_for(asked.wait(), 10)
-        stopping = asyncio.create_task(lost.stack.gateway.gateway.wait_background())
+        stopping = asyncio.create_task(lost.stack.gateway.gateway.stop_background())
         await asyncio.sleep(0.3)  # the stop is under way, the ask still held at the proxy
         go.set()
         await asyncio.wait_for(stopping, 10)
@@ -249,7 +249,7 @@ async def test_a_shutdown_makes_no_new_ask(
         ledger, own_sim, tmp_path, request, NEVER_SENT
     ) as lost:
         reserves = lost.proxy.calls.get("Reserve", 0)
-        await asyncio.wait_for(lost.stack.gateway.gateway.wait_background(), 1)
+        await asyncio.wait_for(lost.stack.gateway.gateway.stop_background(), 1)
         await asyncio.sleep(0.5)  # past the watcher's first pause
         assert lost.proxy.calls.get("Reserve", 0) == reserves
         assert _lost_holds("gave_up") == gave_up + 1

@@ -16,15 +16,15 @@ from shared.gen.rpcai.gateway.v1 import gateway_pb2 as gpb
 from shared.rich_errors import error_reason
 from tests.e2e.conftest import Stack
 
-SECRET = "sk-ant-secret-in-a-defect"
+QUOTED = "words-of-a-callers-prompt"  # what an exception's text may carry
 
 
 def defect(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError(f"a defect quoting {SECRET}")
+    raise RuntimeError(f"a defect quoting {QUOTED}")
 
 
 async def defective_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-    raise RuntimeError(f"a defect quoting {SECRET}")
+    raise RuntimeError(f"a defect quoting {QUOTED}")
     yield  # an async generator, as Gateway.stream is
 
 
@@ -34,7 +34,7 @@ def assert_internal(exc: grpc.aio.AioRpcError) -> None:
         "internal error",
         "INTERNAL",
     )
-    assert SECRET not in str(exc.debug_error_string()) + str(exc.trailing_metadata())
+    assert QUOTED not in str(exc.debug_error_string()) + str(exc.trailing_metadata())
 
 
 async def test_a_defect_is_internal_and_quotes_nothing(
@@ -52,5 +52,5 @@ async def test_a_defect_is_internal_and_quotes_nothing(
             async for _ in stack.stub.StreamText(request, metadata=metadata):
                 pass
         assert_internal(streaming.value)
-    logged = [r for r in caplog.records if r.exc_info and SECRET in str(r.exc_info[1])]
+    logged = [r for r in caplog.records if r.exc_info and QUOTED in str(r.exc_info[1])]
     assert [r.getMessage() for r in logged] == ["GetUserStatus failed", "StreamText failed"]
