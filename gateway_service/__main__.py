@@ -168,7 +168,11 @@ def main() -> int:
     become_worker()
     settings = Settings()
     configure_logging(
-        settings.log_level, settings.log_format, "gateway", access_log=settings.access_log
+        settings.log_level,
+        settings.log_format,
+        "gateway",
+        access_log=settings.access_log,
+        secrets=settings.secret_values(),
     )
     if args.command == "replay-dead-letters":
         return eventloop.run(replay_dead_letters(settings))

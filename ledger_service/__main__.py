@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     become_worker()
     settings = Settings()
     configure_logging(
-        settings.log_level, settings.log_format, "ledger", access_log=settings.access_log
+        settings.log_level,
+        settings.log_format,
+        "ledger",
+        access_log=settings.access_log,
+        secrets=settings.secret_values(),
     )
     url = resolve_database_url(settings.database_url, settings.data_dir)
     if args.command == "audit":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -228,6 +230,15 @@ class Settings(BaseSettings):
                 "TRANSIENT_KEY_RETENTION_SECONDS must be at least RESERVE_MAX_TTL_SECONDS"
             )
         return self
+
+    def secret_values(self) -> Iterator[str]:
+        """Every secret this process holds, for the log redactor (shared.redact)."""
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                yield value.get_secret_value()
+        if self.database_url and (password := urlsplit(self.database_url).password):
+            yield password
 
     @field_validator("jwt_algorithms", "http_cors_origins", "trusted_proxies", mode="before")
     @classmethod
