@@ -78,7 +78,8 @@ class HotItem(NamedTuple):
     """One call, field for field the `ledger_hot_item` composite type (asyncpg sends a tuple).
     A migration may add an attribute to the type (NULL meaning what the ledger did before it) or
     drop one; never rename one or swap one for another of the same type in one step: Postgres
-    would not refuse the old shape, so a running ledger would go on sending it by position."""
+    would not refuse the old shape, so a running ledger would go on sending it by position
+    (tests/ledger_service/test_migrations.py fails a migration that does)."""
 
     op: str
     user_id: str | None = None

@@ -228,6 +228,102 @@ async def test_each_revision_steps_down_and_up(empty_database: str) -> None:
     assert schema_differences(empty_database) == []
 
 
+# ---- ledger_hot_item: attributes are only added or dropped -----------------------------------
+# A running ledger sends its batch items as records by position (group_commit.HotItem). Postgres
+# refuses a record whose shape changed (a count or a type), and the ledger then lays its items
+# out again by name; a rename, or a drop and add of the same type in one step, it would not
+# refuse, and an older ledger would put a value in the wrong attribute.
+
+HotItemShape = tuple[int, dict[int, tuple[str, str]]]  # the type's oid, attnum -> (name, type)
+
+
+async def hot_item_shape(url: str) -> HotItemShape | None:
+    conn = await asyncpg.connect(url)
+    try:
+        oid = await conn.fetchval("SELECT to_regtype('ledger_hot_item')::oid")
+        if oid is None:
+            return None
+        rows = await conn.fetch(
+            """SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS type
+                 FROM pg_attribute a JOIN pg_type t ON t.typrelid = a.attrelid
+                WHERE t.oid = $1 AND a.attnum > 0 AND NOT a.attisdropped""",
+            oid,
+        )
+    finally:
+        await conn.close()
+    return oid, {r["attnum"]: (r["attname"], r["type"]) for r in rows}
+
+
+def shape_changes(before: HotItemShape, after: HotItemShape) -> list[str]:
+    """What an older ledger would not be refused for: the type made anew, an attribute renamed
+    or retyped in place, a new attribute taking a dropped one's name."""
+    if before[0] != after[0]:
+        return ["the type was dropped and made again: attributes must be added or dropped"]
+    old, new = before[1], after[1]
+    changes = [
+        f"attribute {old[n][0]} ({old[n][1]}) is now {new[n][0]} ({new[n][1]})"
+        for n in old.keys() & new.keys()
+        if old[n] != new[n]
+    ]
+    dropped = {old[n][0] for n in old.keys() - new.keys()}
+    changes += [
+        f"attribute {new[n][0]} was dropped and added again in one step"
+        for n in new.keys() - old.keys()
+        if new[n][0] in dropped
+    ]
+    return changes
+
+
+async def test_migrations_only_add_or_drop_hot_item_attributes(empty_database: str) -> None:
+    script = ScriptDirectory.from_config(alembic_config(empty_database))
+    revisions = [r.revision for r in reversed(list(script.walk_revisions()))]
+    before: HotItemShape | None = None
+    steps = 0
+    for revision in revisions:
+        migrate(empty_database, revision)
+        after = await hot_item_shape(empty_database)
+        if before is not None:
+            assert after is not None, f"{revision} dropped ledger_hot_item"
+            assert shape_changes(before, after) == [], revision
+            steps += 1
+        before = after
+    assert steps >= 4  # 0008 made the type; 0009-0012 came after it
+
+
+@pytest.mark.parametrize(
+    ("change", "found"),
+    [
+        ("ALTER TYPE ledger_hot_item RENAME ATTRIBUTE attempt_id TO attempt", "is now attempt"),
+        (
+            "ALTER TYPE ledger_hot_item DROP ATTRIBUTE prompt_id, ADD ATTRIBUTE prompt_id text",
+            "prompt_id was dropped and added again",
+        ),
+        (
+            "ALTER TYPE ledger_hot_item ALTER ATTRIBUTE attempt_id TYPE varchar(64) CASCADE",
+            "is now attempt_id (character varying(64))",
+        ),
+        (
+            "DROP TYPE ledger_hot_item CASCADE; CREATE TYPE ledger_hot_item AS (op text)",
+            "dropped and made again",
+        ),
+    ],
+)
+async def test_the_hot_item_check_sees_what_an_older_ledger_would_not(
+    empty_database: str, change: str, found: str
+) -> None:
+    migrate(empty_database)
+    before = await hot_item_shape(empty_database)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(change)
+    finally:
+        await conn.close()
+    after = await hot_item_shape(empty_database)
+    assert before is not None
+    assert after is not None
+    assert any(found in c for c in shape_changes(before, after)), shape_changes(before, after)
+
+
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
     # The test template was migrated at the start of the session, exactly as production is.
     differences = schema_differences(database_url)
