@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting's error would print every value read, secrets too
+    # (it is raised before logging, and its redactor, is set up).
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     # --- where things listen and live
     ledger_addr: str = "127.0.0.1:50051"
@@ -233,12 +235,16 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> Iterator[str]:
         """Every secret this process holds, for the log redactor (shared.redact)."""
+        urls = [self.database_url or ""]
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 yield value.get_secret_value()
-        if self.database_url and (password := urlsplit(self.database_url).password):
-            yield password
+                urls.append(value.get_secret_value())  # REDIS_URL: its password alone too
+        for url in urls:
+            if "://" in url and (password := urlsplit(url).password):
+                yield password
+                yield unquote(password)  # as a driver has it, and may quote it
 
     @field_validator("jwt_algorithms", "http_cors_origins", "trusted_proxies", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ exception's message, a library's log line) passes through `shared.redact` on its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -51,9 +52,12 @@ class JsonFormatter(logging.Formatter):
         for name in (*REQUEST_FIELDS, *AUDIT_FIELDS):
             value = record.__dict__.get(name)
             if value is not None and value != "":
-                line[name] = self.redact(value) if isinstance(value, str) else value
+                # The request id is the caller's (a plain token); the other fields are ours.
+                line[name] = self.redact(value) if name == "request_id" else value
         if record.exc_info:
             line["exception"] = self.redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            line["stack"] = self.redact(record.stack_info)
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
@@ -64,6 +68,27 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return self.redact(super().format(record))
+
+
+class RedactingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A line that cannot be formatted (a bad argument for its format) is reported without its
+    arguments: logging's own report prints them raw, past the formatter."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__(sys.stderr)
+        self.redact = redact
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        with contextlib.suppress(Exception):  # as logging's own report: a log line never raises
+            self.stream.write(
+                self.redact(
+                    f"logging error in {record.name} ({record.pathname}:{record.lineno}):"
+                    f" {type(error).__name__}: {error}; format {record.msg!r}"
+                )
+                + self.terminator
+            )
+            self.flush()
 
 
 def log_format(configured: str | None) -> str:
@@ -82,7 +107,7 @@ def configure_logging(
     """`secrets`: this process's own (its settings' values), never written even where a
     library's text quotes them."""
     redact = Redactor(secrets)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = RedactingHandler(redact)
     if log_format(fmt) == "json":
         handler.setFormatter(JsonFormatter(service, redact))
     else:
@@ -93,9 +118,13 @@ def configure_logging(
     if not access_log:
         logging.getLogger("rpcai.access").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    # An exception nothing caught would be printed raw, past the redactor: log it instead.
+    # What Python would print raw to stderr, past the redactor, is logged instead: a warning, an
+    # exception nothing caught, one raised where nothing can catch it (a __del__, a coroutine
+    # collected unawaited).
+    logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
 
 
 def _log_uncaught(
@@ -105,6 +134,17 @@ def _log_uncaught(
         sys.__excepthook__(kind, value, tb)
         return
     logging.getLogger("rpcai").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_unraisable(args: sys.UnraisableHookArgs) -> None:
+    logging.getLogger("rpcai").error(
+        "%s: %r",
+        args.err_msg or "exception ignored in",
+        args.object,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+        if args.exc_value is not None
+        else None,
+    )
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
