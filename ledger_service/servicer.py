@@ -51,6 +51,12 @@ MAX_BATCH_WRITES = 256
 # Batches of one ApplyBatches stream being applied at once: past it the stream reads no further
 # until one is answered (a caller cannot queue unbounded work here; the gateway sends 2).
 MAX_STREAM_BATCHES = 16
+# A batch's writes are begun only until this long before its caller's deadline as the ledger
+# sees it (at most a tenth of the time given). That deadline is counted from when the ledger read
+# the batch, later than when its caller began counting: without a margin a write could begin
+# after its caller stopped waiting, and a Reserve would then hold tokens that nobody releases
+# before its TTL (a CI run saw it: the batch read a few ms late, its row unlocked just after).
+DEADLINE_MARGIN_SECONDS = 0.05
 
 _CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -149,21 +155,31 @@ async def _applied(
     return pb.ApplyBatchResponse(results=results)
 
 
+def _begin_within(seconds: float) -> float:
+    """How long a batch's writes may still be begun, of the `seconds` its caller waits."""
+    return seconds - min(DEADLINE_MARGIN_SECONDS, seconds / 10)
+
+
 async def _applied_within(
     request: pb.ApplyBatchRequest,
     apply: Callable[[pb.LedgerWrite], Awaitable[pb.LedgerWriteResult]],
+    seconds: float | None,
+    *,
+    streamed: bool,
 ) -> pb.ApplyBatchResponse:
-    """A stream's batch applied while its caller still waits (`timeout_ms`, counted from when
-    this ledger read it). Past it the batch is cancelled as a call past its deadline is: a write
-    already in a group commit is applied, one still waiting for its turn never is, and every
-    write answers DEADLINE_EXCEEDED (an unknown outcome, which its caller has taken it for)."""
-    if not request.timeout_ms:
+    """A batch applied while its caller still waits (`seconds`, counted from when this ledger
+    read it: a stream's `timeout_ms`, a call's deadline), less a margin. Past that the batch is
+    cancelled as a call past its deadline is: a write already in a group commit is applied, one
+    still waiting for its turn never is, and every write answers DEADLINE_EXCEEDED (an unknown
+    outcome, which its caller takes it for)."""
+    if seconds is None:
         return await _applied(request, apply)
     try:
-        async with asyncio.timeout(request.timeout_ms / 1000):
+        async with asyncio.timeout(_begin_within(seconds)):
             return await _applied(request, apply)
     except TimeoutError:
-        metrics.STREAM_BATCHES_EXPIRED.inc()
+        if streamed:
+            metrics.STREAM_BATCHES_EXPIRED.inc()
         late = pb.LedgerWriteResult(
             error=status_proto(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -536,7 +552,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         _check_batch(request)
         # A span per write when tracing is on (in its caller's trace; see shared.tracing).
         apply = tracing.write_applier(self._apply, context) if tracing.enabled() else self._apply
-        return await _applied(request, apply)
+        return await _applied_within(request, apply, context.time_remaining(), streamed=False)
 
     # Answers are written with context.write as each batch is applied, in any order (grpc.aio
     # allows it; the generated stub only knows the generator style).
@@ -558,7 +574,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                         results=[_error_result(exc)] * len(request.writes)
                     )
                 else:
-                    response = await _applied_within(request, self._apply)
+                    seconds = request.timeout_ms / 1000 if request.timeout_ms else None
+                    response = await _applied_within(request, self._apply, seconds, streamed=True)
                 response.batch_id = request.batch_id
                 async with writing:
                     await context.write(response)
