@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -304,8 +303,14 @@ async def _one_message(
     stream's status, raised)."""
     call = stub.ApplyBatches(metadata=metadata, timeout=timeout)
     try:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await call.write(request)  # a refused stream may be over already
+        try:
+            await call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The stream was refused as it opened, and the write raced the refusal: gRPC's
+            # client then reports its own INTERNAL ("Internal error from Core") in place of the
+            # ledger's status. A stream opened again, with nothing written, reads that status.
+            call.cancel()
+            call = stub.ApplyBatches(metadata=metadata, timeout=timeout)
         response = await call.read()
     finally:
         call.cancel()
