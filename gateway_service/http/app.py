@@ -112,7 +112,8 @@ class HttpServer:
     async def start(self, addr: str) -> int:
         """Listens on `addr` (HOST:PORT, port 0 picks one); returns the port."""
         host, port = split_addr(addr)
-        runner = EdgeRunner(self.app, shutdown_timeout=CANCEL_SECONDS)  # see http.protocol
+        # access_log=None: the access line is ours (shared.observe, ACCESS_LOG), one per request.
+        runner = EdgeRunner(self.app, shutdown_timeout=CANCEL_SECONDS, access_log=None)
         await runner.setup()
         try:
             await GuardedSite(runner, host, port, self.app[CONNECTIONS]).start()

@@ -333,6 +333,12 @@ async def test_metrics_move_by_what_happened_and_logs_keep_no_secret(services: S
     assert unary_line["user_type"] == "subscription"
     assert unary_line["tokens_charged"] == unary_charged
     assert isinstance(unary_line["latency_ms"], float)
+    # One line per request: aiohttp's own access line (the caller's address, the request line)
+    # is not written beside ours.
+    assert [line for line in gateway_lines if line.get("request_id") == "req-unary-1"] == [
+        unary_line
+    ]
+    assert not [line for line in gateway_lines if line.get("logger") == "aiohttp.access"]
     stream_line = next(
         line for line in gateway_lines if line.get("request_id") == stream_request_id
     )
