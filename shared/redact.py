@@ -18,10 +18,16 @@ REDACTED = "[redacted]"
 # A configured value shorter than this is not looked for: redacting every "test" or "1234" in
 # a log would hide more than it protects (and such a secret is not one).
 MIN_SECRET_CHARS = 8
+# Nor a default everyone knows (compose's database password): hidden, it would also hide the word
+# wherever a line holds it ("embedded_postgres"); in a URL the URL's rule still takes it.
+GUESSABLE = frozenset({"postgres", "password", "changeme", "12345678", "development"})
 
 # Where a token may start: not inside a longer run of token characters (so a pattern is tried
-# once per run, not at every offset of it: linear on any line), or right after a %XX escape.
-_START = r"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))"
+# once per run, not at every offset of it: linear on any line), or right after a %XX escape. A
+# key may also follow "_" (ANTHROPIC_API_KEY_sk-...): "_" is no character of its run's start.
+_ESCAPED = r"(?<=%[0-9A-Fa-f]{2})"
+_START = rf"(?:(?<![A-Za-z0-9_-])|{_ESCAPED})"
+_KEY_START = rf"(?:(?<![A-Za-z0-9-])|{_ESCAPED})"
 _NAME_SEP = (
     r"(?:\\?[\"']?\s*[:=]\s*b?\\?[\"']?"  # key=value, key: value, "key": "value", \"key\": \"v\"
     r"|\\?[\"']\s*,\s*b?\\?[\"'])"  # ('x-api-key', 'value'), as headers and metadata print
@@ -39,7 +45,7 @@ _SHAPES: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
     # Anthropic's and OpenAI's keys: sk-ant-api03-..., sk-proj-..., sk-svcacct-..., sk-...
     (
         ("sk-",),
-        re.compile(r"(?:(?<![A-Za-z0-9-])|(?<=%[0-9A-Fa-f]{2}))sk-[A-Za-z0-9_-]{16,}"),
+        re.compile(_KEY_START + r"sk-[A-Za-z0-9_-]{16,}"),
         REDACTED,
     ),
     # A password in a URL's user-info: scheme://user:PASSWORD@host (no / ? # in it unescaped).
@@ -96,10 +102,8 @@ _ANY = re.compile("|".join(re.escape(w) for words, _, _ in _SHAPES for w in word
 
 
 def worth_hiding(value: str) -> bool:
-    """A configured value is looked for unless it is short or a plain word ("postgres",
-    "changeme"): a default anyone can guess, whose every occurrence in a line ("embedded_postgres")
-    would be hidden for nothing."""
-    return len(value) >= MIN_SECRET_CHARS and not (value.isalpha() and len(value) < 16)
+    """A configured value is looked for unless it is short or a default everyone knows."""
+    return len(value) >= MIN_SECRET_CHARS and value.lower() not in GUESSABLE
 
 
 class Redactor:

@@ -94,6 +94,14 @@ def test_the_processes_own_secrets_are_redacted_wherever_they_appear() -> None:
     )
 
 
+def test_a_secret_of_letters_alone_is_still_one() -> None:
+    # Only well-known defaults (compose's "postgres") are left: a weak real secret is not.
+    redact = Redactor(["correcthorse", "postgres"])
+    assert redact("signed with correcthorse by embedded_postgres") == (
+        f"signed with {REDACTED} by embedded_postgres"
+    )
+
+
 SCRIPT = textwrap.dedent(
     """
     import logging, os, threading
